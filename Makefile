@@ -1,0 +1,47 @@
+# Every target sets itself up from a fresh clone: `make setup` creates .venv and installs
+# the runtime, export/training and dev dependencies (torch pinned ==2.13.0, CPU build).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SETUP_DONE := $(VENV)/.setup-done
+MODEL_DIR ?= models/en-fr-small
+CORPUS_DIR ?= data/corpus
+SEED ?= 1234
+
+.PHONY: setup corpus train eval translate test lint clean
+
+setup: $(SETUP_DONE)
+
+$(SETUP_DONE): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[export,dev]'
+	touch $@
+
+# The synthetic corpus (deterministic for a seed; the same one training generates).
+$(CORPUS_DIR)/test.tsv: | $(SETUP_DONE)
+	$(PY) -m export.corpus --out $(CORPUS_DIR) --seed $(SEED)
+
+corpus: $(CORPUS_DIR)/test.tsv
+
+# Corpus → tokenizer → Transformer, written to $(MODEL_DIR) (the committed default model).
+train: $(SETUP_DONE)
+	$(PY) -m export.train --out $(MODEL_DIR) --corpus-dir $(CORPUS_DIR) --seed $(SEED)
+
+# BLEU / chrF / exact match on valid, test and held-out combinations; writes the model card.
+eval: $(SETUP_DONE) $(CORPUS_DIR)/test.tsv
+	$(PY) -m export.evaluate --model-dir $(MODEL_DIR) --corpus-dir $(CORPUS_DIR)
+
+# Interactive reference translator: one English sentence per line on stdin.
+translate: $(SETUP_DONE)
+	$(PY) -m export.translate --model-dir $(MODEL_DIR)
+
+test: $(SETUP_DONE)
+	$(PY) -m pytest -q
+
+lint: $(SETUP_DONE)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,164 @@
+"""Reference generation in PyTorch: greedy and beam search by full recomputation (no KV cache).
+
+This is deliberately the slow, obviously-correct way — the decoder is re-run over the whole
+prefix at every step — so that cached implementations (the ONNX graphs, the server) can be
+checked token for token against it.
+
+Scores are sums of token log-probabilities; beam search ranks finished hypotheses by
+score / length**length_penalty, where length counts generated tokens including the end token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from export.model import Transformer, padding_mask
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    tokens: list[int]  # generated ids, without the start token and without the end token
+    score: float  # sum of log-probabilities, end token included when it was produced
+    finished: bool  # True when the end token was produced, False when the length limit stopped it
+
+
+def _next_log_probs(model: Transformer, memory: Tensor, src_mask: Tensor, prefix: Tensor) -> Tensor:
+    """Log-probabilities of the token after `prefix` (B, T) → (B, V), recomputing the whole prefix."""
+    hidden = model.decode(memory, src_mask, prefix, model.target_mask(prefix))
+    return F.log_softmax(model.logits(hidden[:, -1]), dim=-1)
+
+
+def _top(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k best entries of each row, best first. Greedy and beam search share it so that
+    ties break the same way and beam 1 is exactly greedy."""
+    return torch.topk(scores, k, dim=-1, largest=True, sorted=True)
+
+
+@torch.no_grad()
+def greedy_decode(model: Transformer, src: Tensor, max_output_tokens: int) -> list[Hypothesis]:
+    """Greedy decoding of a padded batch of source ids (B, S); one hypothesis per row."""
+    cfg = model.cfg
+    src_mask = padding_mask(src, cfg.pad_id)
+    memory = model.encode(src, src_mask)
+    batch = src.size(0)
+    prefix = torch.full((batch, 1), cfg.bos_id, dtype=torch.long, device=src.device)
+    scores = torch.zeros(batch, device=src.device)
+    done = torch.zeros(batch, dtype=torch.bool, device=src.device)
+    for _ in range(max_output_tokens):
+        log_probs = _next_log_probs(model, memory, src_mask, prefix)
+        best_score, best = _top(log_probs, 1)
+        token = torch.where(done, cfg.pad_id, best[:, 0])
+        scores = scores + torch.where(done, 0.0, best_score[:, 0])
+        prefix = torch.cat([prefix, token[:, None]], dim=1)
+        done = done | (token == cfg.eos_id)
+        if bool(done.all()):
+            break
+    out = []
+    for row in range(batch):
+        tokens = prefix[row, 1:].tolist()
+        finished = cfg.eos_id in tokens
+        if finished:
+            tokens = tokens[: tokens.index(cfg.eos_id)]
+        out.append(Hypothesis(tokens, float(scores[row]), finished))
+    return out
+
+
+def normalized_score(score: float, length: int, length_penalty: float) -> float:
+    return score / (max(length, 1) ** length_penalty)
+
+
+@torch.no_grad()
+def beam_search(
+    model: Transformer,
+    src: Tensor,
+    max_output_tokens: int,
+    *,
+    beam_size: int = 4,
+    length_penalty: float = 1.0,
+    n_best: int = 1,
+) -> list[list[Hypothesis]]:
+    """Beam search over a padded batch of source ids (B, S).
+
+    Each step takes the 2K best continuations of a sentence's K live beams; continuations that
+    end in the end token are finished when they rank among the first K, the rest refill the
+    beam. A sentence stops when K hypotheses have finished (so beam 1 is greedy); live beams
+    still running at the length limit are finished unfinished.
+
+    Returns: per sentence, the `n_best` hypotheses ranked by normalized score, best first.
+    """
+    cfg = model.cfg
+    if not 1 <= n_best <= beam_size:
+        raise ValueError(f"n_best {n_best} must be between 1 and beam_size {beam_size}")
+    batch, k = src.size(0), beam_size
+    src_mask = padding_mask(src, cfg.pad_id)
+    memory = model.encode(src, src_mask)
+    memory = memory.repeat_interleave(k, dim=0)  # (B*K, S, D)
+    src_mask = src_mask.repeat_interleave(k, dim=0)
+    prefix = torch.full((batch * k, 1), cfg.bos_id, dtype=torch.long, device=src.device)
+    # Only beam 0 is live at the start, so the first step does not pick K copies of one token.
+    beam_scores = torch.full((batch, k), float("-inf"), device=src.device)
+    beam_scores[:, 0] = 0.0
+    finished: list[list[tuple[float, Hypothesis]]] = [[] for _ in range(batch)]
+    active = [True] * batch
+    vocab = cfg.vocab_size
+    for step in range(1, max_output_tokens + 1):
+        log_probs = _next_log_probs(model, memory, src_mask, prefix).view(batch, k, vocab)
+        candidates = (beam_scores[:, :, None] + log_probs).view(batch, k * vocab)
+        cand_scores, cand_ids = _top(candidates, 2 * k)  # (B, 2K)
+        next_rows: list[int] = []
+        next_tokens: list[int] = []
+        next_scores: list[float] = []
+        for b in range(batch):
+            kept = 0
+            for rank in range(2 * k):
+                score = float(cand_scores[b, rank])
+                beam, token = divmod(int(cand_ids[b, rank]), vocab)
+                row = b * k + beam
+                if not active[b] or score == float("-inf"):
+                    break
+                if token == cfg.eos_id:
+                    if rank < k:
+                        tokens = prefix[row, 1:].tolist()
+                        hyp = Hypothesis(tokens, score, True)
+                        finished[b].append((normalized_score(score, step, length_penalty), hyp))
+                    continue
+                next_rows.append(row)
+                next_tokens.append(token)
+                next_scores.append(score)
+                kept += 1
+                if kept == k:
+                    break
+            if active[b] and len(finished[b]) >= k:
+                active[b] = False
+            # Inactive sentences keep K placeholder rows so that the batch shape stays (B*K).
+            while len(next_rows) < (b + 1) * k:
+                next_rows.append(b * k)
+                next_tokens.append(cfg.pad_id)
+                next_scores.append(float("-inf"))
+        if not any(active):
+            break
+        rows = torch.tensor(next_rows, device=src.device)
+        prefix = torch.cat([prefix[rows], torch.tensor(next_tokens, device=src.device)[:, None]], dim=1)
+        beam_scores = torch.tensor(next_scores, device=src.device).view(batch, k)
+        for b in range(batch):
+            if not active[b]:
+                beam_scores[b] = float("-inf")
+    else:
+        # Length limit: live beams become (unfinished) hypotheses.
+        for b in range(batch):
+            if not active[b]:
+                continue
+            for beam in range(k):
+                score = float(beam_scores[b, beam])
+                if score > float("-inf"):
+                    hyp = Hypothesis(prefix[b * k + beam, 1:].tolist(), score, False)
+                    finished[b].append((normalized_score(score, max_output_tokens, length_penalty), hyp))
+    results = []
+    for b in range(batch):
+        ranked = sorted(finished[b], key=lambda item: item[0], reverse=True)
+        results.append([hyp for _, hyp in ranked[:n_best]])
+    return results
