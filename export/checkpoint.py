@@ -41,7 +41,10 @@ def load_config(model_dir: Path) -> TransformerConfig:
     path = model_dir / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing model config")
-    return TransformerConfig.from_dict(json.loads(path.read_text()))
+    try:
+        return TransformerConfig.from_dict(json.loads(path.read_text()))
+    except (ValueError, TypeError) as err:  # bad JSON, unknown or missing fields, bad values
+        raise ValueError(f"{path}: invalid model config: {err}") from err
 
 
 def load_model(model_dir: Path, device: str | torch.device = "cpu") -> Transformer:
@@ -51,7 +54,10 @@ def load_model(model_dir: Path, device: str | torch.device = "cpu") -> Transform
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing model weights")
     model = Transformer(cfg)
-    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    except RuntimeError as err:  # shapes that do not match the config
+        raise ValueError(f"{path}: weights do not match {CONFIG_FILE}: {err}") from err
     expected_missing = _tied_names(cfg)
     if set(missing) - expected_missing or unexpected:
         raise ValueError(f"{path}: weights do not match config: missing {missing}, unexpected {unexpected}")

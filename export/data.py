@@ -49,14 +49,15 @@ def bucketed_batches(examples: list[Example], max_tokens: int, rng: random.Rando
     order.sort(key=lambda i: (len(examples[i].src), len(examples[i].tgt)))
     batches: list[list[int]] = []
     current: list[int] = []
-    longest = 0
+    longest_src = longest_tgt = 0
     for i in order:
-        size = len(examples[i].src) + len(examples[i].tgt)
-        if current and max(longest, size) * (len(current) + 1) > max_tokens:
+        src_len, tgt_len = len(examples[i].src), len(examples[i].tgt)
+        padded = (max(longest_src, src_len) + max(longest_tgt, tgt_len)) * (len(current) + 1)
+        if current and padded > max_tokens:
             batches.append(current)
-            current, longest = [], 0
+            current, longest_src, longest_tgt = [], 0, 0
         current.append(i)
-        longest = max(longest, size)
+        longest_src, longest_tgt = max(longest_src, src_len), max(longest_tgt, tgt_len)
     if current:
         batches.append(current)
     rng.shuffle(batches)

@@ -85,7 +85,8 @@ def beam_search(
 
     Each step takes the 2K best continuations of a sentence's K live beams; continuations that
     end in the end token are finished when they rank among the first K, the rest refill the
-    beam. A sentence stops when K hypotheses have finished (so beam 1 is greedy); live beams
+    beam. A sentence stops when K hypotheses have finished and the best live beam, normalized at
+    the current length, does not beat the K-th best of them (so beam 1 is greedy); live beams
     still running at the length limit are finished unfinished.
 
     Returns: per sentence, the `n_best` hypotheses ranked by normalized score, best first.
@@ -133,7 +134,12 @@ def beam_search(
                 if kept == k:
                     break
             if active[b] and len(finished[b]) >= k:
-                active[b] = False
+                # Stop once no live beam can still beat the K-th best finished hypothesis. Exact for
+                # length_penalty 0 (scores only fall); with a penalty it judges at the current length.
+                kth_best = sorted((s for s, _ in finished[b]), reverse=True)[k - 1]
+                live = next_scores[b * k :]
+                if not live or normalized_score(max(live), step, length_penalty) <= kth_best:
+                    active[b] = False
             # Inactive sentences keep K placeholder rows so that the batch shape stays (B*K).
             while len(next_rows) < (b + 1) * k:
                 next_rows.append(b * k)

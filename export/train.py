@@ -46,14 +46,13 @@ DEFAULT_MODEL = TransformerConfig(
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 1234
-    steps: int = 5000  # optimizer updates
+    steps: int = 6000  # optimizer updates
     max_tokens: int = 4000  # padded source + target tokens per batch
-    peak_lr: float = 1.5e-3
-    warmup_steps: int = 600
+    peak_lr: float = 1.2e-3
+    warmup_steps: int = 800
     label_smoothing: float = 0.1
     clip_norm: float = 1.0
     vocab_size: int = 2000  # BPE vocabulary (specials included)
-    train_size: int = 300_000  # corpus pairs generated for training
     threads: int = 2
     eval_every: int = 500  # steps between validation checks
     eval_sentences: int = 200  # valid sentences greedily decoded at each check
@@ -157,17 +156,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
     parser.add_argument("--threads", type=int, default=TrainConfig.threads)
-    parser.add_argument("--train-size", type=int, default=TrainConfig.train_size)
+    parser.add_argument("--train-size", type=int, default=CorpusConfig.train_size)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     args = parser.parse_args()
-    cfg = replace(
-        TrainConfig(), steps=args.steps, seed=args.seed, threads=args.threads, train_size=args.train_size
-    )
+    cfg = replace(TrainConfig(), steps=args.steps, seed=args.seed, threads=args.threads)
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
 
     t0 = time.perf_counter()
-    splits = generate_corpus(CorpusConfig(seed=cfg.seed, train_size=cfg.train_size))
+    splits = generate_corpus(CorpusConfig(seed=cfg.seed, train_size=args.train_size))
     write_corpus(splits, args.corpus_dir)
     train_pairs = [(p.en, p.fr) for p in splits["train"]]
     valid_pairs = [(p.en, p.fr) for p in splits["valid"]]
