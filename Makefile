@@ -9,7 +9,7 @@ MODEL_DIR ?= models/en-fr-small
 CORPUS_DIR ?= data/corpus
 SEED ?= 1234
 
-.PHONY: setup corpus train eval translate test lint clean
+.PHONY: setup corpus train eval translate export test lint clean
 
 setup: $(SETUP_DONE)
 
@@ -36,11 +36,17 @@ eval: $(SETUP_DONE) $(CORPUS_DIR)/test.tsv
 translate: $(SETUP_DONE)
 	$(PY) -m export.translate --model-dir $(MODEL_DIR)
 
+# The fp32 ONNX graphs (weights external: they point into model.safetensors) + manifest.json,
+# written in place into $(MODEL_DIR), next to the weights (docs/model-directory.md).
+export: $(SETUP_DONE)
+	$(PY) -m export --model-dir $(MODEL_DIR)
+
 test: $(SETUP_DONE)
 	$(PY) -m pytest -q
 
 lint: $(SETUP_DONE)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
 clean:

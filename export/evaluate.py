@@ -69,6 +69,16 @@ def evaluate_split(
     return score(hyps, [fr for _, fr in pairs], time.perf_counter() - start), hyps
 
 
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo where there is one, else the architecture."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
+    return platform.machine()
+
+
 def quality_bar(results: dict[str, dict[str, dict[str, float]]]) -> list[dict[str, object]]:
     """Each bar with the beam-search figure it is judged on."""
     out = []
@@ -143,7 +153,7 @@ def main() -> None:
         "architecture": model.cfg.to_dict(),
         "parameters": model.num_parameters(),
         "weights_bytes": (args.model_dir / WEIGHTS_FILE).stat().st_size,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "metrics": "sacreBLEU corpus BLEU (13a) and chrF; exact match in percent",
         "results": results,
     }

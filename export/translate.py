@@ -35,7 +35,8 @@ def translate_ids(
 ) -> list[list[int]]:
     """Decode one padded batch of source ids (each ending with the end token)."""
     src = pad(sources, model.cfg.pad_id)
-    max_out = default_max_output_tokens(src.size(1), model.cfg.max_positions)
+    # Each sentence's own limit, so that its output never depends on its batch neighbours.
+    max_out = [default_max_output_tokens(len(s), model.cfg.max_positions) for s in sources]
     if beam_size == 1:
         return [h.tokens for h in greedy_decode(model, src, max_out)]
     return [

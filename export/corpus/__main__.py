@@ -25,8 +25,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    config = CorpusConfig(seed=args.seed, train_size=args.train_size, valid_size=args.valid_size,
-                          test_size=args.test_size, heldout_size=args.heldout_size)
+    config = CorpusConfig(
+        seed=args.seed,
+        train_size=args.train_size,
+        valid_size=args.valid_size,
+        test_size=args.test_size,
+        heldout_size=args.heldout_size,
+    )
     start = time.perf_counter()
     splits = generate_corpus(config)
     write_corpus(splits, args.out)

@@ -21,8 +21,12 @@ class CorpusConfig:
     max_train_duplicates: int = 2  # an English sentence may occur at most this often in train
 
     def size(self, split: str) -> int:
-        return {"train": self.train_size, "valid": self.valid_size, "test": self.test_size,
-                "heldout": self.heldout_size}[split]
+        return {
+            "train": self.train_size,
+            "valid": self.valid_size,
+            "test": self.test_size,
+            "heldout": self.heldout_size,
+        }[split]
 
 
 @dataclass(frozen=True)

@@ -159,8 +159,14 @@ class FrenchRealiser:
             prep = "dans"
         else:
             prep = "à"  # to X, and in + city (à Paris)
-        self.tags.add({"avec": "preposition_avec", "de": "preposition_de", "dans": "preposition_dans",
-                       "à": "preposition_a"}[prep])
+        self.tags.add(
+            {
+                "avec": "preposition_avec",
+                "de": "preposition_de",
+                "dans": "preposition_dans",
+                "à": "preposition_a",
+            }[prep]
+        )
         head = Tok(prep, prep == "avec", "prep" if prep in ("à", "de") else "word")
         return [head, *self.noun_phrase(pp.np)]
 
@@ -176,8 +182,10 @@ class FrenchRealiser:
             form = pred.verb.forms[person]
             if pred.verb.vclass == "irregular":
                 self.tags.add("irregular_verb")
-            elif pred.verb.vclass == "er_spelling" and form != pred.verb.fr_inf[:-2] + ("e", "es", "e", "ons",
-                                                                                        "ez", "ent")[person]:
+            elif (
+                pred.verb.vclass == "er_spelling"
+                and form != pred.verb.fr_inf[:-2] + ("e", "es", "e", "ons", "ez", "ent")[person]
+            ):
                 self.tags.add("spelling_change")
         else:
             form = ETRE[person]
@@ -266,4 +274,3 @@ def realise_french(sentence: Sentence) -> tuple[str, frozenset[str]]:
     realiser = FrenchRealiser()
     text = realiser.sentence(sentence)
     return text, frozenset(realiser.tags)
-

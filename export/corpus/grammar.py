@@ -92,8 +92,9 @@ class Grammar:
         return NameNP(self.choice(self.lex.cities), "city")
 
     # -- noun phrases -------------------------------------------------------------------------
-    def noun_phrase(self, noun: Noun, role: str, adjective: Adjective | None = None,
-                    adj_p: float = 0.3) -> NounPhrase:
+    def noun_phrase(
+        self, noun: Noun, role: str, adjective: Adjective | None = None, adj_p: float = 0.3
+    ) -> NounPhrase:
         """role: subj, obj (bare plurals/mass allowed), pp (after a preposition), of."""
         det = self._det(noun, role)
         plural = self._plural(noun, det, role)
@@ -104,8 +105,14 @@ class Grammar:
             adjective = self.choice(self.adjectives_for(noun))
         of = None
         # "of" complements only after the/a: "his aunts of the prince" is not natural English.
-        if (role in ("subj", "obj") and det in ("def", "indef") and noun.cls in OF_HEADS and not noun.mass
-                and not self.simple and self.chance(0.1)):
+        if (
+            role in ("subj", "obj")
+            and det in ("def", "indef")
+            and noun.cls in OF_HEADS
+            and not noun.mass
+            and not self.simple
+            and self.chance(0.1)
+        ):
             of = self._of_complement(noun)
         possessor = self.choice(POSSESSORS) if det == "poss" else None
         return NounPhrase(noun, det, plural, adjective, possessor, count, of)
@@ -191,8 +198,12 @@ class Grammar:
         if verb.generic and self.chance(0.35):
             # Generic objects of love/like: "I love cats." / "I like water."
             noun = self.choice(self.nouns(spec))
-            return NounPhrase(noun, "bare", not noun.mass, None if self.chance(0.7) else
-                              self.choice(self.adjectives_for(noun)))
+            return NounPhrase(
+                noun,
+                "bare",
+                not noun.mass,
+                None if self.chance(0.7) else self.choice(self.adjectives_for(noun)),
+            )
         if not self.simple and self.chance(0.07):
             return self.coordination(spec, "obj")
         return self.participant(spec, "obj")
@@ -217,13 +228,20 @@ class Grammar:
         r = self.rng.random()
         if r < 0.25:
             person = self.choice(("I", "he", "she", "we", "they"))
-            fits = [a for a in self._person_adjectives() if
-                    (person != "I" or a.epicene_sg) and (person != "we" or a.epicene_pl)]
+            fits = [
+                a
+                for a in self._person_adjectives()
+                if (person != "I" or a.epicene_sg) and (person != "we" or a.epicene_pl)
+            ]
             return PronounNP(person), AdjectivePredicate(self.choice(fits))  # type: ignore[arg-type]
         if r < 0.35:
             return self.name(), AdjectivePredicate(self.choice(self._person_adjectives()))
-        subject = self.subject(frozenset({"person", "animal", "food", "drink", "text", "thing", "place",
-                                          "nature", "time", "body"}), pronouns=("they",))
+        subject = self.subject(
+            frozenset(
+                {"person", "animal", "food", "drink", "text", "thing", "place", "nature", "time", "body"}
+            ),
+            pronouns=("they",),
+        )
         return subject, AdjectivePredicate(self.choice(self._adjectives_for_np(subject)))
 
     def _person_adjectives(self) -> tuple[Adjective, ...]:

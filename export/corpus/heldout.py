@@ -20,16 +20,19 @@ class HeldoutCombos:
     subject_verb_object: tuple[tuple[str, str, str], ...]
 
     def keys(self) -> frozenset[str]:
-        return frozenset([an_key(a, n) for a, n in self.adjective_noun]
-                         + [svo_key(s, v, o) for s, v, o in self.subject_verb_object])
+        return frozenset(
+            [an_key(a, n) for a, n in self.adjective_noun]
+            + [svo_key(s, v, o) for s, v, o in self.subject_verb_object]
+        )
 
 
 def choose_heldout(grammar: Grammar, seed: int, n_an: int, n_svo: int, avoid: Iterable[str]) -> HeldoutCombos:
     """Pick combinations deterministically; ``avoid`` holds keys that must stay trainable (anchors)."""
     rng = random.Random(f"heldout-combos-{seed}")
     lex, banned = grammar.lex, set(avoid)
-    candidates = [(a.en, n.en) for n in lex.nouns for a in grammar.adjectives_for(n)
-                  if an_key(a.en, n.en) not in banned]
+    candidates = [
+        (a.en, n.en) for n in lex.nouns for a in grammar.adjectives_for(n) if an_key(a.en, n.en) not in banned
+    ]
     adjective_noun = sorted(rng.sample(candidates, min(n_an, len(candidates))))
     transitive = grammar.verbs_by_frame["tr"]
     triples: set[tuple[str, str, str]] = set()

@@ -168,8 +168,12 @@ def _set(field: str) -> frozenset[str]:
 
 
 def _expand_classes(field: str) -> frozenset[str]:
-    shorthands = {"all": ALL_CONCRETE, "any": frozenset(NOUN_CLASSES), "animate": ANIMATE,
-                  "inanimate": INANIMATE}
+    shorthands = {
+        "all": ALL_CONCRETE,
+        "any": frozenset(NOUN_CLASSES),
+        "animate": ANIMATE,
+        "inanimate": INANIMATE,
+    }
     items: set[str] = set()
     for item in _set(field):
         items |= shorthands.get(item, {item})
@@ -195,8 +199,18 @@ def _verb(row: list[str]) -> Verb:
     frame_set = _set(frames)
     assert frame_set <= set(FRAMES), row
     return Verb(
-        en, en_3sg, inf, (je, tu, il, nous, vous, ils), vclass, frame_set, _expand_classes(subj),
-        _expand_classes(obj), _expand_classes(ind), "" if io_prep == "-" else io_prep, _set(adj), gen == "y",
+        en,
+        en_3sg,
+        inf,
+        (je, tu, il, nous, vous, ils),
+        vclass,
+        frame_set,
+        _expand_classes(subj),
+        _expand_classes(obj),
+        _expand_classes(ind),
+        "" if io_prep == "-" else io_prep,
+        _set(adj),
+        gen == "y",
     )
 
 

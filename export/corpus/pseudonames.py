@@ -12,8 +12,31 @@ from collections.abc import Iterable
 
 from .lexicon import Name, starts_with_vowel
 
-_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "tr",
-           "gr", "pl", "st", "sk", "j")
+_ONSETS = (
+    "b",
+    "d",
+    "f",
+    "g",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "t",
+    "v",
+    "z",
+    "br",
+    "dr",
+    "kr",
+    "tr",
+    "gr",
+    "pl",
+    "st",
+    "sk",
+    "j",
+)
 _VOWELS = ("a", "e", "i", "o", "u", "ai", "ou")
 _CODAS = ("n", "l", "r", "s", "k", "m", "x", "v")
 _MASC_ENDINGS = ("o", "i", "ik", "an", "or", "el", "us", "en", "ix", "ar")

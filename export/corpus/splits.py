@@ -58,14 +58,20 @@ class CorpusBuilder:
     def __init__(self, config: CorpusConfig) -> None:
         self.config = config
         self.lex = load_lexicon()
-        pools = pseudo_name_pools(config.seed, (config.train_pseudo_names, config.eval_pseudo_names),
-                                  reserved_words(self.lex))
+        pools = pseudo_name_pools(
+            config.seed, (config.train_pseudo_names, config.eval_pseudo_names), reserved_words(self.lex)
+        )
         self.train_names, self.eval_names = pools
         self.anchors = [make_pair(sentence) for sentence, _, _ in known_pairs(self.lex)]
         probe = Grammar(self.lex, (), random.Random(0))
         anchor_combos = {key for pair in self.anchors for key in pair.combos}
-        self.heldout = choose_heldout(probe, config.seed, config.heldout_adjective_noun,
-                                      config.heldout_subject_verb_object, anchor_combos)
+        self.heldout = choose_heldout(
+            probe,
+            config.seed,
+            config.heldout_adjective_noun,
+            config.heldout_subject_verb_object,
+            anchor_combos,
+        )
         self.banned = self.heldout.keys()
         self.used: set[str] = {pair.en for pair in self.anchors}  # English sentences taken by a split
 
@@ -73,8 +79,9 @@ class CorpusBuilder:
         names = self.train_names if split in ("train", "valid") else self.eval_names
         return Grammar(self.lex, names, random.Random(f"{split}-{self.config.seed}"))
 
-    def _draw(self, size: int, sample: Callable[[int], Pair], unique: bool,
-              initial: tuple[Pair, ...] = ()) -> list[Pair]:
+    def _draw(
+        self, size: int, sample: Callable[[int], Pair], unique: bool, initial: tuple[Pair, ...] = ()
+    ) -> list[Pair]:
         out: list[Pair] = list(initial)
         counts: dict[str, int] = {}
         for pair in initial:
@@ -95,8 +102,9 @@ class CorpusBuilder:
         self.used.update(counts)
         return out
 
-    def regular_split(self, split: str, size: int, unique: bool = True,
-                      initial: tuple[Pair, ...] = ()) -> list[Pair]:
+    def regular_split(
+        self, split: str, size: int, unique: bool = True, initial: tuple[Pair, ...] = ()
+    ) -> list[Pair]:
         grammar = self.grammar(split)
 
         def sample(_: int) -> Pair:

@@ -75,4 +75,4 @@ def _valid_loss(model: Transformer, tokenizer: Tokenizer) -> float:
 
     pairs = toy_pairs(400)[:20]
     loss, _ = batch_loss(model, encode_pairs(tokenizer, pairs, model.cfg.max_positions), 0.0)
-    return float(loss)
+    return loss.item()
