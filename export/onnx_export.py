@@ -1,0 +1,338 @@
+"""Export a checkpoint to the three ONNX graphs of docs/model-directory.md.
+
+    encoder.onnx       src_ids, src_mask → memory, cross_k, cross_v            (once per request)
+    decoder_step.onnx  newest token + KV cache → log_probs, present_k/v       (once per token)
+    attention.onnx     teacher-forced pass → log_probs and every attention map (Attend RPC)
+
+The wrappers only arrange the model's own methods (`encode`, `cross_kv`, `embed`,
+`DecoderLayer.forward`, `project_kv`, `logits`); none of the math is written twice. After
+tracing, the graphs' weights are pointed into `model.safetensors` (see `export.onnx_weights`),
+so the weights exist once in a model directory.
+
+Exporter: the TorchScript one (`dynamo=False`), on purpose. Both work for these graphs (the
+dynamo one handles an empty past with `Dim(min=0)`), but on our 2-core machines the dynamo
+exporter needs ≈5.5 s per graph against ≈0.3 s, which decides whether the export tests run in
+seconds; it also needs `onnxscript`. The TorchScript exporter's known pitfall — it silently drops
+inputs the computation does not use — cannot bite unnoticed: every contract input feeds the
+computation (the masks are used as given, never recomputed from pad ids) and `_trace` refuses a
+graph whose inputs or outputs differ from the contract. torch is pinned (==2.13.0); when the
+TorchScript exporter goes away, only `_trace` changes.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from export.model import Attentions, Transformer, TransformerConfig, causal_mask
+from export.onnx_weights import SafetensorsIndex, link_external_weights
+from service.manifest import GraphSpec, TensorSpec, check_graph
+
+OPSET = 18  # ≥ 17 for LayerNormalization as one op
+EXPORTER_KIND = "torchscript"
+GRAPH_FILES = {"encoder": "encoder.onnx", "decoder_step": "decoder_step.onnx", "attention": "attention.onnx"}
+
+
+# ---------------------------------------------------------------------------------------------
+# The graphs as modules
+
+
+class EncoderGraph(nn.Module):
+    """src_ids, src_mask (B, S) → memory (B, S, D), cross_k, cross_v (L, B, H, S, Dh)."""
+
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, src_ids: Tensor, src_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        memory = self.model.encode(src_ids, src_mask[:, None, None, :])
+        kv = self.model.cross_kv(memory)
+        return memory, torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv])
+
+
+class DecoderStepGraph(nn.Module):
+    """One decoder step for a running batch, with a self-attention KV cache.
+
+    Each row's new token is embedded at its own position; each layer appends the token's K/V
+    after that layer's past, attends over the real slots (`self_mask`) and the real source
+    tokens (`src_mask`). past_len may be 0 (the first step).
+    """
+
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        tokens: Tensor,  # (B, 1) int64
+        positions: Tensor,  # (B,) int64
+        past_k: Tensor,  # (L, B, H, P, Dh)
+        past_v: Tensor,  # (L, B, H, P, Dh)
+        self_mask: Tensor,  # (B, P + 1) bool
+        cross_k: Tensor,  # (L, B, H, S, Dh)
+        cross_v: Tensor,  # (L, B, H, S, Dh)
+        src_mask: Tensor,  # (B, S) bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        model = self.model
+        y = model.embed(model.tgt_embed, tokens, positions[:, None])  # (B, 1, D)
+        self_mask_4d = self_mask[:, None, None, :]  # (B, 1, 1, P + 1)
+        src_mask_4d = src_mask[:, None, None, :]  # (B, 1, 1, S)
+        present_k, present_v = [], []
+        for i, layer in enumerate(model.decoder_stack):
+            k_new, v_new = layer.self_attn.project_kv(layer.self_kv_input(y))  # (B, H, 1, Dh)
+            k = torch.cat([past_k[i], k_new], dim=2)  # (B, H, P + 1, Dh)
+            v = torch.cat([past_v[i], v_new], dim=2)
+            present_k.append(k)
+            present_v.append(v)
+            y, _, _ = layer(y, k, v, self_mask_4d, cross_k[i], cross_v[i], src_mask_4d)
+        logits = model.logits(model.decoder_norm(y)[:, 0])  # (B, V)
+        return F.log_softmax(logits, dim=-1), torch.stack(present_k), torch.stack(present_v)
+
+
+class AttentionGraph(nn.Module):
+    """Teacher-forced pass → log_probs (B, T, V) and the attention probabilities of every layer.
+
+    `Transformer.attention_maps` recomputes the masks from pad ids; this graph takes them as
+    inputs (the contract does), so it composes `encode`/`decode`/`logits` like that method does.
+    """
+
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, src_ids: Tensor, src_mask: Tensor, tgt_ids: Tensor, tgt_mask: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        model = self.model
+        attentions = Attentions([], [], [])
+        src_mask_4d = src_mask[:, None, None, :]
+        tgt_mask_4d = causal_mask(tgt_ids.size(1), tgt_ids.device) & tgt_mask[:, None, None, :]
+        memory = model.encode(src_ids, src_mask_4d, attentions)
+        hidden = model.decode(memory, src_mask_4d, tgt_ids, tgt_mask_4d, attentions)
+        return (
+            F.log_softmax(model.logits(hidden), dim=-1),
+            torch.stack(attentions.encoder_self),
+            torch.stack(attentions.decoder_self),
+            torch.stack(attentions.cross),
+        )
+
+
+GRAPH_MODULES: dict[str, type[nn.Module]] = {
+    "encoder": EncoderGraph,
+    "decoder_step": DecoderStepGraph,
+    "attention": AttentionGraph,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The contract: names, dtypes and shapes of each graph
+
+
+def graph_specs(cfg: TransformerConfig, float_dtype: str = "float32") -> dict[str, GraphSpec]:
+    """The graphs' signatures for a model config (docs/model-directory.md, "Graphs").
+
+    Args:
+        float_dtype: of the float tensors, "float16" for the fp16 variant; log-probabilities
+            are float32 in every variant.
+    """
+    L, L_enc, H, Dh, D, V = (
+        cfg.n_decoder_layers,
+        cfg.n_encoder_layers,
+        cfg.n_heads,
+        cfg.d_k,
+        cfg.d_model,
+        cfg.vocab_size,
+    )
+    f, f32, i64, bool_ = float_dtype, "float32", "int64", "bool"
+
+    def t(name: str, dtype: str, *shape: int | str) -> TensorSpec:
+        return TensorSpec(name, dtype, shape)
+
+    src = [t("src_ids", i64, "batch", "src_len"), t("src_mask", bool_, "batch", "src_len")]
+    cross = [t(n, f, L, "batch", H, "src_len", Dh) for n in ("cross_k", "cross_v")]
+    return {
+        "encoder": GraphSpec(
+            GRAPH_FILES["encoder"], (*src,), (t("memory", f, "batch", "src_len", D), *cross)
+        ),
+        "decoder_step": GraphSpec(
+            GRAPH_FILES["decoder_step"],
+            (
+                t("tokens", i64, "batch", 1),
+                t("positions", i64, "batch"),
+                t("past_k", f, L, "batch", H, "past_len", Dh),
+                t("past_v", f, L, "batch", H, "past_len", Dh),
+                t("self_mask", bool_, "batch", "past_len + 1"),
+                *cross,
+                t("src_mask", bool_, "batch", "src_len"),
+            ),
+            (
+                t("log_probs", f32, "batch", V),
+                t("present_k", f, L, "batch", H, "past_len + 1", Dh),
+                t("present_v", f, L, "batch", H, "past_len + 1", Dh),
+            ),
+        ),
+        "attention": GraphSpec(
+            GRAPH_FILES["attention"],
+            (*src, t("tgt_ids", i64, "batch", "tgt_len"), t("tgt_mask", bool_, "batch", "tgt_len")),
+            (
+                t("log_probs", f32, "batch", "tgt_len", V),
+                t("encoder_attention", f, L_enc, "batch", H, "src_len", "src_len"),
+                t("decoder_attention", f, L, "batch", H, "tgt_len", "tgt_len"),
+                t("cross_attention", f, L, "batch", H, "tgt_len", "src_len"),
+            ),
+        ),
+    }
+
+
+# Sizes of the inputs the graphs are traced with, and of the run that verifies each exported graph:
+# all different from each other and from the fixed dims, so that a size the tracer baked in by
+# mistake shows up as a wrong result; verification also covers the empty past of a first step.
+TRACE_SIZES = {"batch": 2, "src_len": 5, "tgt_len": 4, "past_len": 3}
+VERIFY_SIZES = {"batch": 3, "src_len": 7, "tgt_len": 6, "past_len": 0}
+
+
+def example_inputs(
+    cfg: TransformerConfig, spec: GraphSpec, sizes: dict[str, int], seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Random inputs that satisfy `spec` at `sizes` (batch, src_len, tgt_len, past_len).
+
+    The last row (when batch > 1) is padded: its last source/target slot, or (self_mask) its
+    first cache slot when there is one. The new token, last in self_mask, is always real.
+    """
+    sizes = {**sizes, "past_len + 1": sizes["past_len"] + 1}
+    rng = np.random.default_rng(seed)
+    out: dict[str, np.ndarray] = {}
+    for t in spec.inputs:
+        shape = tuple(sizes[d] if isinstance(d, str) else d for d in t.shape)
+        if t.dtype == "bool":
+            mask = np.ones(shape, dtype=bool)
+            if shape[0] > 1 and t.name != "self_mask":
+                mask[-1, -1] = False
+            elif shape[0] > 1 and shape[1] > 1:
+                mask[-1, 0] = False
+            out[t.name] = mask
+        elif t.name == "positions":
+            out[t.name] = np.full(shape, sizes["past_len"], dtype=np.int64)
+        elif t.dtype == "int64":
+            ids = rng.integers(4, cfg.vocab_size, size=shape, dtype=np.int64)
+            if t.name == "tgt_ids":
+                ids[:, 0] = cfg.bos_id
+            out[t.name] = ids
+        else:
+            out[t.name] = rng.standard_normal(shape).astype(t.dtype)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Tracing, weight linking, verification
+
+
+def _trace(module: nn.Module, spec: GraphSpec, example: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """Export `module` (in eval mode) with the TorchScript exporter and check its signature."""
+    module.eval()  # dropout off: a wrapper in training mode silently disagrees with the reference
+    args = tuple(torch.from_numpy(example[t.name]) for t in spec.inputs)
+    dynamic_axes = {
+        t.name: {axis: d for axis, d in enumerate(t.shape) if isinstance(d, str)}
+        for t in (*spec.inputs, *spec.outputs)
+    }
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), torch.no_grad():
+        path = Path(tmp) / spec.file
+        # Known and harmless here: the deprecation notice of this exporter, and the tracer's note
+        # that √Dh becomes a constant (Dh is fixed by the config).
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(
+            module,
+            args,
+            path,
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=[t.name for t in spec.inputs],
+            output_names=[t.name for t in spec.outputs],
+            dynamic_axes=dynamic_axes,
+        )
+        model = onnx.load(str(path))
+    _set_signature(model, spec)
+    return model
+
+
+def _set_signature(model: onnx.ModelProto, spec: GraphSpec) -> None:
+    """Check the exported inputs/outputs against the contract and write its exact shapes."""
+    for side, values, wanted in (
+        ("inputs", model.graph.input, spec.inputs),
+        ("outputs", model.graph.output, spec.outputs),
+    ):
+        names = [v.name for v in values]
+        if names != [t.name for t in wanted]:
+            contract = [t.name for t in wanted]
+            raise RuntimeError(f"{spec.file}: exported {side} {names} are not the contract's {contract}")
+        for value, t in zip(values, wanted, strict=True):
+            tensor_type = value.type.tensor_type
+            if tensor_type.elem_type != onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype)):
+                raise RuntimeError(
+                    f"{spec.file}: {t.name} has ONNX element type {tensor_type.elem_type}, not {t.dtype}"
+                )
+            tensor_type.shape.ClearField("dim")
+            for d in t.shape:
+                dim = tensor_type.shape.dim.add()
+                if isinstance(d, int):
+                    dim.dim_value = d
+                else:
+                    dim.dim_param = d
+
+
+def _strip_provenance(model: onnx.ModelProto) -> None:
+    """Drop doc strings and per-node metadata: they may hold source paths, and a re-export must
+    be byte-identical."""
+    model.doc_string = ""
+    model.graph.doc_string = ""
+    del model.metadata_props[:]
+    for node in model.graph.node:
+        node.doc_string = ""
+        del node.metadata_props[:]
+
+
+def export_graph(
+    model: Transformer, name: str, spec: GraphSpec, out_dir: Path, weights: SafetensorsIndex
+) -> Path:
+    """Trace graph `name`, link its weights into `weights` (which must lie in `out_dir`), write it."""
+    if weights.path.parent.resolve() != out_dir.resolve():
+        raise ValueError(f"{weights.path}: the weight file must be next to the graphs in {out_dir}")
+    example = example_inputs(model.cfg, spec, TRACE_SIZES)
+    onnx_model = _trace(GRAPH_MODULES[name](model), spec, example)
+    link_external_weights(
+        onnx_model, weights, location=weights.path.name, allowed_inline=[model.positions.numpy()]
+    )
+    _strip_provenance(onnx_model)
+    path = out_dir / spec.file
+    path.write_bytes(onnx_model.SerializeToString(deterministic=True))
+    onnx.checker.check_model(str(path))  # also resolves every external-data reference
+    return path
+
+
+def verify_graph(model: Transformer, name: str, spec: GraphSpec, path: Path, atol: float = 1e-4) -> None:
+    """Load `path` with onnxruntime, check its signature and compare one run with PyTorch, at
+    sizes other than the traced ones (and an empty past).
+
+    Raises:
+        RuntimeError: the outputs differ from the PyTorch wrapper by more than `atol`.
+    """
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    check_graph(spec, session)
+    example = example_inputs(model.cfg, spec, VERIFY_SIZES, seed=1)
+    got = session.run(None, example)
+    with torch.no_grad():
+        wrapper = GRAPH_MODULES[name](model).eval()
+        want = wrapper(*(torch.from_numpy(example[t.name]) for t in spec.inputs))
+    for t, g, w in zip(spec.outputs, got, want, strict=True):
+        diff = float(np.max(np.abs(g - w.numpy())))
+        if not diff <= atol:
+            raise RuntimeError(f"{path}: output {t.name} differs from PyTorch by {diff:.2e} (> {atol})")

@@ -1,0 +1,334 @@
+"""Decoding math, pure: next-token selection, beam-search bookkeeping, KV-cache rows.
+
+Numpy in, numpy out; no onnxruntime, no torch. The semantics are those of `docs/model-directory.md`
+and reproduce `export/generate.py` token for token:
+
+- Greedy: the first maximum of the log-probabilities (ties to the lowest id).
+- Beam search (beam K, length penalty α), per sentence: the 2K best continuations of the live beams,
+  ranked by summed log-prob with ties to the lower flat index beam·V + token; an end-token
+  continuation is finished when it ranks among the first K, else skipped; the others refill the
+  live beams in rank order (up to K). The sentence stops once ≥ K hypotheses have finished and the
+  best live score / step^α ≤ the K-th best finished normalized score; at the length limit the live
+  beams become unfinished hypotheses. Hypotheses rank by score / length^α (the end token counts).
+
+Scores are summed in float32, as the reference does, so that rankings tie the same way.
+
+A sentence's search is a `SearchState` (frozen); `advance` takes the log-probabilities of its live
+rows and returns the next state plus, for each new live beam, its parent row and the token it
+feeds next. Rows of many sentences (of different requests) can therefore share one decoder step:
+the caller slices the step's log-probs per sentence and reorders the cache with the parents.
+
+The cache helpers work on `KV` (keys, values and a slot mask for a batch of rows), which serves
+both the decoder self-attention cache (slots = past tokens) and the encoder's cross-attention
+keys/values (slots = source tokens).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# --- results and options ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    """A decoded output: the torch-free twin of `export.generate.Hypothesis`."""
+
+    tokens: tuple[int, ...]  # generated ids, without the start token and without the end token
+    score: float  # sum of log-probabilities (float32 arithmetic), end token included when produced
+    finished: bool  # True when the end token was produced, False when the length limit stopped it
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """How one sentence is decoded."""
+
+    max_output_tokens: int  # decoder steps at most (the end token included)
+    eos_id: int  # the end token
+    beam_size: int = 1  # K; 1 is greedy
+    length_penalty: float = 1.0  # α in score / length^α (beam ranking and stopping)
+    n_best: int = 1  # hypotheses returned, best first; at most beam_size
+    never_ids: tuple[int, ...] = ()  # tokens never chosen (padding, the start token), as in export.generate
+
+    def __post_init__(self) -> None:
+        if self.beam_size < 1:
+            raise ValueError(f"beam_size {self.beam_size} must be at least 1")
+        if not 1 <= self.n_best <= self.beam_size:
+            raise ValueError(f"n_best {self.n_best} must be between 1 and beam_size {self.beam_size}")
+        if self.max_output_tokens < 0:
+            raise ValueError(f"max_output_tokens {self.max_output_tokens} must not be negative")
+
+
+def normalized_score(score: float, length: int, length_penalty: float) -> float:
+    """score / length^α, with length at least 1."""
+    return score / (max(length, 1) ** length_penalty)
+
+
+# --- next-token selection ------------------------------------------------------------------------
+
+
+def greedy_select(log_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The first maximum of each row.
+
+    Args:
+        log_probs: (B, V) float.
+    Returns:
+        (tokens (B,) int64, their log-probabilities (B,) float32).
+    """
+    tokens = np.argmax(log_probs, axis=-1)  # (B,): argmax returns the first maximum
+    best = np.take_along_axis(log_probs, tokens[:, None], axis=-1)[:, 0]  # (B,)
+    return tokens.astype(np.int64), best.astype(np.float32)
+
+
+def top_candidates(scores: np.ndarray, count: int) -> np.ndarray:
+    """Indices of the `count` largest entries of a flat vector, best first, ties to the lower index.
+
+    The order of a stable sort of the negated scores, computed in O(n) plus a sort of the few
+    entries that reach the count-th largest value (every tie at that value is kept, so the
+    tie-break stays exact). NaN is not supported.
+
+    Args:
+        scores: (N,) float.
+    Returns:
+        (min(count, N),) int64 indices into `scores`.
+    """
+    n = scores.size
+    if count < n:
+        threshold = np.partition(scores, n - count)[n - count]  # the count-th largest value
+        pool = np.flatnonzero(scores >= threshold)  # ascending: the lower index first among ties
+    else:
+        pool = np.arange(n)
+    order = np.argsort(-scores[pool], kind="stable")
+    return pool[order[:count]].astype(np.int64)
+
+
+# --- one sentence's search -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Beam:
+    """A live hypothesis: one row of the next decoder step."""
+
+    tokens: tuple[int, ...]  # generated so far; the last one is what the row feeds next
+    score: float  # float32 sum of their log-probabilities
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """A hypothesis with the normalized score it is ranked by."""
+
+    normalized: float
+    hypothesis: Hypothesis
+
+
+@dataclass(frozen=True)
+class SearchState:
+    """One sentence between two decoder steps. Done when no beam is live."""
+
+    options: SearchOptions
+    step: int = 0  # decoder steps taken = tokens generated by every live beam
+    live: tuple[Beam, ...] = (Beam((), 0.0),)  # rank order; the first step runs the start token alone
+    finished: tuple[Ranked, ...] = ()  # in the order they were produced (ranking is stable)
+
+    @property
+    def done(self) -> bool:
+        return not self.live
+
+    def hypotheses(self) -> list[Hypothesis]:
+        """The `n_best` best hypotheses by normalized score, best first (ties: the earlier one)."""
+        ranked = sorted(self.finished, key=lambda r: r.normalized, reverse=True)
+        return [r.hypothesis for r in ranked[: self.options.n_best]]
+
+
+@dataclass(frozen=True, eq=False)
+class Advance:
+    """What one decoder step did to a sentence."""
+
+    state: SearchState
+    parents: np.ndarray = field(repr=False)  # (n_live,) int64: the previous live row of each new beam
+    tokens: np.ndarray = field(repr=False)  # (n_live,) int64: the token each new beam feeds next
+
+
+def start_search(options: SearchOptions) -> SearchState:
+    """The state before the first decoder step (already done when max_output_tokens is 0)."""
+    return _at_limit(SearchState(options))
+
+
+def advance(state: SearchState, log_probs: np.ndarray) -> Advance:
+    """One decoder step of one sentence.
+
+    Args:
+        state: not done.
+        log_probs: (len(state.live), V) float, the step's output for the live rows, in order.
+    Returns:
+        The next state with the parent row and next token of each of its live beams.
+    """
+    assert not state.done, "advance() on a finished search"
+    assert log_probs.shape[0] == len(state.live), (log_probs.shape, len(state.live))
+    if state.options.never_ids:
+        # They keep their share of the softmax (scores stay model log-probs); they are never picked.
+        log_probs = log_probs.copy()
+        log_probs[:, list(state.options.never_ids)] = -np.inf
+    if state.options.beam_size == 1:
+        return _greedy_advance(state, log_probs)
+    return _beam_advance(state, log_probs)
+
+
+def _greedy_advance(state: SearchState, log_probs: np.ndarray) -> Advance:
+    tokens, best = greedy_select(log_probs)  # (1,), (1,)
+    (beam,), token, step = state.live, int(tokens[0]), state.step + 1
+    score = float(np.float32(beam.score) + best[0])
+    if token == state.options.eos_id:
+        hyp = Hypothesis(beam.tokens, score, True)
+        ranked = Ranked(normalized_score(score, step, state.options.length_penalty), hyp)
+        return _moved(SearchState(state.options, step, (), (*state.finished, ranked)), [])
+    moved = SearchState(state.options, step, (Beam((*beam.tokens, token), score),), state.finished)
+    return _moved(_at_limit(moved), [0])
+
+
+def _beam_advance(state: SearchState, log_probs: np.ndarray) -> Advance:
+    opts, k, step = state.options, state.options.beam_size, state.step + 1
+    vocab = log_probs.shape[1]
+    scores = np.array([b.score for b in state.live], dtype=np.float32)  # (n,)
+    candidates = (scores[:, None] + log_probs.astype(np.float32, copy=False)).ravel()  # (n·V,)
+    live: list[Beam] = []
+    parents: list[int] = []
+    finished = list(state.finished)
+    for rank, index in enumerate(top_candidates(candidates, 2 * k)):
+        score = float(candidates[index])
+        if score == float("-inf"):
+            break
+        beam, token = divmod(int(index), vocab)
+        prefix = state.live[beam].tokens
+        if token == opts.eos_id:
+            if rank < k:  # an end token ranked below the first K is skipped, not finished
+                hyp = Hypothesis(prefix, score, True)
+                finished.append(Ranked(normalized_score(score, step, opts.length_penalty), hyp))
+            continue
+        live.append(Beam((*prefix, token), score))
+        parents.append(beam)
+        if len(live) == k:
+            break
+    if len(finished) >= k:
+        # Stop once the best live beam, judged at the current length, cannot beat the K-th best
+        # finished hypothesis (exact for α = 0, where scores only fall).
+        kth_best = sorted((r.normalized for r in finished), reverse=True)[k - 1]
+        if not live or normalized_score(live[0].score, step, opts.length_penalty) <= kth_best:
+            live, parents = [], []
+    moved = SearchState(opts, step, tuple(live), tuple(finished))
+    return _moved(_at_limit(moved), parents)
+
+
+def _at_limit(state: SearchState) -> SearchState:
+    """At the length limit the live beams become unfinished hypotheses."""
+    if state.done or state.step < state.options.max_output_tokens:
+        return state
+    opts = state.options
+    length = opts.max_output_tokens
+    unfinished = tuple(
+        Ranked(normalized_score(b.score, length, opts.length_penalty), Hypothesis(b.tokens, b.score, False))
+        for b in state.live
+    )
+    return SearchState(opts, state.step, (), state.finished + unfinished)
+
+
+def _moved(state: SearchState, parents: Sequence[int]) -> Advance:
+    """The Advance of a new state; parents are dropped (and tokens empty) when the search is done."""
+    if state.done:
+        parents = []
+    tokens = [b.tokens[-1] for b in state.live]
+    return Advance(state, np.asarray(parents, dtype=np.int64), np.asarray(tokens, dtype=np.int64))
+
+
+# --- KV caches -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class KV:
+    """Keys and values of a batch of rows with the mask of their slots.
+
+    Either a decoder self-attention cache (slots: past tokens; `self_mask` of the step graph is
+    `step_mask(kv)`) or the encoder's cross-attention keys/values (slots: source tokens; the mask
+    is `src_mask`). Padded slots hold zeros and are masked.
+    """
+
+    k: np.ndarray  # (L, B, H, T, Dh)
+    v: np.ndarray  # (L, B, H, T, Dh)
+    mask: np.ndarray  # (B, T) bool, True at real slots
+
+    def __post_init__(self) -> None:
+        assert self.k.shape == self.v.shape and self.k.ndim == 5, (self.k.shape, self.v.shape)
+        assert self.mask.shape == (self.k.shape[1], self.k.shape[3]), (self.mask.shape, self.k.shape)
+
+    @property
+    def rows(self) -> int:
+        return int(self.k.shape[1])
+
+    @property
+    def slots(self) -> int:
+        return int(self.k.shape[3])
+
+
+def empty_kv(layers: int, rows: int, heads: int, head_dim: int, dtype: np.dtype | type) -> KV:
+    """A cache with no slots (the first decoder step): (L, rows, H, 0, Dh)."""
+    shape = (layers, rows, heads, 0, head_dim)
+    return KV(np.zeros(shape, dtype), np.zeros(shape, dtype), np.zeros((rows, 0), dtype=bool))
+
+
+def select_rows(kv: KV, rows: np.ndarray | Sequence[int]) -> KV:
+    """Rows `rows` of `kv`, in that order (repeats allowed): beam back-pointers, removal of finished rows.
+
+    Args:
+        rows: (R,) indices into kv's rows.
+    Returns:
+        KV with R rows: (L, R, H, T, Dh), mask (R, T).
+    """
+    index = np.asarray(rows, dtype=np.int64)
+    return KV(np.take(kv.k, index, axis=1), np.take(kv.v, index, axis=1), kv.mask[index])
+
+
+def concat_rows(parts: Sequence[KV]) -> KV:
+    """One batch from several: the shorter parts are padded at the end with zero, masked slots.
+
+    Args:
+        parts: KV blocks with the same L, H, Dh and dtype; slot counts may differ.
+    Returns:
+        KV with sum(rows) rows and max(slots) slots; each row keeps its real slots and mask.
+    """
+    assert parts, "concat_rows() of nothing"
+    slots = max(p.slots for p in parts)
+    padded = [_pad_slots(p, slots) for p in parts]
+    return KV(
+        np.concatenate([p.k for p in padded], axis=1),
+        np.concatenate([p.v for p in padded], axis=1),
+        np.concatenate([p.mask for p in padded], axis=0),
+    )
+
+
+def _pad_slots(kv: KV, slots: int) -> KV:
+    extra = slots - kv.slots
+    if extra == 0:
+        return kv
+    widths = [(0, 0), (0, 0), (0, 0), (0, extra), (0, 0)]
+    return KV(np.pad(kv.k, widths), np.pad(kv.v, widths), np.pad(kv.mask, [(0, 0), (0, extra)]))
+
+
+def trim_slots(kv: KV) -> KV:
+    """Drop the slots that no row uses (padding left behind once the rows that needed it are gone)."""
+    used = kv.mask.any(axis=0)  # (T,)
+    if used.all():
+        return kv
+    return KV(kv.k[:, :, :, used], kv.v[:, :, :, used], kv.mask[:, used])
+
+
+def step_mask(kv: KV) -> np.ndarray:
+    """The decoder step's `self_mask` (B, T + 1): the cache slots, then the new token (always real)."""
+    return np.concatenate([kv.mask, np.ones((kv.rows, 1), dtype=bool)], axis=1)
+
+
+def extend(kv: KV, present_k: np.ndarray, present_v: np.ndarray) -> KV:
+    """The cache after a decoder step: its `present_k/v` (L, B, H, T + 1, Dh) with the new slot real."""
+    return KV(present_k, present_v, step_mask(kv))

@@ -1,0 +1,344 @@
+"""`manifest.json`: what a model directory holds, and the check that it holds exactly that.
+
+The server trusts nothing in a model directory that the manifest does not describe and verify
+(see docs/model-directory.md): `load_manifest` refuses a directory whose files are missing or
+whose checksums disagree, and `check_graph` refuses an onnxruntime session whose inputs and
+outputs are not the ones the manifest promises. Torch-free on purpose: the server imports it.
+
+The exporter writes the manifest with `write_manifest`; `to_json` is deterministic (sorted keys,
+fixed indent) so that exporting the same checkpoint twice gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal, Protocol, TypeVar, cast, get_args
+
+from service.tokenizer import SpecialIds
+
+FORMAT_VERSION = 1  # the only manifest format this code reads and writes
+MANIFEST_FILE = "manifest.json"
+GRAPH_NAMES = ("encoder", "decoder_step", "attention")
+
+Variant = Literal["fp32", "fp16", "int8"]
+Dim = int | str  # a fixed size, or a symbolic one ("batch", "past_len + 1")
+
+# Element types as the manifest spells them (numpy names) → as onnxruntime reports them.
+ORT_TYPES = {
+    "bool": "tensor(bool)",
+    "int64": "tensor(int64)",
+    "int32": "tensor(int32)",
+    "float32": "tensor(float)",
+    "float16": "tensor(float16)",
+}
+_SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$")
+
+
+class ModelDirectoryError(ValueError):
+    """A model directory (or one of its files) is missing, stale, tampered with or inconsistent."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output."""
+
+    name: str
+    dtype: str  # a key of ORT_TYPES
+    shape: tuple[Dim, ...]
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One ONNX graph of the model: its file (relative to the model directory) and signature."""
+
+    file: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+
+@dataclass(frozen=True)
+class Languages:
+    source: str  # e.g. "en"
+    target: str  # e.g. "fr"
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_source_tokens: int  # specials included; = the model's max_positions
+    max_target_tokens: int  # start token included; = the model's max_positions
+
+
+@dataclass(frozen=True)
+class ExporterInfo:
+    """The library versions that produced the graphs (for reproducing an export)."""
+
+    torch: str
+    onnx: str
+    onnxruntime: str
+    kind: str  # which torch.onnx exporter: "torchscript" or "dynamo"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    format_version: int
+    name: str  # model name, e.g. "en-fr-small"
+    version: str  # semantic version of the model
+    languages: Languages
+    variant: Variant
+    architecture: Mapping[str, Any]  # the TransformerConfig as a dict
+    special_ids: SpecialIds
+    limits: Limits
+    opset: int  # ONNX opset of the graphs
+    tokenizer: str  # file name of the tokenizer, relative to the model directory
+    graphs: Mapping[str, GraphSpec]  # keyed by GRAPH_NAMES
+    files: Mapping[str, str]  # relative path → sha256 hex of every file this variant needs
+    quality: Mapping[str, Any] | None  # the model card's results for this variant, if evaluated
+    exporter: ExporterInfo
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checksums(model_dir: Path, files: Sequence[str]) -> dict[str, str]:
+    """{relative path: sha256} of `files` inside `model_dir`."""
+    return {name: sha256_file(model_dir / name) for name in sorted(files)}
+
+
+def to_json(manifest: Manifest) -> str:
+    """Deterministic JSON text of the manifest (sorted keys, indent 2, trailing newline)."""
+    data = asdict(manifest)
+    # asdict keeps tuples; JSON has only lists. Mappings become plain dicts for json.dumps.
+    return json.dumps(_plain(data), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def write_manifest(model_dir: Path, manifest: Manifest) -> Path:
+    """Write `manifest.json` into `model_dir`, refusing (ValueError) one that could not be read back."""
+    text = to_json(manifest)
+    from_dict(json.loads(text))  # the same validation the loader applies (semver, variant, paths)
+    path = model_dir / MANIFEST_FILE
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and verifying
+
+
+def load_manifest(model_dir: Path | str) -> Manifest:
+    """Read `manifest.json` of `model_dir` and verify every file it lists.
+
+    Raises:
+        ModelDirectoryError: the manifest is missing, unreadable, of an unsupported
+            format_version or malformed; a listed file is missing or its checksum differs
+            (stale or tampered); a graph or the tokenizer is not covered by the checksums.
+    """
+    model_dir = Path(model_dir)
+    path = model_dir / MANIFEST_FILE
+    if not path.is_file():
+        raise ModelDirectoryError(f"{path}: missing manifest (run `make export`)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelDirectoryError(f"{path}: unreadable manifest: {err}") from err
+    if not isinstance(data, dict):
+        raise ModelDirectoryError(f"{path}: a manifest is a JSON object, got {type(data).__name__}")
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ModelDirectoryError(
+            f"{path}: unsupported format_version {version!r} (this code reads {FORMAT_VERSION})"
+        )
+    try:
+        manifest = from_dict(data)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ModelDirectoryError(f"{path}: malformed manifest: {err}") from err
+    _verify_files(model_dir, manifest)
+    return manifest
+
+
+def from_dict(data: Mapping[str, Any]) -> Manifest:
+    """Build a Manifest from parsed JSON; KeyError/TypeError/ValueError name what is wrong."""
+    variant = _field(data, "variant", str)
+    if variant not in get_args(Variant):
+        raise ValueError(f"variant {variant!r} is not one of {', '.join(get_args(Variant))}")
+    version = _field(data, "version", str)
+    if not _SEMVER.match(version):
+        raise ValueError(f"version {version!r} is not a semantic version (MAJOR.MINOR.PATCH)")
+    graphs_data = _field(data, "graphs", dict)
+    if sorted(graphs_data) != sorted(GRAPH_NAMES):
+        raise ValueError(f"graphs {sorted(graphs_data)} are not {sorted(GRAPH_NAMES)}")
+    files = _field(data, "files", dict)
+    for name, digest in files.items():
+        _check_relative(name)
+        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise ValueError(f"files[{name!r}] is not a sha256 hex digest")
+    quality = data.get("quality")
+    if quality is not None and not isinstance(quality, dict):
+        raise TypeError(f"quality must be an object or null, got {type(quality).__name__}")
+    return Manifest(
+        format_version=_field(data, "format_version", int),
+        name=_field(data, "name", str),
+        version=version,
+        languages=_record(data, "languages", Languages, str),
+        variant=cast(Variant, variant),
+        architecture=_field(data, "architecture", dict),
+        special_ids=_record(data, "special_ids", SpecialIds, int),
+        limits=_record(data, "limits", Limits, int),
+        opset=_field(data, "opset", int),
+        tokenizer=_check_relative(_field(data, "tokenizer", str)),
+        graphs={name: _graph_from_dict(name, graphs_data[name]) for name in GRAPH_NAMES},
+        files=dict(files),
+        quality=quality,
+        exporter=_record(data, "exporter", ExporterInfo, str),
+    )
+
+
+def _field(data: Mapping[str, Any], key: str, kind: type) -> Any:
+    if key not in data:
+        raise KeyError(f"missing field {key!r}")
+    value = data[key]
+    # bool is an int subclass in Python; a JSON true is never a valid count.
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise TypeError(f"field {key!r} must be {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+_R = TypeVar("_R")
+
+
+def _record(data: Mapping[str, Any], key: str, cls: Callable[..., _R], kind: type) -> _R:
+    """A small record of the manifest (languages, special_ids, ...) whose fields are all `kind`."""
+    values = _field(data, key, dict)
+    for name in values:
+        _field(values, name, kind)
+    try:
+        return cls(**values)
+    except TypeError as err:  # missing or unknown fields
+        raise TypeError(f"field {key!r}: {err}") from err
+
+
+def _graph_from_dict(name: str, data: Any) -> GraphSpec:
+    if not isinstance(data, dict):
+        raise TypeError(f"graphs.{name} must be an object")
+    return GraphSpec(
+        file=_check_relative(_field(data, "file", str)),
+        inputs=tuple(_tensor_from_dict(t) for t in _field(data, "inputs", list)),
+        outputs=tuple(_tensor_from_dict(t) for t in _field(data, "outputs", list)),
+    )
+
+
+def _tensor_from_dict(data: Any) -> TensorSpec:
+    if not isinstance(data, dict):
+        raise TypeError("a graph input/output must be an object")
+    name = _field(data, "name", str)
+    dtype = _field(data, "dtype", str)
+    if dtype not in ORT_TYPES:
+        raise ValueError(f"{name}: unknown dtype {dtype!r} (known: {', '.join(ORT_TYPES)})")
+    shape = _field(data, "shape", list)
+    if not all(isinstance(d, str) or (isinstance(d, int) and not isinstance(d, bool)) for d in shape):
+        raise TypeError(f"{name}: shape entries must be ints or symbolic names, got {shape}")
+    return TensorSpec(name, dtype, tuple(shape))
+
+
+def _check_relative(name: str) -> str:
+    """Listed files must stay inside the model directory (onnxruntime refuses external data
+    outside it too), so a manifest cannot make the server read arbitrary paths."""
+    parts = PurePosixPath(name).parts
+    if not parts or PurePosixPath(name).is_absolute() or ".." in parts or "\\" in name:
+        raise ValueError(f"file {name!r} is not a relative path inside the model directory")
+    return name
+
+
+def _verify_files(model_dir: Path, manifest: Manifest) -> None:
+    manifest_path = model_dir / MANIFEST_FILE
+    needed = [manifest.tokenizer, *(g.file for g in manifest.graphs.values())]
+    for name in needed:
+        if name not in manifest.files:
+            raise ModelDirectoryError(f"{manifest_path}: {name} has no checksum in 'files'")
+    for name, expected in sorted(manifest.files.items()):
+        path = model_dir / name
+        if not path.is_file():
+            raise ModelDirectoryError(f"{path}: missing (listed in {MANIFEST_FILE})")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ModelDirectoryError(
+                f"{path}: checksum mismatch, the file is stale or tampered "
+                f"(sha256 {actual[:12]}…, {MANIFEST_FILE} says {expected[:12]}…); re-export the model"
+            )
+
+
+class _NodeArg(Protocol):
+    """What onnxruntime's `session.get_inputs()` items provide."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def type(self) -> str: ...
+    @property
+    def shape(self) -> Sequence[int | str | None]: ...
+
+
+class _Session(Protocol):
+    def get_inputs(self) -> Sequence[_NodeArg]: ...
+    def get_outputs(self) -> Sequence[_NodeArg]: ...
+
+
+def check_graph(spec: GraphSpec, session: _Session) -> None:
+    """Refuse a loaded graph whose signature is not the manifest's.
+
+    Compares input and output names (as sets: onnxruntime feeds by name), element types, ranks,
+    and every dimension that both sides fix to a number.
+
+    Raises:
+        ModelDirectoryError: naming the graph file and the first difference found.
+    """
+    _check_side(spec.file, "input", spec.inputs, session.get_inputs())
+    _check_side(spec.file, "output", spec.outputs, session.get_outputs())
+
+
+def _check_side(file: str, side: str, expected: Sequence[TensorSpec], actual: Sequence[_NodeArg]) -> None:
+    found = {arg.name: arg for arg in actual}
+    missing = [t.name for t in expected if t.name not in found]
+    extra = sorted(set(found) - {t.name for t in expected})
+    if missing or extra:
+        raise ModelDirectoryError(
+            f"{file}: graph {side}s {sorted(found)} do not match the manifest "
+            f"(missing {missing}, unexpected {extra})"
+        )
+    for t in expected:
+        arg = found[t.name]
+        if arg.type != ORT_TYPES[t.dtype]:
+            raise ModelDirectoryError(
+                f"{file}: {side} {t.name!r} is {arg.type}, the manifest says {ORT_TYPES[t.dtype]}"
+            )
+        shape = list(arg.shape)
+        if len(shape) != len(t.shape):
+            raise ModelDirectoryError(
+                f"{file}: {side} {t.name!r} has rank {len(shape)}, the manifest says {len(t.shape)}"
+            )
+        for axis, (have, want) in enumerate(zip(shape, t.shape, strict=True)):
+            if isinstance(have, int) and isinstance(want, int) and have != want:
+                raise ModelDirectoryError(
+                    f"{file}: {side} {t.name!r} has size {have} on axis {axis}, the manifest says {want}"
+                )

@@ -1,0 +1,320 @@
+"""The minimal decoding loop over the ONNX graphs: encoder once, then KV-cached decoder steps.
+
+One padded batch of sentences decodes in lockstep: every decoder step runs the live rows of all
+unfinished sentences (one row per greedy sentence, up to K per beam sentence), the pure search
+of `service.decoding` picks the next tokens, and the cache rows follow the beams' back-pointers.
+The server's engine builds on these pieces; this loop is the plain, batch-at-once reference, and
+`translate_ids_without_cache` the same search without a cache (for measuring what it saves).
+
+Every output equals `export.generate` (greedy_decode / beam_search) token for token; as there,
+padding and the start token are never generated, and by default each sentence gets its own
+length limit, from its own length, so its output never depends on its neighbours.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal, Protocol
+
+import numpy as np
+
+from service.decoding import (
+    KV,
+    Hypothesis,
+    SearchOptions,
+    SearchState,
+    advance,
+    empty_kv,
+    extend,
+    select_rows,
+    start_search,
+    step_mask,
+)
+from service.graphs import ModelDims, OnnxGraphs
+from service.tokenizer import Tokenizer
+
+__all__ = ["Hypothesis", "default_max_output_tokens", "translate_ids", "translate_ids_without_cache"]
+
+
+def default_max_output_tokens(source_tokens: int, max_positions: int) -> int:
+    """A translation rarely needs more than twice the source plus a margin (as export/translate.py)."""
+    return min(max_positions, 2 * source_tokens + 10)
+
+
+def translate_ids(
+    graphs: OnnxGraphs,
+    sources: Sequence[Sequence[int]],
+    *,
+    beam_size: int = 1,
+    length_penalty: float = 1.0,
+    max_output_tokens: int | None = None,
+    n_best: int = 1,
+) -> list[list[Hypothesis]]:
+    """Decode a batch of source ids with the KV-cached decoder-step graph.
+
+    Args:
+        graphs: the model's graphs.
+        sources: token ids per sentence, each ending with the end token.
+        beam_size: K; 1 is greedy.
+        length_penalty: α in score / length^α (beam search).
+        max_output_tokens: decoder steps at most, the end token included; default per sentence
+            `default_max_output_tokens(len(source), max_positions)`.
+        n_best: hypotheses per sentence (at most beam_size).
+    Returns:
+        Per sentence, its `n_best` hypotheses, best first.
+    Raises:
+        ValueError: a source that is empty, does not end with the end token, or is too long; a
+            limit over the model's max_positions; n_best or beam_size out of range.
+    """
+    states = _start(graphs.dims, sources, beam_size, length_penalty, max_output_tokens, n_best)
+    if not states:
+        return []
+    return _search(states, _CachedSteps(graphs, sources), graphs.dims.bos_id)
+
+
+def translate_ids_without_cache(
+    graphs: OnnxGraphs,
+    sources: Sequence[Sequence[int]],
+    *,
+    beam_size: int = 1,
+    length_penalty: float = 1.0,
+    max_output_tokens: int | None = None,
+    n_best: int = 1,
+    method: Literal["replay", "attention"] = "replay",
+) -> list[list[Hypothesis]]:
+    """`translate_ids` recomputing the whole prefix at every step: the baseline the cache beats.
+
+    Args:
+        method: "replay" feeds the decoder-step graph the whole prefix token by token from an
+            empty cache at every step (encoder once); "attention" runs the teacher-forced
+            attention graph over the prefix (one call per step, the encoder included).
+        The others as in `translate_ids`.
+    """
+    states = _start(graphs.dims, sources, beam_size, length_penalty, max_output_tokens, n_best)
+    if not states:
+        return []
+    steps: _Steps = _ReplaySteps(graphs, sources) if method == "replay" else _AttentionSteps(graphs, sources)
+    return _search(states, steps, graphs.dims.bos_id)
+
+
+def translate_texts(
+    model: OnnxGraphs | Path | str,
+    tokenizer: Tokenizer | None,
+    texts: Sequence[str],
+    *,
+    beam_size: int = 1,
+    length_penalty: float = 1.0,
+    batch_size: int = 64,
+) -> list[str]:
+    """Translate texts in batches of similar length; the output keeps the input order.
+
+    Args:
+        model: the graphs, or a model directory to load them from.
+        tokenizer: the model's tokenizer; None loads the one its manifest names.
+    Returns:
+        The best translation of each text; "" for an empty (or blank) text, without decoding it.
+    Raises:
+        InputTooLongError: a text needs more tokens than the model's max_positions.
+    """
+    graphs = model if isinstance(model, OnnxGraphs) else OnnxGraphs(model)
+    if tokenizer is None:
+        tokenizer = Tokenizer.from_file(graphs.model_dir / graphs.manifest.tokenizer)
+    limit = graphs.dims.max_positions
+    encoded = {i: tokenizer.encode_source(t.strip(), limit) for i, t in enumerate(texts) if t.strip()}
+    order = sorted(encoded, key=lambda i: len(encoded[i]))
+    out = [""] * len(texts)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        results = translate_ids(
+            graphs, [encoded[i] for i in chunk], beam_size=beam_size, length_penalty=length_penalty
+        )
+        for i, hyps in zip(chunk, results, strict=True):
+            out[i] = tokenizer.decode(list(hyps[0].tokens))
+    return out
+
+
+# --- the search loop -----------------------------------------------------------------------------
+
+
+class _Steps(Protocol):
+    """Where a step's log-probabilities come from: with a cache, or recomputed."""
+
+    def run(self, sentences: np.ndarray, parents: np.ndarray | None, tokens: np.ndarray) -> np.ndarray:
+        """Log-probabilities (R, V) of the token after each row's prefix.
+
+        Args:
+            sentences: (R,) the sentence of each row.
+            parents: (R,) the row of the previous step each row continues; None at the first step.
+            tokens: (R,) the token each row appends to its parent's prefix (the start token first).
+        """
+        ...
+
+
+def _start(
+    dims: ModelDims,
+    sources: Sequence[Sequence[int]],
+    beam_size: int,
+    length_penalty: float,
+    max_output_tokens: int | None,
+    n_best: int,
+) -> list[SearchState]:
+    if max_output_tokens is not None and max_output_tokens > dims.max_positions:
+        raise ValueError(
+            f"max_output_tokens {max_output_tokens} is over the model's max_positions {dims.max_positions}"
+        )
+    states = []
+    for i, source in enumerate(sources):
+        if not source or source[-1] != dims.eos_id:
+            raise ValueError(f"source {i} does not end with the end token {dims.eos_id}")
+        if len(source) > dims.max_positions:
+            raise ValueError(
+                f"source {i} has {len(source)} tokens, over the model's max_positions {dims.max_positions}"
+            )
+        limit = max_output_tokens
+        if limit is None:
+            limit = default_max_output_tokens(len(source), dims.max_positions)
+        options = SearchOptions(
+            limit, dims.eos_id, beam_size, length_penalty, n_best, never_ids=(dims.pad_id, dims.bos_id)
+        )
+        states.append(start_search(options))
+    return states
+
+
+def _search(states: list[SearchState], steps: _Steps, bos_id: int) -> list[list[Hypothesis]]:
+    """Advance every sentence until all are done; rows are the live beams, sentence by sentence."""
+    sentences = np.array([i for i, s in enumerate(states) for _ in s.live], dtype=np.int64)  # (R,)
+    tokens = np.full(len(sentences), bos_id, dtype=np.int64)
+    parents: np.ndarray | None = None
+    while len(sentences):
+        log_probs = steps.run(sentences, parents, tokens)  # (R, V)
+        next_sentences, next_parents, next_tokens = [], [], []
+        first = 0
+        for i in _unique_in_order(sentences):
+            count = len(states[i].live)
+            moved = advance(states[i], log_probs[first : first + count])
+            states[i] = moved.state
+            next_sentences.append(np.full(len(moved.parents), i, dtype=np.int64))
+            next_parents.append(first + moved.parents)
+            next_tokens.append(moved.tokens)
+            first += count
+        sentences = np.concatenate(next_sentences)
+        parents = np.concatenate(next_parents)
+        tokens = np.concatenate(next_tokens)
+    return [s.hypotheses() for s in states]
+
+
+def _unique_in_order(sentences: np.ndarray) -> list[int]:
+    """Sentence ids in row order, once each (rows of a sentence are contiguous)."""
+    if not len(sentences):
+        return []
+    starts = np.flatnonzero(np.r_[True, sentences[1:] != sentences[:-1]])
+    return [int(s) for s in sentences[starts]]
+
+
+# --- log-probabilities with and without a cache --------------------------------------------------
+
+
+def _pad(sources: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded ids (B, S) and their mask (B, S)."""
+    width = max(len(s) for s in sources)
+    ids = np.full((len(sources), width), pad_id, dtype=np.int64)
+    for row, source in enumerate(sources):
+        ids[row, : len(source)] = source
+    return ids, ids != pad_id
+
+
+def _encode(graphs: OnnxGraphs, sources: Sequence[Sequence[int]]) -> KV:
+    """Cross-attention K/V of the padded sources, one row per sentence, masked by src_mask."""
+    src_ids, src_mask = _pad(sources, graphs.dims.pad_id)
+    encoded = graphs.encode(src_ids, src_mask)
+    return KV(encoded.cross_k, encoded.cross_v, src_mask)
+
+
+def _empty_cache(graphs: OnnxGraphs, rows: int) -> KV:
+    dims = graphs.dims
+    return empty_kv(dims.decoder_layers, rows, dims.heads, dims.head_dim, graphs.float_dtype)
+
+
+def _step(
+    graphs: OnnxGraphs, tokens: np.ndarray, position: int, cache: KV, cross: KV
+) -> tuple[np.ndarray, KV]:
+    """One decoder step of rows in lockstep (every row's new token at `position`).
+
+    Returns (log_probs (R, V), the cache grown by one slot).
+    """
+    positions = np.full(len(tokens), position, dtype=np.int64)
+    out = graphs.step(
+        tokens[:, None], positions, cache.k, cache.v, step_mask(cache), cross.k, cross.v, cross.mask
+    )
+    return out.log_probs, extend(cache, out.present_k, out.present_v)
+
+
+class _CachedSteps:
+    """Encoder once; each step feeds the newest tokens and keeps the self-attention cache."""
+
+    def __init__(self, graphs: OnnxGraphs, sources: Sequence[Sequence[int]]) -> None:
+        self.graphs = graphs
+        self.source = _encode(graphs, sources)
+        self.cache: KV | None = None  # rows of the last step
+        self.cross, self.cross_sentences = self.source, np.zeros(0, dtype=np.int64)  # rows of the last step
+        self.position = 0
+
+    def run(self, sentences: np.ndarray, parents: np.ndarray | None, tokens: np.ndarray) -> np.ndarray:
+        if self.cache is None or parents is None:
+            cache = _empty_cache(self.graphs, len(sentences))
+        elif np.array_equal(parents, np.arange(self.cache.rows)):
+            cache = self.cache  # nobody finished or reordered (greedy, mostly): no copy
+        else:
+            cache = select_rows(self.cache, parents)
+        if not np.array_equal(sentences, self.cross_sentences):  # only when a sentence's row count changed
+            self.cross, self.cross_sentences = select_rows(self.source, sentences), sentences
+        log_probs, self.cache = _step(self.graphs, tokens, self.position, cache, self.cross)
+        self.position += 1
+        return log_probs
+
+
+class _Prefixes:
+    """The whole prefix of every row (start token included), for the recomputing baselines."""
+
+    def __init__(self) -> None:
+        self.ids = np.zeros((0, 0), dtype=np.int64)  # (R, t)
+
+    def grow(self, parents: np.ndarray | None, tokens: np.ndarray) -> np.ndarray:
+        previous = np.zeros((len(tokens), 0), dtype=np.int64) if parents is None else self.ids[parents]
+        self.ids = np.concatenate([previous, tokens[:, None]], axis=1)
+        return self.ids
+
+
+class _ReplaySteps:
+    """Encoder once; every step replays the whole prefix through the decoder-step graph from an
+    empty cache (the cache lives only within one replay)."""
+
+    def __init__(self, graphs: OnnxGraphs, sources: Sequence[Sequence[int]]) -> None:
+        self.graphs = graphs
+        self.source = _encode(graphs, sources)
+        self.prefixes = _Prefixes()
+
+    def run(self, sentences: np.ndarray, parents: np.ndarray | None, tokens: np.ndarray) -> np.ndarray:
+        prefixes = self.prefixes.grow(parents, tokens)  # (R, t)
+        cross = select_rows(self.source, sentences)
+        cache = _empty_cache(self.graphs, len(sentences))
+        for position in range(prefixes.shape[1]):
+            log_probs, cache = _step(self.graphs, prefixes[:, position], position, cache, cross)
+        return log_probs
+
+
+class _AttentionSteps:
+    """Every step runs the teacher-forced attention graph (encoder included) over the whole prefix."""
+
+    def __init__(self, graphs: OnnxGraphs, sources: Sequence[Sequence[int]]) -> None:
+        self.graphs = graphs
+        self.src_ids, self.src_mask = _pad(sources, graphs.dims.pad_id)
+        self.prefixes = _Prefixes()
+
+    def run(self, sentences: np.ndarray, parents: np.ndarray | None, tokens: np.ndarray) -> np.ndarray:
+        prefixes = self.prefixes.grow(parents, tokens)  # (R, t)
+        out = self.graphs.attention(
+            self.src_ids[sentences], self.src_mask[sentences], prefixes, prefixes != self.graphs.dims.pad_id
+        )
+        return np.asarray(out.log_probs[:, -1])  # (R, V)

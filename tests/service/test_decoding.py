@@ -1,0 +1,291 @@
+"""service.decoding: hand-made log-probability tables, then the PyTorch reference as the oracle."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from export.generate import beam_search, greedy_decode
+from export.model import Transformer
+from service.decoding import (
+    KV,
+    Hypothesis,
+    SearchOptions,
+    SearchState,
+    advance,
+    concat_rows,
+    empty_kv,
+    extend,
+    greedy_select,
+    normalized_score,
+    select_rows,
+    start_search,
+    step_mask,
+    top_candidates,
+    trim_slots,
+)
+
+PAD, BOS, EOS = 0, 1, 2
+A, B, C = 4, 5, 6
+VOCAB = 8
+
+# Next-token probabilities by prefix (generated tokens); the mass an entry leaves over is spread
+# evenly over the other tokens; a prefix not in the table ends with probability 0.99. The same
+# table as tests/export/test_generate.py, so the walk-throughs below can be read side by side.
+TABLE: dict[tuple[int, ...], dict[int, float]] = {
+    (): {A: 0.6, EOS: 0.3, B: 0.08},
+    (A,): {C: 0.9, EOS: 0.06},
+    (B,): {EOS: 0.9},
+    (A, C): {EOS: 0.99},
+}
+
+
+def table_log_probs(prefixes: list[tuple[int, ...]]) -> np.ndarray:
+    """(len(prefixes), VOCAB) float32 log-probabilities looked up in TABLE."""
+    rows = []
+    for prefix in prefixes:
+        given = TABLE.get(prefix, {EOS: 0.99})
+        rest = (1.0 - sum(given.values())) / (VOCAB - len(given))
+        rows.append([math.log(given.get(token, rest)) for token in range(VOCAB)])
+    return np.array(rows, dtype=np.float32)
+
+
+LogProbs = Callable[[list[tuple[int, ...]]], np.ndarray]
+
+
+def run(options: SearchOptions, log_probs: LogProbs = table_log_probs) -> list[SearchState]:
+    """Every state of one sentence's search, from the start to done."""
+    states = [start_search(options)]
+    while not states[-1].done:
+        state = states[-1]
+        step = advance(state, log_probs([b.tokens for b in state.live]))
+        assert list(step.tokens) == [b.tokens[-1] for b in step.state.live]
+        for parent, beam in zip(step.parents, step.state.live, strict=True):
+            assert beam.tokens[:-1] == state.live[parent].tokens
+        states.append(step.state)
+    return states
+
+
+def hyp(tokens: list[int], probability: float, finished: bool = True) -> Hypothesis:
+    return Hypothesis(tuple(tokens), math.log(probability), finished)
+
+
+def assert_close(got: list[Hypothesis], want: list[Hypothesis], abs_tol: float = 1e-5) -> None:
+    assert [(h.tokens, h.finished) for h in got] == [(h.tokens, h.finished) for h in want]
+    assert [h.score for h in got] == pytest.approx([h.score for h in want], abs=abs_tol)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """These tiny models run faster on one thread, and much faster when the cores are busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --- selection -----------------------------------------------------------------------------------
+
+
+def test_greedy_takes_the_first_maximum() -> None:
+    log_probs = np.array([[0.0, 0.0, -1.0], [-1.0, -0.5, -0.5], [-3.0, -2.0, -1.0]], dtype=np.float32)
+    tokens, scores = greedy_select(log_probs)
+    assert tokens.tolist() == [0, 1, 2] and tokens.dtype == np.int64
+    assert scores.tolist() == [0.0, -0.5, -1.0] and scores.dtype == np.float32
+
+
+def test_top_candidates_is_a_stable_sort_of_the_negated_scores() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        scores = rng.integers(-4, 1, size=30).astype(np.float32)  # many ties
+        scores[rng.integers(0, 30, size=5)] = -np.inf
+        for count in (1, 3, 8, 30, 40):
+            want = np.argsort(-scores, kind="stable")[:count]
+            assert top_candidates(scores, count).tolist() == want.tolist()
+
+
+def test_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="n_best"):
+        SearchOptions(10, EOS, beam_size=2, n_best=3)
+    with pytest.raises(ValueError, match="beam_size"):
+        SearchOptions(10, EOS, beam_size=0)
+    with pytest.raises(ValueError, match="max_output_tokens"):
+        SearchOptions(-1, EOS)
+
+
+# --- greedy and beam search on the table ---------------------------------------------------------
+
+
+def test_greedy_on_the_table() -> None:
+    states = run(SearchOptions(5, EOS))
+    assert [s.step for s in states] == [0, 1, 2, 3]
+    assert_close(states[-1].hypotheses(), [hyp([A, C], 0.6 * 0.9 * 0.99)])
+    cut = run(SearchOptions(2, EOS))[-1]
+    assert_close(cut.hypotheses(), [hyp([A, C], 0.6 * 0.9, finished=False)])
+
+
+def test_beam_bookkeeping_step_by_step() -> None:
+    # Beam 2, α = 0. The leftover mass of a table entry is spread evenly, so "other" tokens tie and
+    # the lowest id (PAD = 0) wins the tie.
+    options = SearchOptions(5, EOS, beam_size=2, length_penalty=0.0, n_best=2)
+    s0 = start_search(options)
+    # Step 1: A (0.6) live, EOS (0.3, rank 1 < K) finished, B (0.08) live.
+    a1 = advance(s0, table_log_probs([()]))
+    assert a1.parents.tolist() == [0, 0] and a1.tokens.tolist() == [A, B]
+    assert_close([r.hypothesis for r in a1.state.finished], [hyp([], 0.3)])
+    # Step 2: A C (0.54) live; B EOS (0.072, rank 1) finished; A EOS (0.036, rank 2 ≥ K) skipped;
+    # A PAD (0.6 · 0.04/6, a tie won by the lowest flat index) live. Two finished, but the live
+    # A C beats both: the search goes on.
+    a2 = advance(a1.state, table_log_probs([(A,), (B,)]))
+    assert a2.parents.tolist() == [0, 0] and a2.tokens.tolist() == [C, PAD]
+    assert [r.hypothesis.tokens for r in a2.state.finished] == [(), (B,)]
+    assert not a2.state.done
+    # Step 3: A C EOS and A PAD EOS finish; the best live beam (tiny) cannot beat the 2nd best
+    # finished one: done, no rows left.
+    a3 = advance(a2.state, table_log_probs([(A, C), (A, PAD)]))
+    assert a3.state.done and a3.parents.size == 0 and a3.tokens.size == 0
+    assert_close(a3.state.hypotheses(), [hyp([A, C], 0.6 * 0.9 * 0.99), hyp([], 0.3)])
+    assert len(a3.state.finished) == 4
+
+
+def test_length_limit_turns_live_beams_into_unfinished_hypotheses() -> None:
+    options = SearchOptions(2, EOS, beam_size=2, length_penalty=0.0, n_best=2)
+    (*_, last) = run(options)
+    assert last.step == 2
+    assert [(r.hypothesis.tokens, r.hypothesis.finished) for r in last.finished] == [
+        ((), True),
+        ((B,), True),
+        ((A, C), False),
+        ((A, PAD), False),
+    ]
+    assert_close(last.hypotheses(), [hyp([A, C], 0.54, finished=False), hyp([], 0.3)])
+
+
+def test_zero_output_tokens() -> None:
+    for beam_size in (1, 3):
+        state = start_search(SearchOptions(0, EOS, beam_size=beam_size))
+        assert state.done and state.hypotheses() == [Hypothesis((), 0.0, False)]
+
+
+def test_length_penalty_ranks_the_n_best_list() -> None:
+    options = SearchOptions(5, EOS, beam_size=2, length_penalty=1.0, n_best=2)
+    (*_, last) = run(options)
+    best = last.hypotheses()
+    lengths = [len(h.tokens) + h.finished for h in best]
+    normalized = [normalized_score(h.score, n, 1.0) for h, n in zip(best, lengths, strict=True)]
+    assert normalized == sorted(normalized, reverse=True)
+    assert best[0].tokens == (A, C)
+
+
+# --- against the PyTorch reference ---------------------------------------------------------------
+
+
+def model_log_probs(model: Transformer, source: list[int]) -> LogProbs:
+    """Full recomputation with the PyTorch model: log-probs of the next token after each prefix."""
+    src = torch.tensor([source])
+    src_mask = (src != PAD)[:, None, None, :]
+    with torch.no_grad():
+        memory = model.encode(src, src_mask)
+
+    def log_probs(prefixes: list[tuple[int, ...]]) -> np.ndarray:
+        tgt = torch.tensor([[BOS, *p] for p in prefixes])
+        mem = memory.expand(len(prefixes), -1, -1)
+        with torch.no_grad():
+            hidden = model.decode(mem, src_mask, tgt, model.target_mask(tgt))
+            return F.log_softmax(model.logits(hidden[:, -1]), dim=-1).numpy()
+
+    return log_probs
+
+
+SOURCES = [[5, 9, 11, 2], [7, 8, 12, 13, 14, 15, 4, 2], [19, 2], [6, 6, 17, 10, 2]]
+
+
+def eos_biased_model(tiny_model, eos_bias: float) -> Transformer:
+    """A random model with a logit bias on the end token, so that hypotheses end at varied steps
+    (a plain random model never ends within a few tokens, which would leave the stopping rule
+    untested)."""
+    model = tiny_model(seed=3, vocab_size=20, final_logits_bias=True)
+    with torch.no_grad():
+        model.logits_bias[EOS] = eos_bias
+    return model
+
+
+@pytest.mark.parametrize("eos_bias", [0.0, 2.0, 2.5])
+@pytest.mark.parametrize(("beam_size", "length_penalty"), [(1, 1.0), (2, 0.0), (3, 0.6), (4, 1.0)])
+def test_search_matches_export_generate(
+    tiny_model, padded, eos_bias: float, beam_size: int, length_penalty: float
+) -> None:
+    model = eos_biased_model(tiny_model, eos_bias)
+    limit = 8
+    src = padded(SOURCES)
+    if beam_size == 1:
+        want = [[h] for h in greedy_decode(model, src, limit)]
+    else:
+        want = beam_search(
+            model, src, limit, beam_size=beam_size, length_penalty=length_penalty, n_best=beam_size
+        )
+    for source, expected in zip(SOURCES, want, strict=True):
+        options = SearchOptions(limit, EOS, beam_size, length_penalty, n_best=beam_size)
+        got = run(options, model_log_probs(model, source))[-1].hypotheses()
+        assert_close(got, [Hypothesis(tuple(h.tokens), h.score, h.finished) for h in expected])
+
+
+# --- KV caches ---------------------------------------------------------------------------------------
+
+L, H, DH = 2, 3, 4
+
+
+def kv(rows: int, slots: int, first: float = 1.0, real: int | None = None) -> KV:
+    """A cache whose entries identify their row: k[:, r] == first + r; the first `real` slots real."""
+    values = (first + np.arange(rows, dtype=np.float32))[None, :, None, None, None]
+    k = np.broadcast_to(values, (L, rows, H, slots, DH)).copy()
+    mask = np.zeros((rows, slots), dtype=bool)
+    mask[:, : slots if real is None else real] = True
+    return KV(k, -k, mask)
+
+
+def test_select_rows_follows_back_pointers() -> None:
+    cache = kv(4, 5)
+    picked = select_rows(cache, [2, 2, 0])
+    assert picked.k.shape == (L, 3, H, 5, DH) and picked.mask.shape == (3, 5)
+    assert picked.k[0, :, 0, 0, 0].tolist() == [3.0, 3.0, 1.0]
+    assert np.array_equal(picked.v, -picked.k)
+    assert select_rows(cache, []).rows == 0
+
+
+def test_concat_rows_pads_shorter_caches_with_masked_zeros() -> None:
+    merged = concat_rows([kv(2, 3), kv(1, 5, first=10.0), kv(1, 0, first=20.0)])
+    assert merged.k.shape == (L, 4, H, 5, DH) and merged.mask.shape == (4, 5)
+    assert merged.mask.tolist() == [[True] * 3 + [False] * 2] * 2 + [[True] * 5] + [[False] * 5]
+    assert np.all(merged.k[:, :2, :, 3:] == 0) and np.all(merged.v[:, :2, :, 3:] == 0)
+    assert merged.k[0, :, 0, 0, 0].tolist() == [1.0, 2.0, 10.0, 0.0]
+    assert step_mask(merged).tolist() == [[True] * 3 + [False] * 2 + [True]] * 2 + [[True] * 6] + [
+        [False] * 5 + [True]
+    ]
+
+
+def test_source_side_padding_keeps_the_src_mask() -> None:
+    # Cross K/V of sources of 3 and 6 tokens, the shorter one itself padded at 2 real tokens.
+    merged = concat_rows([kv(1, 3, real=2), kv(2, 6)])
+    assert merged.mask.tolist() == [[True, True] + [False] * 4] + [[True] * 6] * 2
+
+
+def test_trim_drops_slots_no_row_uses() -> None:
+    merged = concat_rows([kv(1, 2), kv(1, 5, first=7.0)])
+    trimmed = trim_slots(select_rows(merged, [0]))
+    assert trimmed.k.shape == (L, 1, H, 2, DH) and trimmed.mask.all()
+    assert trim_slots(merged) is merged
+
+
+def test_step_mask_and_extend() -> None:
+    cache = empty_kv(L, 3, H, DH, np.float32)
+    assert cache.k.shape == (L, 3, H, 0, DH) and step_mask(cache).tolist() == [[True]] * 3
+    present = np.ones((L, 3, H, 1, DH), np.float32)
+    grown = extend(cache, present, present)
+    assert grown.slots == 1 and grown.mask[:, 0].tolist() == [True, True, True]
+    assert step_mask(grown).shape == (3, 2)
