@@ -9,7 +9,7 @@ MODEL_DIR ?= models/en-fr-small
 CORPUS_DIR ?= data/corpus
 SEED ?= 1234
 
-.PHONY: setup corpus train eval translate export test lint clean
+.PHONY: setup corpus train eval translate export verify test lint clean
 
 setup: $(SETUP_DONE)
 
@@ -40,6 +40,11 @@ translate: $(SETUP_DONE)
 # written in place into $(MODEL_DIR), next to the weights (docs/model-directory.md).
 export: $(SETUP_DONE)
 	$(PY) -m export --model-dir $(MODEL_DIR)
+
+# ONNX vs PyTorch: parity, cache equivalence, token-identical decoding of the whole test set,
+# batch invariance, checksums, and the committed directory equal to a fresh export.
+verify: $(SETUP_DONE)
+	$(PY) -m export.verify --model-dir $(MODEL_DIR) --corpus-dir $(CORPUS_DIR)
 
 test: $(SETUP_DONE)
 	$(PY) -m pytest -q

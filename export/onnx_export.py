@@ -318,6 +318,23 @@ def export_graph(
     return path
 
 
+def graph_differences(
+    model: Transformer, name: str, spec: GraphSpec, path: Path, sizes: dict[str, int], seed: int = 1
+) -> dict[str, float]:
+    """Max abs difference per output between onnxruntime (CPU) running `path` and the PyTorch
+    wrapper, on random inputs of `sizes` whose last row is padded (see `example_inputs`)."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    check_graph(spec, session)
+    example = example_inputs(model.cfg, spec, sizes, seed=seed)
+    got = session.run(None, example)
+    with torch.no_grad():
+        wrapper = GRAPH_MODULES[name](model).eval()
+        want = wrapper(*(torch.from_numpy(example[t.name]) for t in spec.inputs))
+    return {
+        t.name: float(np.max(np.abs(g - w.numpy()))) for t, g, w in zip(spec.outputs, got, want, strict=True)
+    }
+
+
 def verify_graph(model: Transformer, name: str, spec: GraphSpec, path: Path, atol: float = 1e-4) -> None:
     """Load `path` with onnxruntime, check its signature and compare one run with PyTorch, at
     sizes other than the traced ones (and an empty past).
@@ -325,14 +342,6 @@ def verify_graph(model: Transformer, name: str, spec: GraphSpec, path: Path, ato
     Raises:
         RuntimeError: the outputs differ from the PyTorch wrapper by more than `atol`.
     """
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    check_graph(spec, session)
-    example = example_inputs(model.cfg, spec, VERIFY_SIZES, seed=1)
-    got = session.run(None, example)
-    with torch.no_grad():
-        wrapper = GRAPH_MODULES[name](model).eval()
-        want = wrapper(*(torch.from_numpy(example[t.name]) for t in spec.inputs))
-    for t, g, w in zip(spec.outputs, got, want, strict=True):
-        diff = float(np.max(np.abs(g - w.numpy())))
+    for output, diff in graph_differences(model, name, spec, path, VERIFY_SIZES).items():
         if not diff <= atol:
-            raise RuntimeError(f"{path}: output {t.name} differs from PyTorch by {diff:.2e} (> {atol})")
+            raise RuntimeError(f"{path}: output {output} differs from PyTorch by {diff:.2e} (> {atol})")

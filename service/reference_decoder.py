@@ -25,16 +25,24 @@ from service.decoding import (
     SearchOptions,
     SearchState,
     advance,
+    concat_rows,
     empty_kv,
     extend,
     select_rows,
     start_search,
     step_mask,
+    trim_slots,
 )
 from service.graphs import ModelDims, OnnxGraphs
 from service.tokenizer import Tokenizer
 
-__all__ = ["Hypothesis", "default_max_output_tokens", "translate_ids", "translate_ids_without_cache"]
+__all__ = [
+    "Hypothesis",
+    "default_max_output_tokens",
+    "translate_ids",
+    "translate_ids_staggered",
+    "translate_ids_without_cache",
+]
 
 
 def default_max_output_tokens(source_tokens: int, max_positions: int) -> int:
@@ -96,6 +104,61 @@ def translate_ids_without_cache(
         return []
     steps: _Steps = _ReplaySteps(graphs, sources) if method == "replay" else _AttentionSteps(graphs, sources)
     return _search(states, steps, graphs.dims.bos_id)
+
+
+def translate_ids_staggered(
+    graphs: OnnxGraphs,
+    sources: Sequence[Sequence[int]],
+    arrivals: Sequence[int],
+    *,
+    beam_size: int = 1,
+    length_penalty: float = 1.0,
+    max_output_tokens: int | None = None,
+    n_best: int = 1,
+) -> list[list[Hypothesis]]:
+    """`translate_ids` with sentence i joining the running batch at decoder step `arrivals[i]`.
+
+    What a continuous-batching scheduler does, in its plainest form: a newcomer is encoded alone,
+    its cross K/V and empty cache are merged into the running batch with masked padding, its rows
+    carry their own positions, finished rows leave at once and padding no row needs is trimmed.
+    Every output must equal the sentence decoded alone.
+    """
+    if len(arrivals) != len(sources):
+        raise ValueError(f"{len(arrivals)} arrival steps for {len(sources)} sources")
+    dims = graphs.dims
+    states = _start(dims, sources, beam_size, length_penalty, max_output_tokens, n_best)
+    sentences = np.zeros(0, dtype=np.int64)  # (R,) the sentence of each row
+    tokens = np.zeros(0, dtype=np.int64)  # (R,) each row's newest token
+    cache = cross = None
+    tick, last_arrival = 0, max(arrivals, default=-1)
+    while tick <= last_arrival or len(sentences):
+        for i in (i for i, t in enumerate(arrivals) if t == tick and not states[i].done):
+            new_cross = _encode(graphs, [sources[i]])
+            new_cache = _empty_cache(graphs, len(states[i].live))
+            cross = new_cross if cross is None else concat_rows([cross, new_cross])
+            cache = new_cache if cache is None else concat_rows([cache, new_cache])
+            sentences, tokens = np.r_[sentences, i], np.r_[tokens, dims.bos_id]
+        tick += 1
+        if not len(sentences):
+            continue
+        assert cache is not None and cross is not None
+        positions = np.array([states[int(i)].step for i in sentences], dtype=np.int64)  # per row
+        out = graphs.step(
+            tokens[:, None], positions, cache.k, cache.v, step_mask(cache), cross.k, cross.v, cross.mask
+        )
+        cache = extend(cache, out.present_k, out.present_v)
+        parents, next_tokens, first = [], [], 0
+        for i in _unique_in_order(sentences):
+            count = len(states[i].live)
+            moved = advance(states[i], out.log_probs[first : first + count])
+            states[i] = moved.state
+            parents.append(first + moved.parents)
+            next_tokens.append(moved.tokens)
+            first += count
+        rows = np.concatenate(parents)
+        sentences, tokens = sentences[rows], np.concatenate(next_tokens)
+        cache, cross = trim_slots(select_rows(cache, rows)), trim_slots(select_rows(cross, rows))
+    return [s.hypotheses() for s in states]
 
 
 def translate_texts(

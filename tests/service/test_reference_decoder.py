@@ -23,22 +23,16 @@ from export.generate import beam_search, greedy_decode
 from export.model import Transformer
 from export.onnx_directory import export_model_directory
 from service.decoding import (
-    KV,
     Hypothesis,
-    SearchOptions,
-    SearchState,
-    advance,
-    concat_rows,
-    empty_kv,
-    extend,
-    select_rows,
-    start_search,
-    step_mask,
-    trim_slots,
 )
 from service.graphs import OnnxGraphs
 from service.manifest import ModelDirectoryError
-from service.reference_decoder import translate_ids, translate_ids_without_cache, translate_texts
+from service.reference_decoder import (
+    translate_ids,
+    translate_ids_staggered,
+    translate_ids_without_cache,
+    translate_texts,
+)
 from service.tokenizer import InputTooLongError, Tokenizer
 from tests.export.test_generate import reverse_task_batch
 
@@ -188,56 +182,13 @@ def test_without_cache_gives_the_same_hypotheses(exported, method, beam_size: in
 # --- rows joining a running batch (what the server's scheduler does) -------------------------------
 
 
-def staggered(
-    graphs: OnnxGraphs, sources: list[list[int]], arrivals: list[int], beam_size: int
-) -> list[list[Hypothesis]]:
-    """Decode with sentence i joining the running batch at step arrivals[i]: caches of different
-    lengths and sources of different lengths are merged with the padding helpers, finished rows
-    leave the batch, and leftover padding is trimmed."""
-    dims = graphs.dims
-    states: dict[int, SearchState] = {}
-    sentences = np.zeros(0, dtype=np.int64)  # (R,) the sentence of each row
-    tokens = np.zeros(0, dtype=np.int64)  # (R,)
-    cache = cross = None
-    tick = 0
-    while len(states) < len(sources) or len(sentences):
-        for i in (i for i, t in enumerate(arrivals) if t == tick):
-            src = np.array([sources[i]])
-            encoded = graphs.encode(src, src != PAD)
-            new_cross = KV(encoded.cross_k, encoded.cross_v, src != PAD)
-            new_cache = empty_kv(dims.decoder_layers, 1, dims.heads, dims.head_dim, graphs.float_dtype)
-            cross = new_cross if cross is None else concat_rows([cross, new_cross])
-            cache = new_cache if cache is None else concat_rows([cache, new_cache])
-            states[i] = start_search(SearchOptions(MAX_OUT, EOS, beam_size, 1.0, n_best=beam_size))
-            sentences, tokens = np.r_[sentences, i], np.r_[tokens, BOS]
-        tick += 1
-        if not len(sentences):
-            continue
-        assert cache is not None and cross is not None
-        positions = np.array([states[int(i)].step for i in sentences])  # per row: rows joined at other steps
-        out = graphs.step(
-            tokens[:, None], positions, cache.k, cache.v, step_mask(cache), cross.k, cross.v, cross.mask
-        )
-        cache = extend(cache, out.present_k, out.present_v)
-        parents, next_tokens, first = [], [], 0
-        for i in dict.fromkeys(sentences.tolist()):  # rows of a sentence are contiguous
-            count = len(states[i].live)
-            moved = advance(states[i], out.log_probs[first : first + count])
-            states[i] = moved.state
-            parents.append(first + moved.parents)
-            next_tokens.append(moved.tokens)
-            first += count
-        rows = np.concatenate(parents)
-        sentences, tokens = sentences[rows], np.concatenate(next_tokens)
-        cache, cross = trim_slots(select_rows(cache, rows)), trim_slots(select_rows(cross, rows))
-    return [states[i].hypotheses() for i in range(len(sources))]
-
-
 @pytest.mark.parametrize("beam_size", [1, 3])
 def test_rows_joining_a_running_batch_decode_as_if_alone(exported, beam_size: int) -> None:
     _, graphs = exported
     arrivals = [0, 2, 2, 5, 1]
-    got = staggered(graphs, SOURCES, arrivals, beam_size)
+    got = translate_ids_staggered(
+        graphs, SOURCES, arrivals, beam_size=beam_size, n_best=beam_size, max_output_tokens=MAX_OUT
+    )
     for source, hyps in zip(SOURCES, got, strict=True):
         (alone,) = translate_ids(
             graphs, [source], beam_size=beam_size, n_best=beam_size, max_output_tokens=MAX_OUT

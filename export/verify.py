@@ -1,0 +1,220 @@
+"""Verify an exported model directory against its PyTorch checkpoint: nothing lost on the way.
+
+    python -m export.verify [--model-dir models/en-fr-small] [--sentences N]   (make verify)
+
+Checks, each printed with its figure; the exit status is 1 if any fails:
+  manifest    every file's sha256 matches the manifest, and a tampered copy is refused;
+  parity      onnxruntime (CPU) vs PyTorch, max abs difference ≤ 1e-4 on random padded batches,
+              for every output of every graph (first step with an empty past, and a later one);
+  cache       N cached decoder steps equal one teacher-forced pass over the same prefix;
+  greedy/beam the KV-cached ONNX decoder gives exactly the tokens of the PyTorch reference
+              (full recomputation, no cache) for every test sentence, greedy and beam 4;
+  staggered   a sentence decoded alone equals it decoded while others join the running batch
+              at later steps with shorter pasts, greedy and beam 4;
+  fresh       the directory equals what a fresh export of its weights produces, byte for byte.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export.checkpoint import TOKENIZER_FILE, load_model
+from export.corpus import CorpusConfig, generate_corpus, read_pairs
+from export.data import pad
+from export.generate import beam_search, greedy_decode
+from export.model import Transformer, padding_mask
+from export.onnx_directory import export_model_directory
+from export.onnx_export import VERIFY_SIZES, graph_differences, graph_specs
+from export.translate import DEFAULT_MODEL_DIR, default_max_output_tokens
+from service.graphs import OnnxGraphs
+from service.manifest import MANIFEST_FILE, ModelDirectoryError, load_manifest
+from service.reference_decoder import translate_ids, translate_ids_staggered
+from service.tokenizer import Tokenizer
+
+ATOL = 1e-4
+BATCH = 64
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    passed: bool
+    detail: str
+
+
+def check_manifest(model_dir: Path) -> Check:
+    manifest = load_manifest(model_dir)  # raises, naming the file, on any mismatch
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / model_dir.name
+        shutil.copytree(model_dir, copy)
+        with (copy / TOKENIZER_FILE).open("ab") as f:
+            f.write(b" ")
+        try:
+            load_manifest(copy)
+            refused = "a tampered tokenizer.json was NOT refused"
+        except ModelDirectoryError as err:
+            refused = f"tampered copy refused: {err}"
+    ok = refused.startswith("tampered copy refused") and TOKENIZER_FILE in refused
+    return Check("manifest", ok, f"{len(manifest.files)} files verified; {refused}")
+
+
+def check_parity(model: Transformer, model_dir: Path) -> Check:
+    worst: dict[str, float] = {}
+    for name, spec in graph_specs(model.cfg).items():
+        for sizes in (VERIFY_SIZES, {"batch": 5, "src_len": 11, "tgt_len": 9, "past_len": 6}):
+            for output, diff in graph_differences(model, name, spec, model_dir / spec.file, sizes).items():
+                key = f"{name}.{output}"
+                worst[key] = max(worst.get(key, 0.0), diff)
+    top = max(worst.values())
+    detail = f"max |onnx - torch| {top:.1e} over {len(worst)} outputs (limit {ATOL:.0e})"
+    return Check("parity", top <= ATOL, detail)
+
+
+def check_cache(model: Transformer, graphs: OnnxGraphs, sources: list[list[int]]) -> Check:
+    """Feed the reference's own greedy outputs step by step through the cache and compare each
+    step's log-probs with one teacher-forced pass over the whole prefix."""
+    cfg = model.cfg
+    src = pad(sources, cfg.pad_id)
+    targets = [h.tokens for h in greedy_decode(model, src, 40)]
+    tgt = pad([[cfg.bos_id, *t] for t in targets], cfg.pad_id)  # (B, T)
+    with torch.no_grad():
+        src_mask = padding_mask(src, cfg.pad_id)
+        memory = model.encode(src, src_mask)
+        full = torch.log_softmax(
+            model.logits(model.decode(memory, src_mask, tgt, model.target_mask(tgt))), -1
+        )
+    src_ids = src.numpy()
+    encoded = graphs.encode(src_ids, src_ids != cfg.pad_id)
+    dims = graphs.dims
+    past_k = np.zeros((dims.decoder_layers, len(sources), dims.heads, 0, dims.head_dim), np.float32)
+    past_v = past_k
+    tgt_ids = tgt.numpy()
+    worst = 0.0
+    for step in range(tgt_ids.shape[1]):
+        self_mask = tgt_ids[:, : step + 1] != cfg.pad_id
+        self_mask[:, step] = True  # the new token is always a real slot
+        out = graphs.step(
+            tgt_ids[:, step : step + 1],
+            np.full(len(sources), step, np.int64),
+            past_k,
+            past_v,
+            self_mask,
+            encoded.cross_k,
+            encoded.cross_v,
+            src_ids != cfg.pad_id,
+        )
+        past_k, past_v = out.present_k, out.present_v
+        real = tgt_ids[:, step] != cfg.pad_id  # rows whose prefix is still running
+        worst = max(worst, float(np.abs(out.log_probs[real] - full[real, step].numpy()).max()))
+    detail = f"{tgt_ids.shape[1]} cached steps vs one full pass: max diff {worst:.1e}"
+    return Check("cache", worst <= ATOL, detail)
+
+
+def check_decoding(model: Transformer, graphs: OnnxGraphs, sources: list[list[int]], beam_size: int) -> Check:
+    mismatches, worst = 0, 0.0
+    for start in range(0, len(sources), BATCH):
+        chunk = sources[start : start + BATCH]
+        limits = [default_max_output_tokens(len(s), model.cfg.max_positions) for s in chunk]
+        src = pad(chunk, model.cfg.pad_id)
+        if beam_size == 1:
+            reference = greedy_decode(model, src, limits)
+        else:
+            reference = [hyps[0] for hyps in beam_search(model, src, limits, beam_size=beam_size)]
+        got = [hyps[0] for hyps in translate_ids(graphs, chunk, beam_size=beam_size)]
+        for r, g in zip(reference, got, strict=True):
+            mismatches += list(r.tokens) != list(g.tokens)
+            worst = max(worst, abs(r.score - g.score))
+    name = "greedy" if beam_size == 1 else f"beam{beam_size}"
+    detail = (
+        f"{len(sources) - mismatches}/{len(sources)} token-identical to PyTorch; max score diff {worst:.1e}"
+    )
+    return Check(name, mismatches == 0, detail)
+
+
+def check_staggered(graphs: OnnxGraphs, sources: list[list[int]], beam_size: int) -> Check:
+    """Sentences of mixed lengths arriving at steps 0, 0, 1, 3, 5, …; each must decode as if alone."""
+    arrivals = [0, 0, *range(1, 2 * len(sources), 2)][: len(sources)]
+    together = translate_ids_staggered(graphs, sources, arrivals, beam_size=beam_size, n_best=beam_size)
+    alone = [translate_ids(graphs, [s], beam_size=beam_size, n_best=beam_size)[0] for s in sources]
+    same = sum(
+        [h.tokens for h in t] == [h.tokens for h in a]
+        and all(abs(x.score - y.score) <= ATOL for x, y in zip(t, a, strict=True))
+        for t, a in zip(together, alone, strict=True)
+    )
+    detail = f"beam {beam_size}: {same}/{len(sources)} equal to decoding alone (arrivals {arrivals[:6]}…)"
+    return Check(f"staggered{beam_size}", same == len(sources), detail)
+
+
+def check_fresh_export(model_dir: Path) -> Check:
+    manifest = load_manifest(model_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        fresh = Path(tmp) / "fresh"
+        export_model_directory(model_dir, fresh, name=manifest.name, version=manifest.version)
+        files = [*(spec.file for spec in manifest.graphs.values()), MANIFEST_FILE]
+        differ = [f for f in files if (fresh / f).read_bytes() != (model_dir / f).read_bytes()]
+    detail = (
+        f"differ: {', '.join(differ)} (stale: run make export)" if differ else f"{len(files)} files identical"
+    )
+    return Check("fresh", not differ, detail)
+
+
+def load_test_sources(tokenizer: Tokenizer, corpus_dir: Path, limit: int, max_tokens: int) -> list[list[int]]:
+    path = corpus_dir / "test.tsv"
+    pairs = (
+        read_pairs(path)
+        if path.is_file()
+        else [(p.en, p.fr) for p in generate_corpus(CorpusConfig())["test"]]
+    )
+    return [tokenizer.encode_source(en, max_tokens) for en, _ in pairs[: limit or None]]
+
+
+def run_checks(model_dir: Path, corpus_dir: Path, sentences: int = 0) -> list[Check]:
+    """Every check, in order; `sentences` limits the test sentences decoded (0: all)."""
+    model = load_model(model_dir)
+    graphs = OnnxGraphs(model_dir)
+    tokenizer = Tokenizer.from_file(model_dir / TOKENIZER_FILE)
+    sources = load_test_sources(tokenizer, corpus_dir, sentences, model.cfg.max_positions)
+    mixed = sorted(sources[:40], key=len)[::5]  # short and long neighbours
+    steps: Sequence[Callable[[], Check]] = (
+        lambda: check_manifest(model_dir),
+        lambda: check_parity(model, model_dir),
+        lambda: check_cache(model, graphs, mixed),
+        lambda: check_decoding(model, graphs, sources, 1),
+        lambda: check_decoding(model, graphs, sources, 4),
+        lambda: check_staggered(graphs, mixed, 1),
+        lambda: check_staggered(graphs, mixed, 4),
+        lambda: check_fresh_export(model_dir),
+    )
+    results = []
+    for step in steps:
+        check = step()
+        print(f"{'ok  ' if check.passed else 'FAIL'} {check.name:11} {check.detail}", flush=True)
+        results.append(check)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Verify an exported model directory against PyTorch.")
+    parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
+    parser.add_argument("--corpus-dir", type=Path, default=Path("data/corpus"))
+    parser.add_argument("--sentences", type=int, default=0, help="test sentences to decode (0: all)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    checks = run_checks(args.model_dir, args.corpus_dir, args.sentences)
+    failed = [c.name for c in checks if not c.passed]
+    print(f"{len(checks) - len(failed)} passed, {len(failed)} failed")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
