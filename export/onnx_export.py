@@ -14,9 +14,9 @@ dynamo one handles an empty past with `Dim(min=0)`), but on our 2-core machines 
 exporter needs ≈5.5 s per graph against ≈0.3 s, which decides whether the export tests run in
 seconds; it also needs `onnxscript`. The TorchScript exporter's known pitfall — it silently drops
 inputs the computation does not use — cannot bite unnoticed: every contract input feeds the
-computation (the masks are used as given, never recomputed from pad ids) and `_trace` refuses a
+computation (the masks are used as given, never recomputed from pad ids) and `trace_graph` refuses a
 graph whose inputs or outputs differ from the contract. torch is pinned (==2.13.0); when the
-TorchScript exporter goes away, only `_trace` changes.
+TorchScript exporter goes away, only `trace_graph` changes.
 """
 
 from __future__ import annotations
@@ -235,7 +235,7 @@ def example_inputs(
 # Tracing, weight linking, verification
 
 
-def _trace(module: nn.Module, spec: GraphSpec, example: dict[str, np.ndarray]) -> onnx.ModelProto:
+def trace_graph(module: nn.Module, spec: GraphSpec, example: dict[str, np.ndarray]) -> onnx.ModelProto:
     """Export `module` (in eval mode) with the TorchScript exporter and check its signature."""
     module.eval()  # dropout off: a wrapper in training mode silently disagrees with the reference
     args = tuple(torch.from_numpy(example[t.name]) for t in spec.inputs)
@@ -307,7 +307,7 @@ def export_graph(
     if weights.path.parent.resolve() != out_dir.resolve():
         raise ValueError(f"{weights.path}: the weight file must be next to the graphs in {out_dir}")
     example = example_inputs(model.cfg, spec, TRACE_SIZES)
-    onnx_model = _trace(GRAPH_MODULES[name](model), spec, example)
+    onnx_model = trace_graph(GRAPH_MODULES[name](model), spec, example)
     link_external_weights(
         onnx_model, weights, location=weights.path.name, allowed_inline=[model.positions.numpy()]
     )

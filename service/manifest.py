@@ -99,6 +99,9 @@ class Manifest:
     files: Mapping[str, str]  # relative path → sha256 hex of every file this variant needs
     quality: Mapping[str, Any] | None  # the model card's results for this variant, if evaluated
     exporter: ExporterInfo
+    # A derived variant (export/variants.py): the fp32 manifest it came from, the tool and options
+    # that made it, and the checks it passed. None for graphs exported from a checkpoint.
+    derivation: Mapping[str, Any] | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,6 +124,10 @@ def checksums(model_dir: Path, files: Sequence[str]) -> dict[str, str]:
 def to_json(manifest: Manifest) -> str:
     """Deterministic JSON text of the manifest (sorted keys, indent 2, trailing newline)."""
     data = asdict(manifest)
+    if data["derivation"] is None:
+        # Absent rather than null: exported (fp32) manifests stay byte-identical to those written
+        # before variants existed, and a reader of format_version 1 never needs the key.
+        del data["derivation"]
     # asdict keeps tuples; JSON has only lists. Mappings become plain dicts for json.dumps.
     return json.dumps(_plain(data), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
@@ -196,6 +203,9 @@ def from_dict(data: Mapping[str, Any]) -> Manifest:
     quality = data.get("quality")
     if quality is not None and not isinstance(quality, dict):
         raise TypeError(f"quality must be an object or null, got {type(quality).__name__}")
+    derivation = data.get("derivation")
+    if derivation is not None and not isinstance(derivation, dict):
+        raise TypeError(f"derivation must be an object or null, got {type(derivation).__name__}")
     return Manifest(
         format_version=_field(data, "format_version", int),
         name=_field(data, "name", str),
@@ -211,6 +221,7 @@ def from_dict(data: Mapping[str, Any]) -> Manifest:
         files=dict(files),
         quality=quality,
         exporter=_record(data, "exporter", ExporterInfo, str),
+        derivation=derivation,
     )
 
 

@@ -36,9 +36,14 @@ from service.decoding import (
 from service.graphs import ModelDims, OnnxGraphs
 from service.tokenizer import Tokenizer
 
-__all__ = [
+__all__ = [  # the decoding entry points, and the pieces of the loop for decoders built on it
     "Hypothesis",
+    "Prefixes",
+    "StepSource",
     "default_max_output_tokens",
+    "pad_ids",
+    "run_search",
+    "start_states",
     "translate_ids",
     "translate_ids_staggered",
     "translate_ids_without_cache",
@@ -75,10 +80,10 @@ def translate_ids(
         ValueError: a source that is empty, does not end with the end token, or is too long; a
             limit over the model's max_positions; n_best or beam_size out of range.
     """
-    states = _start(graphs.dims, sources, beam_size, length_penalty, max_output_tokens, n_best)
+    states = start_states(graphs.dims, sources, beam_size, length_penalty, max_output_tokens, n_best)
     if not states:
         return []
-    return _search(states, _CachedSteps(graphs, sources), graphs.dims.bos_id)
+    return run_search(states, _CachedSteps(graphs, sources), graphs.dims.bos_id)
 
 
 def translate_ids_without_cache(
@@ -99,11 +104,12 @@ def translate_ids_without_cache(
             attention graph over the prefix (one call per step, the encoder included).
         The others as in `translate_ids`.
     """
-    states = _start(graphs.dims, sources, beam_size, length_penalty, max_output_tokens, n_best)
+    states = start_states(graphs.dims, sources, beam_size, length_penalty, max_output_tokens, n_best)
     if not states:
         return []
-    steps: _Steps = _ReplaySteps(graphs, sources) if method == "replay" else _AttentionSteps(graphs, sources)
-    return _search(states, steps, graphs.dims.bos_id)
+    steps: StepSource
+    steps = _ReplaySteps(graphs, sources) if method == "replay" else _AttentionSteps(graphs, sources)
+    return run_search(states, steps, graphs.dims.bos_id)
 
 
 def translate_ids_staggered(
@@ -126,7 +132,7 @@ def translate_ids_staggered(
     if len(arrivals) != len(sources):
         raise ValueError(f"{len(arrivals)} arrival steps for {len(sources)} sources")
     dims = graphs.dims
-    states = _start(dims, sources, beam_size, length_penalty, max_output_tokens, n_best)
+    states = start_states(dims, sources, beam_size, length_penalty, max_output_tokens, n_best)
     sentences = np.zeros(0, dtype=np.int64)  # (R,) the sentence of each row
     tokens = np.zeros(0, dtype=np.int64)  # (R,) each row's newest token
     cache = cross = None
@@ -200,7 +206,7 @@ def translate_texts(
 # --- the search loop -----------------------------------------------------------------------------
 
 
-class _Steps(Protocol):
+class StepSource(Protocol):
     """Where a step's log-probabilities come from: with a cache, or recomputed."""
 
     def run(self, sentences: np.ndarray, parents: np.ndarray | None, tokens: np.ndarray) -> np.ndarray:
@@ -214,7 +220,7 @@ class _Steps(Protocol):
         ...
 
 
-def _start(
+def start_states(
     dims: ModelDims,
     sources: Sequence[Sequence[int]],
     beam_size: int,
@@ -244,7 +250,7 @@ def _start(
     return states
 
 
-def _search(states: list[SearchState], steps: _Steps, bos_id: int) -> list[list[Hypothesis]]:
+def run_search(states: list[SearchState], steps: StepSource, bos_id: int) -> list[list[Hypothesis]]:
     """Advance every sentence until all are done; rows are the live beams, sentence by sentence."""
     sentences = np.array([i for i, s in enumerate(states) for _ in s.live], dtype=np.int64)  # (R,)
     tokens = np.full(len(sentences), bos_id, dtype=np.int64)
@@ -278,7 +284,7 @@ def _unique_in_order(sentences: np.ndarray) -> list[int]:
 # --- log-probabilities with and without a cache --------------------------------------------------
 
 
-def _pad(sources: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+def pad_ids(sources: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Right-padded ids (B, S) and their mask (B, S)."""
     width = max(len(s) for s in sources)
     ids = np.full((len(sources), width), pad_id, dtype=np.int64)
@@ -289,7 +295,7 @@ def _pad(sources: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.
 
 def _encode(graphs: OnnxGraphs, sources: Sequence[Sequence[int]]) -> KV:
     """Cross-attention K/V of the padded sources, one row per sentence, masked by src_mask."""
-    src_ids, src_mask = _pad(sources, graphs.dims.pad_id)
+    src_ids, src_mask = pad_ids(sources, graphs.dims.pad_id)
     encoded = graphs.encode(src_ids, src_mask)
     return KV(encoded.cross_k, encoded.cross_v, src_mask)
 
@@ -337,7 +343,7 @@ class _CachedSteps:
         return log_probs
 
 
-class _Prefixes:
+class Prefixes:
     """The whole prefix of every row (start token included), for the recomputing baselines."""
 
     def __init__(self) -> None:
@@ -356,7 +362,7 @@ class _ReplaySteps:
     def __init__(self, graphs: OnnxGraphs, sources: Sequence[Sequence[int]]) -> None:
         self.graphs = graphs
         self.source = _encode(graphs, sources)
-        self.prefixes = _Prefixes()
+        self.prefixes = Prefixes()
 
     def run(self, sentences: np.ndarray, parents: np.ndarray | None, tokens: np.ndarray) -> np.ndarray:
         prefixes = self.prefixes.grow(parents, tokens)  # (R, t)
@@ -372,8 +378,8 @@ class _AttentionSteps:
 
     def __init__(self, graphs: OnnxGraphs, sources: Sequence[Sequence[int]]) -> None:
         self.graphs = graphs
-        self.src_ids, self.src_mask = _pad(sources, graphs.dims.pad_id)
-        self.prefixes = _Prefixes()
+        self.src_ids, self.src_mask = pad_ids(sources, graphs.dims.pad_id)
+        self.prefixes = Prefixes()
 
     def run(self, sentences: np.ndarray, parents: np.ndarray | None, tokens: np.ndarray) -> np.ndarray:
         prefixes = self.prefixes.grow(parents, tokens)  # (R, t)

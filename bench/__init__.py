@@ -1,0 +1,1 @@
+"""Benchmarks: measurements run on demand and recorded under docs/, never timed assertions in tests."""

@@ -1,0 +1,223 @@
+"""The KV-cache benchmark's results and the markdown page that records them, with the machine.
+
+The page is generated whole, except the interpretation between `INTERPRETATION_BEGIN` and
+`INTERPRETATION_END`: a person writes it, and a regeneration keeps it as it is.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from bench.variants import DESCRIPTIONS, LABELS
+from service.graphs import ModelDims
+
+INTERPRETATION_BEGIN = "<!-- interpretation: written by hand, kept when bench.kv_cache rewrites this page -->"
+INTERPRETATION_END = "<!-- end of interpretation -->"
+_NO_INTERPRETATION = "_Not written yet: put it between these two comments; regenerating the page keeps it._"
+_VECTOR_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One batch size × output length, every variant measured."""
+
+    batch: int
+    output_tokens: int  # per sentence, exactly
+    seconds: Mapping[str, float]  # per variant: median wall time of one whole request
+    speedups: Mapping[str, float]  # per baseline: median over repeats of baseline time / cached time
+    identical: bool  # every variant decoded the same tokens as the cache
+
+    def tokens_per_second(self, variant: str) -> float:
+        return self.batch * self.output_tokens / self.seconds[variant]
+
+
+@dataclass(frozen=True)
+class Machine:
+    """Where a run happened."""
+
+    cpu: str  # model name, family and model numbers from /proc/cpuinfo
+    vector_extensions: tuple[str, ...]  # those of _VECTOR_FLAGS the CPU has
+    logical_cores: int  # os.cpu_count()
+    usable_cores: int  # cores this process may run on
+    load: float  # 1-minute load average when described
+    onnxruntime: str
+    numpy: str
+    python: str
+    system: str
+
+
+@dataclass(frozen=True)
+class Run:
+    """Everything the page shows."""
+
+    model_dir: Path
+    dims: ModelDims
+    architecture: Mapping[str, Any]  # the manifest's TransformerConfig fields
+    threads: int  # onnxruntime intra-op threads, every variant
+    repeats: int
+    variants: tuple[str, ...]  # "cached" first, then the baselines
+    corpus: str  # where the source sentences come from
+    source_lengths: tuple[int, ...]  # of the sentence pool, end token included; batch B takes the first B
+    cells: tuple[Cell, ...]
+    command: str  # reproduces the run
+    minutes: float  # wall time of the measurements
+    load_before: float  # 1-minute load average before the run
+    machine: Machine  # described after the run
+
+
+def describe_machine(cpuinfo: Path = Path("/proc/cpuinfo")) -> Machine:
+    """The CPU (from /proc/cpuinfo where there is one), cores, load and library versions."""
+    fields: dict[str, str] = {}
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            key, sep, value = line.partition(":")
+            if not sep:
+                break  # the end of the first processor's block
+            fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or platform.processor() or "unknown CPU"
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    flags = set(fields.get("flags", "").split())
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
+    return Machine(
+        cpu=name,
+        vector_extensions=tuple(f for f in _VECTOR_FLAGS if f in flags),
+        logical_cores=os.cpu_count() or 0,
+        usable_cores=usable,
+        load=os.getloadavg()[0],
+        onnxruntime=ort.__version__,
+        numpy=np.__version__,
+        python=platform.python_version(),
+        system=platform.platform(),
+    )
+
+
+def kept_interpretation(path: Path) -> str | None:
+    """The hand-written interpretation of the page at `path`, if it has one."""
+    if not path.is_file():
+        return None
+    pattern = re.escape(INTERPRETATION_BEGIN) + r"\n(.*?)\n?" + re.escape(INTERPRETATION_END)
+    found = re.search(pattern, path.read_text(encoding="utf-8"), flags=re.DOTALL)
+    return found.group(1).strip() if found else None
+
+
+def write_report(path: Path, run: Run) -> None:
+    """Write the page for `run` at `path`, keeping the interpretation already there."""
+    page = render(run, kept_interpretation(path) or _NO_INTERPRETATION)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page, encoding="utf-8")
+
+
+def render(run: Run, interpretation: str) -> str:
+    """The whole markdown page."""
+    batches = sorted({c.batch for c in run.cells})
+    lengths = sorted({c.output_tokens for c in run.cells})
+    parts = [
+        "# KV-cache benchmark: the cached decoder loop against recomputing the prefix",
+        "<!-- Generated by `python -m bench.kv_cache` (`make bench-kv`): edit only the interpretation. -->",
+        f"How much faster the KV-cached greedy loop of the reference decoder "
+        f"(`service.reference_decoder.translate_ids`) is than loops that recompute the whole prefix at "
+        f"every step, for {_words(lengths)} output tokens at batch {_words(batches)}. "
+        "A measurement on a shared machine, recorded once; no test asserts a speed.",
+        "## Results\n\n" + _results_table(run),
+        _method(run),
+        "## What each variant runs\n\n"
+        + "\n".join(f"- **{LABELS[v]}** (`{v}`): {DESCRIPTIONS[v]}" for v in run.variants),
+        "## Workload\n\n" + _workload(run),
+        "## Machine\n\n" + _machine_table(run),
+        "## Reproduce\n\n"
+        "The command of this run, from the repository root (`make bench-kv` runs it with the default "
+        f"options; the measurements took {run.minutes:.1f} min here, after a few seconds of set-up):\n\n"
+        f"```\n.venv/bin/{run.command}\n```",
+        f"## Interpretation\n\n{INTERPRETATION_BEGIN}\n{interpretation}\n{INTERPRETATION_END}",
+    ]
+    return "\n\n".join(parts) + "\n"
+
+
+def _count(n: int, thing: str) -> str:
+    return f"{n} {thing}" + ("" if n == 1 else "s")
+
+
+def _words(values: Sequence[int]) -> str:
+    text = [str(v) for v in values]
+    return text[0] if len(text) == 1 else ", ".join(text[:-1]) + " and " + text[-1]
+
+
+def _results_table(run: Run) -> str:
+    baselines = run.variants[1:]
+    head = ["batch", "output tokens", f"{LABELS['cached']} tok/s"]
+    for b in baselines:
+        head += [f"{LABELS[b]} tok/s", f"speed-up over {b}"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
+    for cell in run.cells:
+        row = [str(cell.batch), str(cell.output_tokens), f"{cell.tokens_per_second('cached'):,.0f}"]
+        for b in baselines:
+            row += [f"{cell.tokens_per_second(b):,.0f}", f"**×{cell.speedups[b]:.1f}**"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def _method(run: Run) -> str:
+    differ = [f"batch {c.batch} × {c.output_tokens} tokens" for c in run.cells if not c.identical]
+    check = (
+        "In every cell all variants decoded token-identical outputs (compared on the warm-up run)."
+        if not differ
+        else f"**Outputs differ between variants** in: {', '.join(differ)} (compared on the warm-up run)."
+    )
+    return (
+        "tok/s = batch × output tokens / wall time of one whole request: the encoder, every graph call "
+        "and the search bookkeeping included, so it is what a caller of the loop sees. Each figure is "
+        f"the median of {_count(run.repeats, 'timed run')} after one untimed warm-up run per variant; "
+        "within a repeat the variants take turns, in an order rotated every repeat, and the speed-up is the "
+        "median over repeats of (baseline time / cached time of the same repeat), so that load from "
+        f"other work on the machine falls on both sides of each ratio. {check}"
+    )
+
+
+def _workload(run: Run) -> str:
+    arch, dims = run.architecture, run.dims
+    lengths = run.source_lengths
+    largest = max(c.batch for c in run.cells)
+    used = lengths[:largest]
+    return "\n".join(
+        [
+            f"- Model: `{run.model_dir}`, fp32 ONNX graphs: d_model {arch['d_model']}, "
+            f"{dims.heads} heads, {arch['n_encoder_layers']} encoder + {dims.decoder_layers} decoder "
+            f"layers, d_ff {arch['d_ff']}, vocabulary {dims.vocab_size}.",
+            f"- Sources: the first {largest} English sentences of {run.corpus} with "
+            f"{min(used)}–{max(used)} source tokens, end token included (mean {np.mean(used):.1f}); "
+            "batch B takes the first B of them, right-padded to the longest.",
+            "- Greedy, exactly N output tokens per sentence: the variants' graphs report the end token "
+            "at -inf (never chosen) and the length limit is N, so no row finishes early and every "
+            "step runs the full batch. Past the natural end of a translation the model keeps producing "
+            "tokens; their content does not matter here, their cost does.",
+        ]
+    )
+
+
+def _machine_table(run: Run) -> str:
+    m = run.machine
+    rows = [
+        ("CPU", m.cpu + (f"; {', '.join(m.vector_extensions)}" if m.vector_extensions else "")),
+        ("cores", f"{m.logical_cores} logical, {m.usable_cores} usable by the run; shared with other work"),
+        ("load average (1 min)", f"{run.load_before:.2f} before the run, {m.load:.2f} after"),
+        (
+            "onnxruntime",
+            f"{m.onnxruntime}, CPUExecutionProvider, {_count(run.threads, 'intra-op thread')}, "
+            "default graph optimizations",
+        ),
+        ("numpy, Python", f"{m.numpy}, {m.python}"),
+        ("system", m.system),
+        ("date", time.strftime("%Y-%m-%d", time.gmtime())),
+    ]
+    return "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
