@@ -20,7 +20,7 @@ from export.checkpoint import TOKENIZER_FILE, load_model
 from export.data import pad
 from export.generate import beam_search, greedy_decode
 from export.model import Transformer
-from service.tokenizer import InputTooLongError, Tokenizer
+from service.tokenizer import InputTooLongError, Tokenizer, translate_in_batches
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "en-fr-small"
 
@@ -58,18 +58,14 @@ def translate_texts(
     Raises InputTooLongError (naming the limit) when a text exceeds the model's max positions.
     Empty (or blank) texts translate to "" without running the model.
     """
-    limit = model.cfg.max_positions
-    encoded = {i: tokenizer.encode_source(t.strip(), limit) for i, t in enumerate(texts) if t.strip()}
-    order = sorted(encoded, key=lambda i: len(encoded[i]))
-    out = [""] * len(texts)
     with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            for i, ids in zip(
-                chunk, translate_ids(model, [encoded[i] for i in chunk], beam_size=beam_size), strict=True
-            ):
-                out[i] = tokenizer.decode(ids)
-    return out
+        return translate_in_batches(
+            tokenizer,
+            texts,
+            model.cfg.max_positions,
+            lambda sources: translate_ids(model, sources, beam_size=beam_size),
+            batch_size,
+        )
 
 
 def main() -> None:

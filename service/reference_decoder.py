@@ -34,7 +34,7 @@ from service.decoding import (
     trim_slots,
 )
 from service.graphs import ModelDims, OnnxGraphs
-from service.tokenizer import Tokenizer
+from service.tokenizer import Tokenizer, translate_in_batches
 
 __all__ = [  # the decoding entry points, and the pieces of the loop for decoders built on it
     "Hypothesis",
@@ -189,18 +189,12 @@ def translate_texts(
     graphs = model if isinstance(model, OnnxGraphs) else OnnxGraphs(model)
     if tokenizer is None:
         tokenizer = Tokenizer.from_file(graphs.model_dir / graphs.manifest.tokenizer)
-    limit = graphs.dims.max_positions
-    encoded = {i: tokenizer.encode_source(t.strip(), limit) for i, t in enumerate(texts) if t.strip()}
-    order = sorted(encoded, key=lambda i: len(encoded[i]))
-    out = [""] * len(texts)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        results = translate_ids(
-            graphs, [encoded[i] for i in chunk], beam_size=beam_size, length_penalty=length_penalty
-        )
-        for i, hyps in zip(chunk, results, strict=True):
-            out[i] = tokenizer.decode(list(hyps[0].tokens))
-    return out
+
+    def decode_batch(sources: list[list[int]]) -> list[list[int]]:
+        hyps = translate_ids(graphs, sources, beam_size=beam_size, length_penalty=length_penalty)
+        return [list(h[0].tokens) for h in hyps]
+
+    return translate_in_batches(tokenizer, texts, graphs.dims.max_positions, decode_batch, batch_size)
 
 
 # --- the search loop -----------------------------------------------------------------------------

@@ -7,6 +7,7 @@ crashing. Decoding is exact: accents, apostrophes and French spacing round-trip.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,3 +71,29 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str:
         return str(self._hf.id_to_token(token_id))
+
+
+def translate_in_batches(
+    tokenizer: Tokenizer,
+    texts: Sequence[str],
+    max_source_tokens: int,
+    decode_batch: Callable[[list[list[int]]], list[list[int]]],
+    batch_size: int = 64,
+) -> list[str]:
+    """Texts → source ids → `decode_batch` in batches of similar length → texts, in input order.
+
+    Sorting by length keeps padding small. Blank texts give "" without decoding.
+
+    Raises:
+        InputTooLongError: a text needs more than `max_source_tokens` (end token included).
+    """
+    encoded = {
+        i: tokenizer.encode_source(t.strip(), max_source_tokens) for i, t in enumerate(texts) if t.strip()
+    }
+    order = sorted(encoded, key=lambda i: len(encoded[i]))
+    out = [""] * len(texts)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        for i, ids in zip(chunk, decode_batch([encoded[i] for i in chunk]), strict=True):
+            out[i] = tokenizer.decode(ids)
+    return out
