@@ -56,7 +56,6 @@ from service.manifest import (
     ModelDirectoryError,
     Variant,
     checksums,
-    load_manifest,
     sha256_file,
     write_manifest,
 )
@@ -100,16 +99,6 @@ class Source:
             graphs=graphs,
             tokenizer=Tokenizer.from_file(model_dir / graphs.manifest.tokenizer),
         )
-
-
-def is_current(variant_dir: Path, model_dir: Path) -> bool:
-    """Whether `variant_dir` holds a verified variant derived from the fp32 directory as it is now."""
-    try:
-        manifest = load_manifest(variant_dir)
-    except ModelDirectoryError:
-        return False
-    source = (manifest.derivation or {}).get("from", {}).get("manifest_sha256")
-    return source == sha256_file(model_dir / MANIFEST_FILE)
 
 
 def build_variants(

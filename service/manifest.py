@@ -353,3 +353,14 @@ def _check_side(file: str, side: str, expected: Sequence[TensorSpec], actual: Se
                 raise ModelDirectoryError(
                     f"{file}: {side} {t.name!r} has size {have} on axis {axis}, the manifest says {want}"
                 )
+
+
+def derived_from_current(variant_dir: Path, model_dir: Path) -> bool:
+    """Whether `variant_dir` holds a verified variant whose `derivation` names the fp32 manifest of
+    `model_dir` as it is now (a variant built from older graphs is stale)."""
+    try:
+        manifest = load_manifest(variant_dir)
+    except ModelDirectoryError:
+        return False
+    source = (manifest.derivation or {}).get("from", {}).get("manifest_sha256")
+    return bool(source == sha256_file(model_dir / MANIFEST_FILE))

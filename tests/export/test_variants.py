@@ -20,9 +20,9 @@ from export.corpus import CorpusConfig, generate_corpus
 from export.model import TransformerConfig
 from export.onnx_export import graph_specs
 from export.translate import DEFAULT_MODEL_DIR
-from export.variants import VARIANTS, BuildOptions, build_variants, is_current, main
+from export.variants import VARIANTS, BuildOptions, build_variants, main
 from service.graphs import OnnxGraphs
-from service.manifest import MANIFEST_FILE, ModelDirectoryError, load_manifest, to_json
+from service.manifest import MANIFEST_FILE, ModelDirectoryError, derived_from_current, load_manifest, to_json
 from service.reference_decoder import translate_texts
 from service.tokenizer import Tokenizer
 
@@ -41,7 +41,7 @@ def _fp32_copy(target: Path) -> Path:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model directory whose variants are current: the default one, or a tmp copy built here."""
-    if all(is_current(DEFAULT_MODEL_DIR / v, DEFAULT_MODEL_DIR) for v in VARIANTS):
+    if all(derived_from_current(DEFAULT_MODEL_DIR / v, DEFAULT_MODEL_DIR) for v in VARIANTS):
         return DEFAULT_MODEL_DIR
     model_dir = _fp32_copy(tmp_path_factory.mktemp("variants") / "en-fr-small")
     build_variants(model_dir, VARIANTS, FAST)
@@ -206,7 +206,7 @@ def test_each_variant_is_self_contained_and_current(model_dir: Path) -> None:
             fp32.architecture,
         )
         assert manifest.derivation is not None and manifest.derivation["from"]["variant"] == "fp32"
-        assert is_current(model_dir / variant, model_dir)
+        assert derived_from_current(model_dir / variant, model_dir)
 
 
 def test_fp32_manifest_is_written_as_before_variants() -> None:
@@ -225,12 +225,12 @@ def test_a_malformed_derivation_is_refused(tmp_path: Path, model_dir: Path) -> N
         load_manifest(copy)
 
 
-def test_is_current_notices_a_changed_fp32_manifest(tmp_path: Path, model_dir: Path) -> None:
+def test_derived_from_current_notices_a_changed_fp32_manifest(tmp_path: Path, model_dir: Path) -> None:
     copy = Path(shutil.copytree(model_dir / "int8", tmp_path / "int8"))
-    assert is_current(copy, model_dir)
+    assert derived_from_current(copy, model_dir)
     other = _fp32_copy(tmp_path / "other")
     (other / MANIFEST_FILE).write_text((other / MANIFEST_FILE).read_text() + "\n")
-    assert not is_current(copy, other)
+    assert not derived_from_current(copy, other)
 
 
 def test_test_split_needs_no_training_split() -> None:

@@ -1,0 +1,282 @@
+"""The service's configuration: frozen dataclasses, built once from flags and environment variables.
+
+Every setting has a command-line flag and an environment variable (`TRANSLATOR_…`); a flag wins
+over its variable, a variable over the default. This is the only module that reads the
+environment: `parse_config(argv, environ)` takes it as an argument and the result is passed down
+(server → scheduler, engine). `config_table()` lists every setting for the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Literal, NoReturn, cast, get_args
+
+Provider = Literal["auto", "cpu", "cuda"]
+VariantChoice = Literal["auto", "fp32", "int8", "fp16", "optimized"]
+SchedulerMode = Literal["continuous", "collect"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+LogFormat = Literal["text", "json"]
+
+ENV_PREFIX = "TRANSLATOR_"
+
+
+class ConfigError(ValueError):
+    """A setting whose value is not allowed; the message names the flag, the variable and the choices."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What the engine loads and how onnxruntime runs it (service/engine.py)."""
+
+    model_dirs: tuple[Path, ...] = (Path("models/en-fr-small"),)  # model directories, each served by its name
+    default_model: str | None = None  # the model a request without a name gets; None: the first directory's
+    provider: Provider = "auto"  # auto: CUDA when onnxruntime has it, else CPU
+    variant: VariantChoice = "auto"  # auto: int8 on CPU, fp16 on CUDA, when built; else fp32
+    intra_op_threads: int = 0  # threads inside one graph run; 0: onnxruntime's default (all cores)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """How requests are queued and batched (service/scheduler.py)."""
+
+    mode: SchedulerMode = "continuous"  # continuous: iteration-level batching; collect: batch, then decode
+    max_sequences: int = 64  # decoder rows in flight at most (a beam of K counts K)
+    max_kv_cache_tokens: int = 65536  # self-attention cache slots over all rows in flight
+    max_queue_size: int = 256  # waiting requests beyond which new ones fail fast (RESOURCE_EXHAUSTED)
+    max_batch_size: int = 32  # collect mode: sentences per batch at most
+    max_wait_ms: float = 5.0  # collect mode: how long the first request waits for others to join
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The gRPC server and its limits (service/server.py)."""
+
+    host: str = "[::]"  # address to listen on; [::] is every interface
+    port: int = 50051  # gRPC port; 0 picks a free one
+    metrics_port: int = 9090  # Prometheus /metrics port; 0 picks a free one
+    grace_period_s: float = 10.0  # on shutdown, how long in-flight requests may finish
+    max_message_bytes: int = 4 * 1024 * 1024  # largest request or response message
+    max_texts_per_request: int = 64  # texts in one Translate request at most
+    max_beam_size: int = 8  # largest beam a request may ask for
+    log_level: LogLevel = "INFO"  # DEBUG, INFO, WARNING or ERROR
+    log_format: LogFormat = "text"  # text for people, json for log collectors
+
+
+@dataclass(frozen=True)
+class Config:
+    engine: EngineConfig = EngineConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    server: ServerConfig = ServerConfig()
+
+
+# --- the settings: one row per field ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Setting:
+    section: str  # the field of Config
+    field: str  # the field of that section
+    flag: str  # e.g. "--model-dirs"
+    meaning: str  # for --help and the README
+    parse: Callable[[str], Any]  # text → value; raises ValueError with what is allowed
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.flag.removeprefix("--").replace("-", "_").upper()
+
+    def default(self) -> Any:
+        return getattr(getattr(Config(), self.section), self.field)
+
+
+def _int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        allowed = f"an integer ≥ {low}" + (f" and ≤ {high}" if high is not None else "")
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f"expected {allowed}") from None
+        if value < low or (high is not None and value > high):
+            raise ValueError(f"expected {allowed}")
+        return value
+
+    return parse
+
+
+def _float_at_least(low: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"expected a number ≥ {low}") from None
+        if not value >= low or value == float("inf"):  # also refuses nan
+            raise ValueError(f"expected a finite number ≥ {low}")
+        return value
+
+    return parse
+
+
+def _choice(kind: Any, *, upper: bool = False) -> Callable[[str], str]:
+    allowed = cast(tuple[str, ...], get_args(kind))
+
+    def parse(text: str) -> str:
+        value = text.strip().upper() if upper else text.strip().lower()
+        if value not in allowed:
+            raise ValueError(f"expected one of {', '.join(allowed)}")
+        return value
+
+    return parse
+
+
+def _paths(text: str) -> tuple[Path, ...]:
+    paths = tuple(Path(p.strip()) for p in text.split(",") if p.strip())
+    if not paths:
+        raise ValueError("expected one or more model directories, comma-separated")
+    return paths
+
+
+def _optional_name(text: str) -> str | None:
+    return text.strip() or None
+
+
+def _text(text: str) -> str:
+    if not text.strip():
+        raise ValueError("expected a non-empty value")
+    return text.strip()
+
+
+_PORT = _int_at_least(0, 65535)
+
+SETTINGS = (
+    _Setting("engine", "model_dirs", "--model-dirs", "model directories to serve, comma-separated", _paths),
+    _Setting("engine", "default_model", "--default-model", "model for requests naming none", _optional_name),
+    _Setting("engine", "provider", "--provider", "execution provider: auto, cpu or cuda", _choice(Provider)),
+    _Setting(
+        "engine",
+        "variant",
+        "--variant",
+        "model variant: auto (int8 on CPU, fp16 on CUDA), fp32, int8, fp16 or optimized",
+        _choice(VariantChoice),
+    ),
+    _Setting(
+        "engine", "intra_op_threads", "--intra-op-threads", "threads per graph run (0: all)", _int_at_least(0)
+    ),
+    _Setting("scheduler", "mode", "--scheduler", "batching: continuous or collect", _choice(SchedulerMode)),
+    _Setting("scheduler", "max_sequences", "--max-sequences", "decoder rows in flight", _int_at_least(1)),
+    _Setting(
+        "scheduler",
+        "max_kv_cache_tokens",
+        "--max-kv-cache-tokens",
+        "KV-cache slots over all rows in flight",
+        _int_at_least(1),
+    ),
+    _Setting(
+        "scheduler",
+        "max_queue_size",
+        "--max-queue-size",
+        "waiting requests before refusing",
+        _int_at_least(1),
+    ),
+    _Setting(
+        "scheduler",
+        "max_batch_size",
+        "--max-batch-size",
+        "collect mode: sentences per batch",
+        _int_at_least(1),
+    ),
+    _Setting(
+        "scheduler",
+        "max_wait_ms",
+        "--max-wait-ms",
+        "collect mode: wait for a batch (ms)",
+        _float_at_least(0.0),
+    ),
+    _Setting("server", "host", "--host", "address to listen on", _text),
+    _Setting("server", "port", "--port", "gRPC port (0: any free)", _PORT),
+    _Setting("server", "metrics_port", "--metrics-port", "Prometheus /metrics port (0: any free)", _PORT),
+    _Setting(
+        "server",
+        "grace_period_s",
+        "--grace-period-s",
+        "seconds in-flight requests get on shutdown",
+        _float_at_least(0.0),
+    ),
+    _Setting(
+        "server",
+        "max_message_bytes",
+        "--max-message-bytes",
+        "largest gRPC message (bytes)",
+        _int_at_least(1024),
+    ),
+    _Setting(
+        "server",
+        "max_texts_per_request",
+        "--max-texts-per-request",
+        "texts per Translate request",
+        _int_at_least(1),
+    ),
+    _Setting(
+        "server", "max_beam_size", "--max-beam-size", "largest beam a request may ask", _int_at_least(1)
+    ),
+    _Setting(
+        "server", "log_level", "--log-level", "DEBUG, INFO, WARNING or ERROR", _choice(LogLevel, upper=True)
+    ),
+    _Setting("server", "log_format", "--log-format", "logs as text or json", _choice(LogFormat)),
+)
+
+
+# --- parsing ----------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises ConfigError instead of printing and exiting (--help still exits)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(message)
+
+
+def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Config:
+    """The configuration from command-line flags, then environment variables, then defaults.
+
+    Args:
+        argv: the flags (without the program name); None reads none.
+        environ: the environment (`os.environ` at the entry point); only `TRANSLATOR_…` names are read.
+    Returns:
+        The configuration, every value checked.
+    Raises:
+        ConfigError: an unknown flag, or a value that is not allowed (the message names the flag
+            or variable, the value and what is allowed).
+    """
+    parser = _Parser(prog="python -m service", description="gRPC translation inference service")
+    for s in SETTINGS:
+        parser.add_argument(s.flag, dest=s.env, default=None, metavar="VALUE", help=f"{s.meaning} [{s.env}]")
+    flags = vars(parser.parse_args(list(argv or [])))
+    sections: dict[str, dict[str, Any]] = {f.name: {} for f in fields(Config)}
+    for s in SETTINGS:
+        if flags[s.env] is not None:
+            text, where = flags[s.env], s.flag
+        elif s.env in environ:
+            text, where = environ[s.env], s.env
+        else:
+            continue
+        try:
+            sections[s.section][s.field] = s.parse(text)
+        except ValueError as err:
+            raise ConfigError(f"{where}={text!r}: {err}") from None
+    default = Config()
+    return Config(**{name: replace(getattr(default, name), **values) for name, values in sections.items()})
+
+
+def config_table() -> list[tuple[str, str, str, str]]:
+    """(flag, environment variable, default, meaning) of every setting, for the README."""
+    return [(s.flag, s.env, _show(s.default()), s.meaning) for s in SETTINGS]
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "(none)"
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)

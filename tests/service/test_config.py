@@ -1,0 +1,94 @@
+"""service.config: defaults, flags over environment variables, refused values named precisely."""
+
+from __future__ import annotations
+
+from dataclasses import FrozenInstanceError, fields
+from pathlib import Path
+
+import pytest
+
+from service.config import SETTINGS, Config, ConfigError, EngineConfig, config_table, parse_config
+
+
+def test_defaults_without_flags_or_environment() -> None:
+    config = parse_config(None, {})
+    assert config == Config()
+    assert config.engine.model_dirs == (Path("models/en-fr-small"),)
+    assert config.engine.provider == "auto" and config.engine.variant == "auto"
+    assert config.scheduler.mode == "continuous"
+    assert (config.server.port, config.server.metrics_port) == (50051, 9090)
+
+
+def test_config_is_frozen() -> None:
+    with pytest.raises(FrozenInstanceError):
+        EngineConfig().provider = "cpu"  # type: ignore[misc]
+
+
+def test_every_field_has_exactly_one_setting() -> None:
+    default = Config()
+    expected = {(s.name, f.name) for s in fields(default) for f in fields(getattr(default, s.name))}
+    assert sorted((s.section, s.field) for s in SETTINGS) == sorted(expected)
+
+
+def test_environment_variables_set_values() -> None:
+    environ = {
+        "TRANSLATOR_MODEL_DIRS": "models/a, models/b",
+        "TRANSLATOR_PROVIDER": "CPU",
+        "TRANSLATOR_VARIANT": "int8",
+        "TRANSLATOR_INTRA_OP_THREADS": "2",
+        "TRANSLATOR_SCHEDULER": "collect",
+        "TRANSLATOR_MAX_WAIT_MS": "2.5",
+        "TRANSLATOR_LOG_LEVEL": "debug",
+        "UNRELATED": "ignored",
+    }
+    config = parse_config([], environ)
+    assert config.engine.model_dirs == (Path("models/a"), Path("models/b"))
+    engine = config.engine
+    assert (engine.provider, engine.variant, engine.intra_op_threads) == ("cpu", "int8", 2)
+    assert (config.scheduler.mode, config.scheduler.max_wait_ms) == ("collect", 2.5)
+    assert config.server.log_level == "DEBUG"
+
+
+def test_a_flag_wins_over_its_environment_variable() -> None:
+    environ = {"TRANSLATOR_PORT": "6000", "TRANSLATOR_PROVIDER": "cuda", "TRANSLATOR_HOST": "127.0.0.1"}
+    config = parse_config(["--port", "7000", "--provider=cpu"], environ)
+    assert config.server.port == 7000
+    assert config.engine.provider == "cpu"
+    assert config.server.host == "127.0.0.1"  # no flag: the variable
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "named", "allowed"),
+    [
+        (["--provider", "tpu"], {}, "--provider='tpu'", "auto, cpu, cuda"),
+        ([], {"TRANSLATOR_PROVIDER": "tpu"}, "TRANSLATOR_PROVIDER='tpu'", "auto, cpu, cuda"),
+        (["--variant", "int4"], {}, "--variant='int4'", "auto, fp32, int8, fp16, optimized"),
+        ([], {"TRANSLATOR_PORT": "http"}, "TRANSLATOR_PORT='http'", "≤ 65535"),
+        (["--port", "70000"], {}, "--port='70000'", "≤ 65535"),
+        (["--max-sequences", "0"], {}, "--max-sequences='0'", "≥ 1"),
+        (["--max-wait-ms", "nan"], {}, "--max-wait-ms='nan'", "≥ 0.0"),
+        (["--scheduler", "eager"], {}, "--scheduler='eager'", "continuous, collect"),
+        (["--log-format", "xml"], {}, "--log-format='xml'", "text, json"),
+        ([], {"TRANSLATOR_MODEL_DIRS": " , "}, "TRANSLATOR_MODEL_DIRS", "model directories"),
+    ],
+)
+def test_bad_values_are_refused_naming_the_setting_and_the_choices(
+    argv: list[str], environ: dict[str, str], named: str, allowed: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(argv, environ)
+    assert named in str(err.value) and allowed in str(err.value)
+
+
+def test_unknown_flag_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="--colour"):
+        parse_config(["--colour", "blue"], {})
+
+
+def test_config_table_lists_every_setting_with_its_default() -> None:
+    rows = {flag: (env, default) for flag, env, default, _meaning in config_table()}
+    assert len(rows) == len(SETTINGS)
+    assert rows["--model-dirs"] == ("TRANSLATOR_MODEL_DIRS", "models/en-fr-small")
+    assert rows["--port"] == ("TRANSLATOR_PORT", "50051")
+    assert rows["--default-model"] == ("TRANSLATOR_DEFAULT_MODEL", "(none)")
+    assert all(meaning for *_, meaning in config_table())

@@ -1,0 +1,228 @@
+"""service.engine on the committed model (models/en-fr-small), CPU: loading, variant and provider
+choice, several models by name, and step-level results identical to OnnxGraphs called directly."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from service.config import EngineConfig
+from service.decoding import KV, concat_rows, empty_kv, extend, step_mask
+from service.engine import (
+    CPU,
+    CUDA,
+    Cache,
+    Engine,
+    ModelNotFoundError,
+    ProviderUnavailableError,
+    choose_device,
+    choose_variant,
+)
+from service.graphs import OnnxGraphs
+from service.manifest import MANIFEST_FILE, ModelDirectoryError, load_manifest, write_manifest
+from service.metrics import Metrics
+from service.reference_decoder import pad_ids, translate_ids
+
+MODEL_DIR = Path("models/en-fr-small")
+SOURCES = [[5, 17, 42, 9, 2], [33, 2], [7, 8, 9, 10, 11, 12, 2]]  # unpadded, each ending with </s>
+needs_int8 = pytest.mark.skipif(
+    not (MODEL_DIR / "int8" / MANIFEST_FILE).is_file(),
+    reason="models/en-fr-small/int8 is not built (`make setup` builds it)",
+)
+
+
+def _engine(**overrides: Any) -> Engine:
+    config = dataclasses.replace(EngineConfig(model_dirs=(MODEL_DIR,), intra_op_threads=1), **overrides)
+    return Engine(config)
+
+
+@pytest.fixture(scope="module")
+def fp32_engine() -> Engine:
+    return _engine(variant="fp32")
+
+
+@pytest.fixture(scope="module")
+def renamed_copy(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """`renamed_copy(name)` → a copy of the fp32 directory whose manifest serves it as `name`
+    (the manifest checksums the files it lists, not itself, so renaming keeps it verified)."""
+
+    def make(name: str) -> Path:
+        out = tmp_path_factory.mktemp(name)
+        manifest = load_manifest(MODEL_DIR)
+        for file in manifest.files:
+            shutil.copy2(MODEL_DIR / file, out / file)
+        write_manifest(out, dataclasses.replace(manifest, name=name))
+        return out
+
+    return make
+
+
+def test_loads_the_model_with_its_manifest_facts(fp32_engine: Engine) -> None:
+    info = fp32_engine.model("en-fr-small")
+    manifest = load_manifest(MODEL_DIR)
+    assert list(fp32_engine.models) == ["en-fr-small"] and fp32_engine.default_model == "en-fr-small"
+    assert (info.name, info.version, info.variant, info.provider) == (
+        "en-fr-small",
+        manifest.version,
+        "fp32",
+        CPU,
+    )
+    assert (info.limits, info.languages, info.directory) == (manifest.limits, manifest.languages, MODEL_DIR)
+    assert fp32_engine.model(None) is info
+
+
+def test_choose_device() -> None:
+    assert choose_device("auto", [CPU]) == "cpu"
+    assert choose_device("auto", [CUDA, CPU]) == "cuda"
+    assert choose_device("cpu", [CUDA, CPU]) == "cpu"
+    with pytest.raises(ProviderUnavailableError, match=r"provider 'cuda'.*CPUExecutionProvider"):
+        choose_device("cuda", [CPU])
+
+
+def test_forcing_cuda_without_it_is_a_clear_error() -> None:
+    with pytest.raises(ProviderUnavailableError, match="onnxruntime-gpu"):
+        _engine(provider="cuda")
+
+
+@needs_int8
+def test_auto_variant_is_int8_on_cpu() -> None:
+    info = _engine().model()
+    assert (info.variant, info.directory, info.provider) == ("int8", MODEL_DIR / "int8", CPU)
+    assert choose_variant(MODEL_DIR, "cpu", "auto") == ("int8", MODEL_DIR / "int8")
+
+
+def test_auto_variant_falls_back_to_fp32_when_not_built(renamed_copy: Callable[[str], Path]) -> None:
+    plain = renamed_copy("plain")  # no sub-directories
+    assert choose_variant(plain, "cpu", "auto") == ("fp32", plain)
+    assert choose_variant(plain, "cuda", "auto") == ("fp32", plain)
+
+
+def test_a_forced_variant_that_is_missing_names_the_path(renamed_copy: Callable[[str], Path]) -> None:
+    plain = renamed_copy("bare")
+    with pytest.raises(
+        ModelDirectoryError, match=re.escape(f"{plain / 'fp16' / MANIFEST_FILE}") + ".*not built"
+    ):
+        choose_variant(plain, "cpu", "fp16")
+
+
+def test_a_stale_variant_is_not_chosen(tmp_path: Path, renamed_copy: Callable[[str], Path]) -> None:
+    # Copy a variant derived from the committed manifest under a directory whose manifest differs.
+    parent = renamed_copy("stale")
+    if not (MODEL_DIR / "int8" / MANIFEST_FILE).is_file():
+        pytest.skip("models/en-fr-small/int8 is not built (`make setup` builds it)")
+    shutil.copytree(MODEL_DIR / "int8", parent / "int8")
+    assert choose_variant(parent, "cpu", "auto") == ("fp32", parent)
+    with pytest.raises(ModelDirectoryError, match="stale"):
+        choose_variant(parent, "cpu", "int8")
+
+
+def test_several_models_by_name(renamed_copy: Callable[[str], Path]) -> None:
+    other = renamed_copy("other")
+    engine = _engine(model_dirs=(MODEL_DIR, other), variant="fp32", default_model="other")
+    assert sorted(engine.models) == ["en-fr-small", "other"]
+    assert engine.default_model == "other" and engine.model().directory == other
+    cross = engine.encode("en-fr-small", SOURCES[:1])
+    log_probs, _ = engine.step("other", np.array([1]), np.array([0]), engine.empty_cache("other", 1), cross)
+    expected, _ = engine.step("en-fr-small", np.array([1]), np.array([0]), engine.empty_cache(None, 1), cross)
+    np.testing.assert_array_equal(log_probs, expected)  # the same weights under two names
+
+
+def test_the_same_name_twice_or_an_unknown_default_is_refused(renamed_copy: Callable[[str], Path]) -> None:
+    with pytest.raises(ValueError, match="already served"):
+        _engine(model_dirs=(MODEL_DIR, MODEL_DIR), variant="fp32")
+    with pytest.raises(ValueError, match="default model 'nope'"):
+        _engine(variant="fp32", default_model="nope")
+
+
+def test_unknown_model_is_model_not_found(fp32_engine: Engine) -> None:
+    with pytest.raises(ModelNotFoundError) as err:
+        fp32_engine.encode("de-en", SOURCES)
+    assert isinstance(err.value, KeyError)
+    assert err.value.name == "de-en" and "en-fr-small" in str(err.value)
+
+
+def test_encode_and_step_equal_the_graphs_called_directly(fp32_engine: Engine) -> None:
+    graphs = OnnxGraphs(MODEL_DIR, intra_op_threads=1)
+    dims = graphs.dims
+    src_ids, src_mask = pad_ids(SOURCES, dims.pad_id)
+    direct = graphs.encode(src_ids, src_mask)
+    cross = fp32_engine.encode(None, SOURCES)
+    assert isinstance(cross, KV)
+    np.testing.assert_array_equal(cross.k, direct.cross_k)
+    np.testing.assert_array_equal(cross.mask, src_mask)
+
+    rows = len(SOURCES)
+    cache: Cache = fp32_engine.empty_cache(None, rows)
+    direct_cache = empty_kv(dims.decoder_layers, rows, dims.heads, dims.head_dim, np.float32)
+    tokens = np.full(rows, dims.bos_id, dtype=np.int64)
+    for position in range(3):
+        positions = np.full(rows, position, dtype=np.int64)
+        log_probs, cache = fp32_engine.step(None, tokens, positions, cache, cross)
+        out = graphs.step(
+            tokens[:, None], positions, direct_cache.k, direct_cache.v, step_mask(direct_cache),
+            direct.cross_k, direct.cross_v, src_mask,
+        )  # fmt: skip
+        direct_cache = extend(direct_cache, out.present_k, out.present_v)
+        np.testing.assert_array_equal(log_probs, out.log_probs)
+        assert isinstance(cache, KV)
+        np.testing.assert_array_equal(cache.k, direct_cache.k)
+        tokens = np.argmax(log_probs, axis=-1)
+
+
+def test_rows_joining_later_get_their_own_positions(fp32_engine: Engine) -> None:
+    """A newcomer merged into a running batch (masked padding, its own position) steps as if alone."""
+    bos = fp32_engine.model().dims.bos_id
+    cross_a = fp32_engine.encode(None, SOURCES[:1])
+    log_probs, cache_a = fp32_engine.step(
+        None, np.array([bos]), np.array([0]), fp32_engine.empty_cache(None, 1), cross_a
+    )
+    assert isinstance(cache_a, KV)
+    cross_b = fp32_engine.encode(None, SOURCES[1:2])
+    alone, _ = fp32_engine.step(
+        None, np.array([bos]), np.array([0]), fp32_engine.empty_cache(None, 1), cross_b
+    )
+    token_a = int(np.argmax(log_probs[0]))
+    merged_cache = concat_rows([cache_a, fp32_engine.empty_cache(None, 1)])
+    merged_cross = concat_rows([fp32_engine.to_host(cross_a), fp32_engine.to_host(cross_b)])
+    together, _ = fp32_engine.step(
+        None, np.array([token_a, bos]), np.array([1, 0]), merged_cache, merged_cross
+    )
+    np.testing.assert_allclose(together[1], alone[0], atol=1e-5)
+
+
+def test_attention_and_translate_ids(fp32_engine: Engine) -> None:
+    dims = fp32_engine.model().dims
+    attention = fp32_engine.attention(None, SOURCES[:2], [[dims.bos_id, 40, 41], [dims.bos_id]])
+    assert attention.log_probs.shape == (2, 3, dims.vocab_size)
+    expected = translate_ids(fp32_engine.graphs(), SOURCES, beam_size=2)
+    assert fp32_engine.translate_ids(None, SOURCES, beam_size=2) == expected
+
+
+@needs_int8
+def test_int8_engine_equals_its_graphs() -> None:
+    engine = _engine()
+    sources = SOURCES[:1]
+    assert engine.translate_ids(None, sources) == translate_ids(OnnxGraphs(MODEL_DIR / "int8"), sources)
+
+
+def test_graph_runs_are_observed_and_warm_up_runs_every_graph() -> None:
+    registry = CollectorRegistry()
+    engine = Engine(
+        EngineConfig(model_dirs=(MODEL_DIR,), variant="fp32", intra_op_threads=1), Metrics(registry)
+    )
+    engine.warm_up(steps=2)
+
+    def runs(graph: str) -> float | None:
+        return registry.get_sample_value(
+            "translator_onnxruntime_run_duration_seconds_count", {"graph": graph}
+        )
+
+    assert (runs("encoder"), runs("decoder_step"), runs("attention")) == (1, 2, 1)
