@@ -43,6 +43,25 @@ class Hypothesis:
 
 
 @dataclass(frozen=True)
+class Sampling:
+    """Draw the next token instead of taking the best: from softmax(log p / temperature), kept to
+    the `top_k` most likely tokens and to the smallest set whose probability reaches `top_p`."""
+
+    temperature: float = 1.0  # > 0; below 1 sharpens, above 1 flattens
+    top_k: int = 0  # keep the k most likely tokens; 0: no limit
+    top_p: float = 1.0  # nucleus: keep the most likely tokens up to this total probability, in (0, 1]
+    seed: int = 0  # with the step number, the only source of randomness: a draw is reproducible
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"temperature {self.temperature} must be greater than 0 when sampling")
+        if self.top_k < 0:
+            raise ValueError(f"top_k {self.top_k} must not be negative (0: no limit)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p {self.top_p} must be in (0, 1]")
+
+
+@dataclass(frozen=True)
 class SearchOptions:
     """How one sentence is decoded."""
 
@@ -52,10 +71,29 @@ class SearchOptions:
     length_penalty: float = 1.0  # α in score / length^α (beam ranking and stopping)
     n_best: int = 1  # hypotheses returned, best first; at most beam_size
     never_ids: tuple[int, ...] = ()  # tokens never chosen (padding, the start token), as in export.generate
+    min_output_tokens: int = 0  # tokens generated before the end token may be chosen (end token excluded)
+    forced_prefix: tuple[int, ...] = ()  # the first tokens, imposed; their log-probs count in the score
+    sampling: Sampling | None = None  # draw instead of taking the best (beam_size 1 only)
 
     def __post_init__(self) -> None:
         if self.beam_size < 1:
             raise ValueError(f"beam_size {self.beam_size} must be at least 1")
+        if self.sampling is not None and self.beam_size != 1:
+            raise ValueError(f"sampling draws one sequence: beam_size must be 1, not {self.beam_size}")
+        if self.min_output_tokens < 0:
+            raise ValueError(f"min_output_tokens {self.min_output_tokens} must not be negative")
+        if self.min_output_tokens and self.min_output_tokens >= self.max_output_tokens:
+            raise ValueError(
+                f"min_output_tokens {self.min_output_tokens} must be below max_output_tokens "
+                f"{self.max_output_tokens} (which counts the end token)"
+            )
+        if self.forced_prefix and len(self.forced_prefix) >= self.max_output_tokens:
+            raise ValueError(
+                f"the forced prefix has {len(self.forced_prefix)} tokens; max_output_tokens "
+                f"{self.max_output_tokens} leaves no room after it"
+            )
+        if self.eos_id in self.forced_prefix:
+            raise ValueError("the forced prefix must not contain the end token")
         if not 1 <= self.n_best <= self.beam_size:
             raise ValueError(f"n_best {self.n_best} must be between 1 and beam_size {self.beam_size}")
         if self.max_output_tokens < 0:
@@ -81,6 +119,25 @@ def greedy_select(log_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     tokens = np.argmax(log_probs, axis=-1)  # (B,): argmax returns the first maximum
     best = np.take_along_axis(log_probs, tokens[:, None], axis=-1)[:, 0]  # (B,)
     return tokens.astype(np.int64), best.astype(np.float32)
+
+
+def sample_select(log_probs: np.ndarray, sampling: Sampling, step: int) -> int:
+    """One draw from a row of log-probabilities (V,) under `sampling`.
+
+    The random numbers come from (seed, step) alone, so a request's draws do not depend on which
+    other requests share its batch or on their order: sampling is reproducible and batch-invariant.
+    """
+    logits = log_probs.astype(np.float64) / sampling.temperature
+    order = np.argsort(-logits, kind="stable")  # most likely first, ties to the lower id
+    if sampling.top_k:
+        order = order[: sampling.top_k]
+    probs = np.exp(logits[order] - logits[order[0]])  # -inf (banned tokens) becomes 0
+    probs /= probs.sum()
+    if sampling.top_p < 1.0:
+        keep = int(np.searchsorted(np.cumsum(probs), sampling.top_p)) + 1  # reaches top_p
+        order, probs = order[:keep], probs[:keep] / probs[:keep].sum()
+    rng = np.random.default_rng([sampling.seed, step])
+    return int(order[rng.choice(len(order), p=probs)])
 
 
 def top_candidates(scores: np.ndarray, count: int) -> np.ndarray:
@@ -168,19 +225,39 @@ def advance(state: SearchState, log_probs: np.ndarray) -> Advance:
     """
     assert not state.done, "advance() on a finished search"
     assert log_probs.shape[0] == len(state.live), (log_probs.shape, len(state.live))
-    if state.options.never_ids:
+    opts = state.options
+    banned = [*opts.never_ids, *([opts.eos_id] if state.step < opts.min_output_tokens else [])]
+    if banned:
         # They keep their share of the softmax (scores stay model log-probs); they are never picked.
         log_probs = log_probs.copy()
-        log_probs[:, list(state.options.never_ids)] = -np.inf
-    if state.options.beam_size == 1:
+        log_probs[:, banned] = -np.inf
+    if state.step < len(opts.forced_prefix):
+        return _forced_advance(state, log_probs, opts.forced_prefix[state.step])
+    if opts.beam_size == 1:
         return _greedy_advance(state, log_probs)
     return _beam_advance(state, log_probs)
 
 
+def _forced_advance(state: SearchState, log_probs: np.ndarray, token: int) -> Advance:
+    """Every live beam takes the imposed token (at the start there is one beam, so one stays)."""
+    step = state.step + 1
+    live = tuple(
+        Beam((*beam.tokens, token), float(np.float32(beam.score) + np.float32(log_probs[row, token])))
+        for row, beam in enumerate(state.live)
+    )
+    moved = SearchState(state.options, step, live, state.finished)
+    return _moved(_at_limit(moved), range(len(live)))
+
+
 def _greedy_advance(state: SearchState, log_probs: np.ndarray) -> Advance:
-    tokens, best = greedy_select(log_probs)  # (1,), (1,)
-    (beam,), token, step = state.live, int(tokens[0]), state.step + 1
-    score = float(np.float32(beam.score) + best[0])
+    sampling, (beam,), step = state.options.sampling, state.live, state.step + 1
+    if sampling is None:
+        tokens, best = greedy_select(log_probs)  # (1,), (1,)
+        token, token_log_prob = int(tokens[0]), best[0]
+    else:
+        token = sample_select(log_probs[0], sampling, state.step)
+        token_log_prob = np.float32(log_probs[0, token])
+    score = float(np.float32(beam.score) + token_log_prob)
     if token == state.options.eos_id:
         hyp = Hypothesis(beam.tokens, score, True)
         ranked = Ranked(normalized_score(score, step, state.options.length_penalty), hyp)

@@ -15,6 +15,7 @@ from export.model import Transformer
 from service.decoding import (
     KV,
     Hypothesis,
+    Sampling,
     SearchOptions,
     SearchState,
     advance,
@@ -23,6 +24,7 @@ from service.decoding import (
     extend,
     greedy_select,
     normalized_score,
+    sample_select,
     select_rows,
     start_search,
     step_mask,
@@ -289,3 +291,78 @@ def test_step_mask_and_extend() -> None:
     grown = extend(cache, present, present)
     assert grown.slots == 1 and grown.mask[:, 0].tolist() == [True, True, True]
     assert step_mask(grown).shape == (3, 2)
+
+
+# --- sampling, minimum length, forced prefix -------------------------------------------------------
+
+
+def test_sampling_with_top_k_1_or_a_tiny_top_p_is_greedy() -> None:
+    greedy = run(SearchOptions(5, EOS))[-1].hypotheses()
+    for sampling in (Sampling(top_k=1, seed=3), Sampling(top_p=1e-6, seed=4), Sampling(temperature=1e-3)):
+        assert run(SearchOptions(5, EOS, sampling=sampling))[-1].hypotheses() == greedy
+
+
+def test_sampling_is_reproducible_and_follows_the_distribution() -> None:
+    log_probs = np.full(VOCAB, -np.inf, dtype=np.float32)
+    log_probs[[A, B]] = np.log([0.7, 0.3])
+    draws = [sample_select(log_probs, Sampling(seed=seed), step=0) for seed in range(4000)]
+    assert set(draws) == {A, B}
+    assert draws.count(A) / len(draws) == pytest.approx(0.7, abs=0.03)
+    assert draws == [sample_select(log_probs, Sampling(seed=seed), step=0) for seed in range(4000)]
+    # Temperature: below 1 sharpens towards the likelier token, above 1 flattens.
+    sharp = [sample_select(log_probs, Sampling(temperature=0.3, seed=s), 0) for s in range(2000)]
+    flat = [sample_select(log_probs, Sampling(temperature=3.0, seed=s), 0) for s in range(2000)]
+    assert sharp.count(A) / 2000 > 0.9 and 0.45 < flat.count(A) / 2000 < 0.65
+    # top_p 0.5 keeps only A (its 0.7 already reaches 0.5).
+    assert {sample_select(log_probs, Sampling(top_p=0.5, seed=s), 0) for s in range(200)} == {A}
+
+
+def test_sampled_scores_are_model_log_probs() -> None:
+    (state,) = run(SearchOptions(5, EOS, sampling=Sampling(temperature=2.0, seed=11)))[-1:]
+    (h,) = state.hypotheses()
+    prefixes = [h.tokens[:i] for i in range(len(h.tokens) + 1)]
+    chosen = [*h.tokens, EOS]
+    want = sum(float(table_log_probs([p])[0, t]) for p, t in zip(prefixes, chosen, strict=True))
+    assert h.score == pytest.approx(want, abs=1e-5)
+
+
+def test_min_output_tokens_holds_the_end_token_back() -> None:
+    # The table's best first token is A, then C, then the end: at least 3 tokens are forced.
+    (h,) = run(SearchOptions(8, EOS, min_output_tokens=3))[-1].hypotheses()
+    assert len(h.tokens) >= 3 and h.finished
+    (b,) = run(SearchOptions(8, EOS, beam_size=3, min_output_tokens=3))[-1].hypotheses()
+    assert len(b.tokens) >= 3
+
+
+def test_forced_prefix_is_followed_then_decoding_goes_on() -> None:
+    for beam_size in (1, 3):
+        (h,) = run(SearchOptions(6, EOS, beam_size=beam_size, forced_prefix=(B, C)))[-1].hypotheses()
+        assert h.tokens[:2] == (B, C)
+        prefixes = [h.tokens[:i] for i in range(len(h.tokens) + 1)]
+        chosen = [*h.tokens, EOS] if h.finished else list(h.tokens)
+        want = sum(float(table_log_probs([p])[0, t]) for p, t in zip(prefixes, chosen, strict=False))
+        assert h.score == pytest.approx(want, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"sampling": Sampling(), "beam_size": 2}, "beam_size must be 1"),
+        ({"min_output_tokens": 5}, "below max_output_tokens 5"),
+        ({"min_output_tokens": -1}, "must not be negative"),
+        ({"forced_prefix": (A, B, C, A, B)}, "leaves no room"),
+        ({"forced_prefix": (A, EOS)}, "must not contain the end token"),
+    ],
+)
+def test_bad_options_are_refused_with_the_limit(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SearchOptions(5, EOS, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"temperature": 0.0}, "greater than 0"), ({"top_p": 0.0}, r"\(0, 1\]"), ({"top_k": -1}, "negative")],
+)
+def test_bad_sampling_is_refused(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Sampling(**kwargs)
