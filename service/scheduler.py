@@ -1,0 +1,444 @@
+"""The scheduler: a bounded queue in front of one decode thread that batches requests.
+
+    scheduler = Scheduler(engine, config.scheduler, metrics)
+    scheduler.start()                              # the decode thread
+    handle = scheduler.submit(request)             # QueueFullError / SchedulerClosedError at once
+    async for ids in handle.tokens(): ...          # stream requests: new token ids as chosen
+    generation = await handle.result()             # or the outcome error
+    await scheduler.drain(timeout); scheduler.stop()
+
+Continuous mode (iteration-level batching), each iteration of the decode thread serves one model
+(round-robin over the models with work; rows of different models never share a step):
+*schedule* (retire cancelled / past-deadline requests; admit waiting requests FIFO within the
+limits, encoding the newcomers of the model in one call and merging them into the running batch),
+*execute* (one decoder step for every running row), *update* (advance each request's search,
+stream new tokens, retire what finished and compact the batch) — see `RunningBatch`.
+
+Admission rule (a guarantee, so nothing is ever preempted): a request reserves `beam_size` rows
+(its worst case, even while fewer beams are live) and each of its rows can reach
+`max_output_tokens` self-attention slots. A model's batch is one padded tensor, so its cache
+holds at most rows × the longest limit among its requests; a newcomer joins while
+(a) reserved rows over all models ≤ max_sequences and (b) Σ over models of
+reserved rows × longest limit ≤ max_kv_cache_tokens, both counted with the newcomer. The queue
+is strictly FIFO: the first request that does not fit waits, and the ones behind it wait too
+(no overtaking, no starvation). A request that cannot fit an empty scheduler is refused at submit
+(RequestTooLargeError). The cross-attention K/V (rows × source tokens) is not counted.
+
+Collect mode (the baseline the benchmark compares): wait until max_batch_size requests of one
+model are queued or max_wait_ms has passed since the oldest, then decode that group to completion
+with nothing joining (finished rows still leave); cancellation and deadlines are checked between
+steps, as in continuous mode.
+
+The decode thread is the only caller of the engine; onnxruntime releases the GIL, so the event
+loop keeps running. Outcomes and stream tokens cross to the submitter's event loop with
+`loop.call_soon_threadsafe`. No grpc and no onnxruntime here: the servicer maps the errors of
+`service.scheduler_types` to status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from service.config import SchedulerConfig
+from service.decoding import Hypothesis
+from service.scheduler_batch import Retired, RunningBatch, Ticket
+from service.scheduler_handle import Handle
+from service.scheduler_types import (
+    DeadlineExceededError,
+    FinishReason,
+    Generation,
+    QueueFullError,
+    Request,
+    RequestCancelledError,
+    RequestTooLargeError,
+    SchedulerClosedError,
+    SchedulerError,
+    StepEngine,
+    StepFailedError,
+    Timings,
+)
+
+if TYPE_CHECKING:  # only the type: service.metrics imports grpc
+    from service.metrics import Metrics
+
+__all__ = [
+    "DeadlineExceededError",
+    "FinishReason",
+    "Generation",
+    "Handle",
+    "Hypothesis",
+    "QueueFullError",
+    "Request",
+    "RequestCancelledError",
+    "RequestTooLargeError",
+    "Scheduler",
+    "SchedulerClosedError",
+    "SchedulerError",
+    "SchedulerStats",
+    "StepEngine",
+    "StepFailedError",
+    "Timings",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    """A snapshot of the scheduler, for tests and health checks."""
+
+    queued: int  # requests waiting
+    in_flight: int  # requests in running batches
+    rows: int  # decoder rows of the next steps (live beams)
+    kv_tokens: int  # self-attention cache slots held (rows × padded slots)
+    steps: int  # decoder steps run since start
+    outcomes: int  # requests that ended (any outcome) since start
+
+
+class Scheduler:
+    """Queue, batch and decode requests on one thread (see the module docstring).
+
+    Args:
+        engine: the step-level engine (`service.engine.Engine`, or a fake in tests).
+        config: mode, limits, queue size, collect-mode batch and wait.
+        metrics: when given, queue, batch, cache, latency and token metrics are recorded.
+        clock: monotonic seconds (deadlines are compared with it).
+    """
+
+    def __init__(
+        self,
+        engine: StepEngine,
+        config: SchedulerConfig,
+        metrics: Metrics | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.engine, self.config, self.metrics, self.clock = engine, config, metrics, clock
+        self._cond = threading.Condition()
+        self._waiting: deque[Ticket] = deque()  # guarded by _cond
+        self._closed = False  # no new requests (draining or stopped); guarded by _cond
+        self._stopping = False  # the thread should fail what is left and exit; guarded by _cond
+        self._batches: dict[str, RunningBatch] = {}  # the decode thread's
+        self._turn = 0  # round-robin position over the models
+        self._thread: threading.Thread | None = None
+        self._stats = SchedulerStats(0, 0, 0, 0, 0, 0)
+        self._steps = 0  # the decode thread's
+        self._accepted = self._outcomes = 0  # requests queued / ended since start; guarded by _cond
+        if metrics is not None:
+            metrics.set_kv_cache(0, config.max_kv_cache_tokens)
+
+    # --- the asyncio side ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the decode thread (once)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
+            self._thread.start()
+
+    def submit(self, request: Request) -> Handle:
+        """Queue a request; call from a coroutine (the handle belongs to the running event loop).
+
+        Raises:
+            QueueFullError: max_queue_size requests are already waiting.
+            SchedulerClosedError: draining or stopped.
+            RequestTooLargeError: it could never fit max_sequences / max_kv_cache_tokens.
+            ValueError: a model the engine does not serve.
+        """
+        if request.model not in self.engine.models:
+            raise ValueError(f"unknown model {request.model!r}; serving {', '.join(self.engine.models)}")
+        self._check_fits(request)
+        ticket: Ticket
+        handle = Handle(asyncio.get_running_loop(), lambda: self._cancel(ticket))
+        ticket = Ticket(request, handle._emit, handle._settle, self.clock())
+        with self._cond:
+            if self._closed:
+                self._reject("draining")
+                raise SchedulerClosedError("the server is shutting down and takes no new requests")
+            if len(self._waiting) >= self.config.max_queue_size:
+                self._reject("queue_full")
+                raise QueueFullError(self.config.max_queue_size)
+            self._waiting.append(ticket)
+            self._accepted += 1
+            self._cond.notify_all()
+            depth = len(self._waiting)
+        if self.metrics is not None:
+            self.metrics.set_queue_depth(depth)
+        return handle
+
+    async def drain(self, timeout: float | None = None) -> bool:
+        """Stop accepting requests and wait until every accepted one has ended; True if all did."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        deadline = None if timeout is None else self.clock() + timeout
+        while not self._idle():
+            if deadline is not None and self.clock() >= deadline:
+                return False
+            await asyncio.sleep(0.005)
+        return True
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Refuse new requests, fail the waiting and running ones (SchedulerClosedError) and end the
+        thread; blocks for at most the step in progress (or `timeout`)."""
+        with self._cond:
+            self._closed = self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        else:
+            self._fail_all(SchedulerClosedError("the scheduler stopped before this request ended"))
+
+    def stats(self) -> SchedulerStats:
+        """The latest snapshot (batch figures as of the last step; `outcomes` current)."""
+        with self._cond:
+            return dataclasses.replace(self._stats, outcomes=self._outcomes)
+
+    def _idle(self) -> bool:
+        with self._cond:
+            return self._outcomes == self._accepted
+
+    def _cancel(self, ticket: Ticket) -> None:
+        with self._cond:
+            ticket.cancelled = True
+            self._cond.notify_all()
+
+    def _check_fits(self, request: Request) -> None:
+        rows, slots = request.options.beam_size, request.options.max_output_tokens
+        if rows > self.config.max_sequences:
+            raise RequestTooLargeError(
+                f"beam_size {rows} is over the scheduler's max_sequences {self.config.max_sequences}"
+            )
+        if rows * slots > self.config.max_kv_cache_tokens:
+            raise RequestTooLargeError(
+                f"beam_size {rows} × max_output_tokens {slots} is over the KV-cache budget "
+                f"{self.config.max_kv_cache_tokens} tokens (--max-kv-cache-tokens)"
+            )
+
+    def _reject(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.request_rejected(reason)
+
+    # --- the decode thread --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            if self.config.mode == "collect":
+                self._run_collect()
+            else:
+                self._run_continuous()
+        except Exception:  # a bug in the loop itself: fail everything rather than hang the callers
+            log.exception("the scheduler loop crashed")
+        finally:
+            self._fail_all(SchedulerClosedError("the scheduler stopped before this request ended"))
+
+    def _run_continuous(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not self._waiting and not any(self._batches.values()):
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                expired = self._sweep_queue()
+            self._finish(expired)
+            model = self._next_model()
+            if model is None:
+                continue
+            batch = self._batch(model)
+            self._finish(batch.retire(self.clock()))
+            self._finish(batch.admit(self._take(model)))
+            self._step(batch)
+
+    def _run_collect(self) -> None:
+        while True:
+            with self._cond:
+                group = self._collect_group()
+                if group is None:
+                    return
+            batch = self._batch(group[0].request.model)
+            self._finish(batch.admit(group))
+            self._publish()
+            while len(batch):
+                with self._cond:
+                    if self._stopping:
+                        return
+                self._finish(batch.retire(self.clock()))
+                self._step(batch)
+
+    def _collect_group(self) -> list[Ticket] | None:
+        """Under the lock: wait for a full group or the oldest's max wait; None when stopping."""
+        while True:
+            expired = self._sweep_queue()
+            if expired:
+                self._cond.release()
+                try:
+                    self._finish(expired)
+                finally:
+                    self._cond.acquire()
+            if self._stopping:
+                return None
+            if not self._waiting:
+                self._cond.wait()
+                continue
+            model = self._waiting[0].request.model
+            same = [t for t in self._waiting if t.request.model == model]
+            wait = self._waiting[0].submitted_at + self.config.max_wait_ms / 1000 - self.clock()
+            if len(same) < self.config.max_batch_size and wait > 0 and not self._closed:
+                self._cond.wait(min(wait, self._next_deadline_in()))
+                continue
+            group: list[Ticket] = []
+            rows = slots = 0
+            for t in same[: self.config.max_batch_size]:
+                new_rows, new_slots = rows + t.rows, max(slots, t.max_slots)
+                if group and (
+                    new_rows > self.config.max_sequences
+                    or new_rows * new_slots > self.config.max_kv_cache_tokens
+                ):
+                    break
+                group.append(t)
+                rows, slots = new_rows, new_slots
+            for t in group:
+                self._waiting.remove(t)
+            self._publish_queue()
+            return group
+
+    def _next_deadline_in(self) -> float:
+        deadlines = [t.request.deadline for t in self._waiting if t.request.deadline is not None]
+        return max(0.0, min(deadlines) - self.clock()) if deadlines else 3600.0
+
+    def _sweep_queue(self) -> list[Retired]:
+        """Under the lock: take the cancelled and past-deadline requests out of the queue."""
+        now = self.clock()
+        gone: list[Retired] = []
+        for t in list(self._waiting):
+            deadline = t.request.deadline
+            if t.cancelled:
+                gone.append(Retired(t, RequestCancelledError("the request was cancelled"), "cancelled"))
+            elif deadline is not None and now >= deadline:
+                gone.append(Retired(t, DeadlineExceededError("the deadline passed in the queue"), "deadline"))
+            else:
+                continue
+            self._waiting.remove(t)
+        if gone:
+            self._publish_queue()
+        return gone
+
+    def _next_model(self) -> str | None:
+        """The next model with running rows or waiting requests, round-robin."""
+        with self._cond:
+            busy = {m for m, b in self._batches.items() if len(b)} | {t.request.model for t in self._waiting}
+        if not busy:
+            return None
+        names = list(self.engine.models)
+        for i in range(len(names)):
+            name = names[(self._turn + i) % len(names)]
+            if name in busy:
+                self._turn = (self._turn + i + 1) % len(names)
+                return name
+        return None
+
+    def _batch(self, model: str) -> RunningBatch:
+        if model not in self._batches:
+            self._batches[model] = RunningBatch(self.engine, model, self.clock)
+        return self._batches[model]
+
+    def _take(self, model: str) -> list[Ticket]:
+        """Waiting requests of `model` that fit, in FIFO order, stopping at the first that does not."""
+        rows = sum(b.reserved_rows for b in self._batches.values())
+        kv = sum(b.reserved_rows * b.max_slots for b in self._batches.values())
+        batch = self._batches[model]
+        model_rows, model_slots = batch.reserved_rows, batch.max_slots
+        taken: list[Ticket] = []
+        with self._cond:
+            for t in self._waiting:
+                if t.request.model != model:
+                    continue
+                new_model_rows, new_slots = model_rows + t.rows, max(model_slots, t.max_slots)
+                new_kv = kv - model_rows * model_slots + new_model_rows * new_slots
+                if rows + t.rows > self.config.max_sequences or new_kv > self.config.max_kv_cache_tokens:
+                    break
+                taken.append(t)
+                rows, kv, model_rows, model_slots = rows + t.rows, new_kv, new_model_rows, new_slots
+            for t in taken:
+                self._waiting.remove(t)
+            if taken:
+                self._publish_queue()
+        now = self.clock()
+        for t in taken:
+            if self.metrics is not None:
+                self.metrics.observe_queue_wait(now - t.submitted_at)
+                self.metrics.add_tokens(input_tokens=len(t.request.source))
+        return taken
+
+    def _step(self, batch: RunningBatch) -> None:
+        if not len(batch):
+            self._publish()
+            return
+        rows, start = batch.rows, time.perf_counter()
+        retired = batch.step()
+        seconds = time.perf_counter() - start
+        self._steps += 1
+        if self.metrics is not None:
+            self.metrics.observe_step(rows, seconds)
+        self._finish(retired)
+        self._publish()
+
+    def _finish(self, retired: Sequence[Retired]) -> None:
+        """Count each retired request, then settle its handle (exactly once)."""
+        for r in retired:
+            self._observe_end(r)
+            with self._cond:
+                self._outcomes += 1  # before the handle can see its outcome
+            r.ticket.settle(r.outcome)
+        if retired:
+            self._publish()
+
+    def _observe_end(self, r: Retired) -> None:
+        if self.metrics is None:
+            return
+        self.metrics.sequence_finished(r.reason)
+        if not isinstance(r.outcome, Generation):
+            return
+        g = r.outcome
+        self.metrics.add_tokens(output_tokens=g.output_tokens)
+        if g.timings.time_to_first_token_s is not None:
+            self.metrics.observe_time_to_first_token(g.timings.time_to_first_token_s)
+            # from the first token to the end, over the tokens after the first
+            after_first = g.timings.queue_wait_s + g.timings.decode_s - g.timings.time_to_first_token_s
+            if g.output_tokens > 1:
+                self.metrics.observe_time_per_output_token(max(0.0, after_first) / (g.output_tokens - 1))
+
+    def _fail_all(self, error: SchedulerError) -> None:
+        with self._cond:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        retired = [Retired(t, error, "error") for t in waiting]
+        for batch in self._batches.values():
+            retired += [Retired(e.ticket, error, "error") for e in batch.entries]
+            batch.entries = []
+        self._batches.clear()
+        self._finish(retired)
+
+    def _publish_queue(self) -> None:
+        """Under the lock: the queue depth changed."""
+        self._stats = dataclasses.replace(self._stats, queued=len(self._waiting))
+        if self.metrics is not None:
+            self.metrics.set_queue_depth(len(self._waiting))
+
+    def _publish(self) -> None:
+        batches = list(self._batches.values())
+        in_flight = sum(len(b) for b in batches)
+        rows = sum(b.rows for b in batches)
+        kv = sum(b.kv_tokens for b in batches)
+        with self._cond:
+            self._stats = SchedulerStats(len(self._waiting), in_flight, rows, kv, self._steps, self._outcomes)
+        if self.metrics is not None:
+            self.metrics.set_in_flight(in_flight)
+            self.metrics.set_kv_cache(kv, self.config.max_kv_cache_tokens)

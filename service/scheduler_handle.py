@@ -1,0 +1,71 @@
+"""The submitter's side of a request: await its outcome, stream its tokens, cancel it.
+
+A `Handle` belongs to the event loop that submitted the request; the decode thread reaches it only
+through `loop.call_soon_threadsafe`, so its future and token queue are touched on the loop alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Sequence
+
+from service.scheduler_batch import Outcome
+from service.scheduler_types import Generation
+
+_END = None  # the token stream's end marker
+
+
+class Handle:
+    """The submitter's side of one request, bound to the event loop that submitted it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, cancel: Callable[[], None]) -> None:
+        self._loop = loop
+        self._future: asyncio.Future[Generation] = loop.create_future()
+        self._tokens: asyncio.Queue[tuple[int, ...] | None] = asyncio.Queue()
+        self._cancel = cancel
+
+    async def result(self) -> Generation:
+        """The Generation, or raise the outcome error (QueueFull is raised by submit instead)."""
+        return await asyncio.shield(self._future)
+
+    async def tokens(self) -> AsyncIterator[int]:
+        """Token ids of a stream request as they are chosen (greedy: each step; beam: at the end).
+
+        Ends when the request ends, however it ends; await `result()` afterwards for the outcome.
+        Together they are the best hypothesis's tokens. A request without `stream` yields nothing.
+        """
+        while True:
+            chunk = await self._tokens.get()
+            if chunk is _END:
+                return
+            for token in chunk:
+                yield token
+
+    def cancel(self) -> None:
+        """Ask the request to leave: its rows go at the next step (outcome: RequestCancelledError)."""
+        self._cancel()
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    # The decode thread's side.
+
+    def _emit(self, tokens: Sequence[int]) -> None:
+        self._call(self._tokens.put_nowait, tuple(tokens))
+
+    def _settle(self, outcome: Outcome) -> None:
+        self._call(self._set, outcome)
+
+    def _set(self, outcome: Outcome) -> None:
+        if not self._future.done():
+            if isinstance(outcome, BaseException):
+                self._future.set_exception(outcome)
+                self._future.exception()  # mark it retrieved: a caller that went away is no error
+            else:
+                self._future.set_result(outcome)
+        self._tokens.put_nowait(_END)
+
+    def _call(self, fn: Callable[..., None], *args: object) -> None:
+        with contextlib.suppress(RuntimeError):  # the submitter's loop is closed: nobody waits any more
+            self._loop.call_soon_threadsafe(fn, *args)
