@@ -1,0 +1,25 @@
+"""`python -m service [flags]`: the gRPC server (flags and TRANSLATOR_… variables: service/config.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+from service.config import ConfigError, parse_config
+from service.server import serve, setup_logging
+
+
+def main() -> int:
+    try:
+        config = parse_config(sys.argv[1:], os.environ)  # the one place that reads the environment
+    except ConfigError as err:
+        print(f"python -m service: {err}", file=sys.stderr)
+        return 2
+    setup_logging(config.server)
+    asyncio.run(serve(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Response messages of `translator.v1` built from decoding results: pure functions, no I/O.
+
+The servicer (`service/servicer.py`) calls these to turn hypotheses, generations and attention
+arrays into proto messages; keeping them apart keeps the servicer to the protocol's flow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TypeAlias
+
+import numpy as np
+
+from service.api.translator.v1 import translator_pb2 as pb
+from service.decoding import Hypothesis, normalized_score
+from service.requests import TextJob
+from service.scheduler import FinishReason, Generation
+from service.tokenizer import Tokenizer
+
+FINISH_REASONS = {
+    FinishReason.END_OF_SEQUENCE: pb.FINISH_REASON_END_OF_SEQUENCE,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+}
+Kind: TypeAlias = pb.AttentionKind.ValueType  # an AttentionKind value
+REPLACEMENT = "\ufffd"  # what a partial UTF-8 character decodes to: hold the text back
+
+
+def hypothesis_length(h: Hypothesis) -> int:
+    """Generated tokens with the end token (when produced): what length penalties divide by."""
+    return len(h.tokens) + int(h.finished)
+
+
+def token_messages(h: Hypothesis, tokenizer: Tokenizer, prefix_len: int) -> list[pb.Token]:
+    """Every generated token of `h`, the end token last when produced (logprob: see module doc)."""
+    tokens = [
+        pb.Token(id=t, piece=tokenizer.id_to_token(t), forced=i < prefix_len) for i, t in enumerate(h.tokens)
+    ]
+    if h.finished:
+        eos = tokenizer.special.eos
+        tokens.append(pb.Token(id=eos, piece=tokenizer.id_to_token(eos), special=True))
+    return tokens
+
+
+def translation_message(
+    job: TextJob, gen: Generation, tokenizer: Tokenizer, options: pb.TranslateOptions, total_s: float
+) -> pb.Translation:
+    """The Translation of one text from its job and its Generation."""
+    hypotheses = []
+    for h in gen.hypotheses:
+        hyp = pb.Hypothesis(
+            text=tokenizer.decode(list(h.tokens)),
+            score=float(h.score),
+            normalized_score=normalized_score(h.score, hypothesis_length(h), job.options.length_penalty),
+            finish_reason=pb.FINISH_REASON_END_OF_SEQUENCE if h.finished else pb.FINISH_REASON_LENGTH,
+        )
+        if options.return_tokens:
+            hyp.tokens.extend(token_messages(h, tokenizer, len(job.options.forced_prefix)))
+        hypotheses.append(hyp)
+    best = gen.hypotheses[0]
+    out = pb.Translation(
+        text=hypotheses[0].text,
+        finish_reason=FINISH_REASONS[gen.finish_reason],
+        hypotheses=hypotheses,
+        input_tokens=gen.input_tokens,
+        output_tokens=hypothesis_length(best),
+    )
+    if options.return_timings:
+        t = gen.timings
+        out.timings.CopyFrom(
+            pb.Timings(
+                queue_seconds=t.queue_wait_s,
+                time_to_first_token_seconds=t.time_to_first_token_s or 0.0,
+                decode_seconds=t.decode_s,
+                total_seconds=total_s,
+            )
+        )
+    if job.seed is not None:
+        out.seed = job.seed
+    return out
+
+
+def text_delta(tokenizer: Tokenizer, ids: Sequence[int], sent: str) -> str:
+    """The text of `ids` beyond what was `sent`, or "" while it ends inside a UTF-8 character."""
+    text = tokenizer.decode(list(ids))
+    if text.endswith(REPLACEMENT) or not text.startswith(sent):
+        return ""
+    return text[len(sent) :]
+
+
+def alignment(cross: np.ndarray) -> list[int]:
+    """Argmax over the source of the last layer's head-averaged cross-attention: (L, H, T, S) → T."""
+    return [int(i) for i in np.argmax(cross[-1].mean(axis=0), axis=-1)]
+
+
+def attention_matrices(
+    maps: dict[Kind, np.ndarray],
+    kinds: Sequence[Kind],
+    layers: Sequence[int],
+    heads: Sequence[int],
+    mean: bool,
+) -> list[pb.AttentionMatrix]:
+    """The requested maps, by kind, then layer, then heads, then the head mean; maps[kind]: (L, H, T, S)."""
+    out = []
+    for kind in kinds:
+        per_layer = maps[kind]
+        for layer in layers or range(per_layer.shape[0]):
+            rows, cols = per_layer.shape[-2:]
+            chosen: list[tuple[int | None, np.ndarray]] = [(h, per_layer[layer, h]) for h in heads]
+            if mean:
+                chosen.append((None, per_layer[layer].mean(axis=0)))
+            for head, values in chosen:
+                m = pb.AttentionMatrix(kind=kind, layer=layer, rows=rows, cols=cols)
+                m.values.extend(np.asarray(values, dtype=np.float32).ravel().tolist())
+                if head is not None:
+                    m.head = head
+                out.append(m)
+    return out
+
+
+# --- the servicer -----------------------------------------------------------------------------------

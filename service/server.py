@@ -1,0 +1,192 @@
+"""The server: wires config → metrics → engine → scheduler → grpc.aio server, and shuts down gracefully.
+
+    running = await start_server(config)     # listening; SERVING once the engine is warm
+    await running.stop()                     # NOT_SERVING, drain the scheduler, server.stop(grace)
+
+`serve(config)` runs until SIGTERM or SIGINT, then stops gracefully: the health service reports
+NOT_SERVING at once, new work is refused (the draining scheduler raises SchedulerClosedError →
+UNAVAILABLE), in-flight calls get the grace period to finish, and it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
+
+from service.api.translator.v1 import translator_pb2 as pb
+from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
+from service.config import Config, ServerConfig
+from service.engine import Engine
+from service.metrics import Metrics, MetricsServer, serve_metrics
+from service.scheduler import Scheduler
+from service.servicer import TranslatorServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Translator"].full_name  # "translator.v1.Translator"
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+# --- logging ----------------------------------------------------------------------------------------
+
+
+class _TextFormatter(logging.Formatter):
+    """`time level logger message k=v …`: the structured fields of a request line appended."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = getattr(record, "fields", None)
+        if fields:
+            line += " " + " ".join(f"{k}={v}" for k, v in fields.items())
+        return line
+
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and the structured fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            **getattr(record, "fields", {}),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def setup_logging(config: ServerConfig) -> None:
+    """Root logging to stderr at the configured level, as text or JSON lines."""
+    handler = logging.StreamHandler()
+    if config.log_format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(_TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=config.log_level, handlers=[handler], force=True)
+
+
+# --- the running server -----------------------------------------------------------------------------
+
+
+def _build_version() -> str:
+    try:
+        return metadata.version("translator")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+@dataclass
+class RunningServer:
+    """A started server: its bound ports and the pieces a graceful stop needs."""
+
+    config: Config
+    server: grpc.aio.Server
+    port: int  # the bound gRPC port (the real one when the config asked for 0)
+    metrics_server: MetricsServer
+    health: health.aio.HealthServicer
+    servicer: TranslatorServicer
+    scheduler: Scheduler
+    engine: Engine
+    metrics: Metrics
+
+    @property
+    def metrics_port(self) -> int:
+        return self.metrics_server.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING, refuse new work, let in-flight calls finish within `grace` (default: config)."""
+        grace = self.config.server.grace_period_s if grace is None else grace
+        log.info("shutting down: draining for up to %.1f s", grace)
+        await self.health.enter_graceful_shutdown()  # every service NOT_SERVING, and it stays so
+        drained = await self.scheduler.drain(grace)
+        if not drained:
+            log.warning("the grace period ended with requests still decoding; they are cancelled")
+        await self.server.stop(grace)
+        self.scheduler.stop()
+        self.metrics_server.close()
+        log.info("stopped")
+
+
+async def start_server(config: Config, *, engine: Engine | None = None) -> RunningServer:
+    """Start listening (health NOT_SERVING), warm the engine up, then report SERVING.
+
+    Args:
+        engine: an already loaded engine to serve (tests share one); None loads `config.engine`.
+    Returns:
+        The running server with its bound ports.
+    """
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    metrics_server = serve_metrics(registry, config.server.host.strip("[]"), config.server.metrics_port)
+    if engine is None:
+        engine = await asyncio.to_thread(Engine, config.engine, metrics)
+    default = engine.model()
+    metrics.set_model_info(
+        model=default.name,
+        model_version=default.version,
+        variant=default.variant,
+        execution_provider=default.provider,
+        build_version=_build_version(),
+    )
+    scheduler = Scheduler(engine, config.scheduler, metrics)
+    servicer = TranslatorServicer(config, engine, scheduler, metrics)
+
+    size = config.server.max_message_bytes
+    server = grpc.aio.server(
+        options=[("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size)]
+    )
+    pb_grpc.add_TranslatorServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{config.server.host}:{config.server.port}")
+    for name in ("", SERVICE):
+        await health_servicer.set(name, NOT_SERVING)
+    await server.start()
+
+    await asyncio.to_thread(engine.warm_up)
+    scheduler.start()
+    servicer.ready = True
+    for name in ("", SERVICE):
+        await health_servicer.set(name, SERVING)
+    log.info(
+        "serving %s on %s port=%d metrics_port=%d (model %s %s, %s on %s)",
+        SERVICE,
+        config.server.host,
+        port,
+        metrics_server.port,
+        default.name,
+        default.version,
+        default.variant,
+        default.provider,
+    )
+    return RunningServer(
+        config, server, port, metrics_server, health_servicer, servicer, scheduler, engine, metrics
+    )
+
+
+async def serve(config: Config) -> None:
+    """Serve until SIGTERM or SIGINT, then stop gracefully (see `RunningServer.stop`) and return."""
+    running = await start_server(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await running.stop()

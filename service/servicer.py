@@ -1,0 +1,369 @@
+"""The gRPC servicer of `translator.v1.Translator`: proto ⇄ domain, and errors → status codes.
+
+Each RPC validates its request (`service.requests` for Translate/TranslateStream), submits one
+scheduler `Request` per text with the call's deadline, awaits the outcomes and builds the response.
+`_handled` is the one place where exceptions become gRPC statuses; it also counts every call in
+the metrics and writes one structured log line per call.
+
+Per-token log-probabilities: the scheduler's `Hypothesis` carries only the summed score, so
+`Token.logprob` is left unset (0) in returned tokens; `Hypothesis.score` is exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from service.api.translator.v1 import translator_pb2 as pb
+from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
+from service.config import Config
+from service.engine import Engine, ModelInfo, ModelNotFoundError
+from service.metrics import Metrics
+from service.requests import InvalidRequestError, RequestLimits, TextJob, translate_jobs
+from service.responses import (
+    Kind,
+    alignment,
+    attention_matrices,
+    text_delta,
+    translation_message,
+)
+from service.scheduler import (
+    DeadlineExceededError,
+    Generation,
+    Handle,
+    QueueFullError,
+    Request,
+    RequestCancelledError,
+    RequestTooLargeError,
+    Scheduler,
+    SchedulerClosedError,
+)
+from service.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+VARIANTS = {"fp32": pb.MODEL_VARIANT_FP32, "optimized": pb.MODEL_VARIANT_FP32}
+VARIANTS |= {"int8": pb.MODEL_VARIANT_INT8, "fp16": pb.MODEL_VARIANT_FP16}
+KIND_NAMES = {
+    pb.ATTENTION_KIND_CROSS: "cross_attention",
+    pb.ATTENTION_KIND_ENCODER_SELF: "encoder_attention",
+    pb.ATTENTION_KIND_DECODER_SELF: "decoder_attention",
+}
+
+
+class NotReadyError(Exception):
+    """The server is still warming up (UNAVAILABLE)."""
+
+
+# --- exceptions → statuses: the one place -----------------------------------------------------------
+
+_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (RequestTooLargeError, grpc.StatusCode.INVALID_ARGUMENT),
+    (ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (SchedulerClosedError, grpc.StatusCode.UNAVAILABLE),
+    (NotReadyError, grpc.StatusCode.UNAVAILABLE),
+    (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (RequestCancelledError, grpc.StatusCode.CANCELLED),
+)
+
+
+def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and client-facing message of an exception (INTERNAL hides the details)."""
+    for kind, code in _CODES:
+        if isinstance(error, kind):
+            return code, str(error)
+    return grpc.StatusCode.INTERNAL, "internal error while translating; see the server log"
+
+
+@dataclass
+class CallRecord:
+    """What the log line of one call says; handlers fill in the model and token counts."""
+
+    rpc: str
+    request_id: str
+    start: float = field(default_factory=time.monotonic)
+    model: str = ""
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    def fields(self, code: grpc.StatusCode) -> dict[str, Any]:
+        return {
+            "request_id": self.request_id,
+            "rpc": self.rpc,
+            "model": self.model,
+            "status": code.name,
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "duration_s": round(time.monotonic() - self.start, 6),
+        }
+
+
+def _request_id(context: grpc.aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id" and value:
+            return str(value)[:64]
+    return uuid.uuid4().hex[:16]
+
+
+# --- pure helpers: domain → proto -------------------------------------------------------------------
+
+
+class TranslatorServicer(pb_grpc.TranslatorServicer):
+    """translator.v1.Translator over an engine (models, attention) and a scheduler (decoding)."""
+
+    def __init__(self, config: Config, engine: Engine, scheduler: Scheduler, metrics: Metrics) -> None:
+        self.config, self.engine, self.scheduler, self.metrics = config, engine, scheduler, metrics
+        self.ready = False  # set by the server once the engine is warm
+        self.tokenizers = {
+            name: Tokenizer.from_file(engine.graphs(name).model_dir / engine.graphs(name).manifest.tokenizer)
+            for name in engine.models
+        }
+
+    @contextlib.asynccontextmanager
+    async def _handled(self, rpc: str, context: grpc.aio.ServicerContext) -> AsyncIterator[CallRecord]:
+        """Run one call: map its exception to a status, count it, log it once."""
+        call = CallRecord(rpc, _request_id(context))
+        code, message = grpc.StatusCode.OK, ""
+        try:
+            yield call
+        except GeneratorExit:  # a stream closed early by its client
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except asyncio.CancelledError:  # the client went away or the call's deadline passed
+            remaining = context.time_remaining()
+            expired = remaining is not None and remaining <= 0
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            raise
+        except Exception as error:
+            code, message = status_of(error)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("request %s (%s) failed", call.request_id, rpc)
+        finally:
+            self.metrics.request_finished(rpc, code, time.monotonic() - call.start)
+            fields = call.fields(code)
+            log.info("%s %s", rpc, code.name, extra={"fields": fields})
+        if code != grpc.StatusCode.OK:
+            await context.abort(code, message)
+
+    def _model(self, name: str) -> tuple[str, ModelInfo]:
+        info = self.engine.model(name or None)
+        return info.name, info
+
+    def _limits(self, info: ModelInfo) -> RequestLimits:
+        server = self.config.server
+        return RequestLimits(
+            max_texts_per_request=server.max_texts_per_request,
+            max_beam_size=server.max_beam_size,
+            max_source_tokens=info.limits.max_source_tokens,
+            max_output_tokens=info.limits.max_target_tokens,
+            vocab_size=info.dims.vocab_size,
+        )
+
+    def _jobs(
+        self, texts: Sequence[str], options: pb.TranslateOptions, call: CallRecord, *, streaming: bool
+    ) -> tuple[ModelInfo, list[TextJob]]:
+        if not self.ready:
+            self.metrics.request_rejected("not_ready")
+            raise NotReadyError("the server is starting (warming up the model); retry shortly")
+        name, info = self._model(options.model)
+        call.model = name
+        jobs = translate_jobs(
+            texts,
+            options,
+            self.tokenizers[name],
+            self._limits(info),
+            streaming=streaming,
+            new_seed=lambda: secrets.randbits(63),
+        )
+        call.input_tokens = sum(len(j.source_ids) for j in jobs)
+        return info, jobs
+
+    def _submit(self, model: str, job: TextJob, context: grpc.aio.ServicerContext, stream: bool) -> Handle:
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        return self.scheduler.submit(Request(model, job.source_ids, job.options, deadline, stream))
+
+    async def _generate(
+        self, model: str, jobs: Sequence[TextJob], context: grpc.aio.ServicerContext
+    ) -> list[Generation]:
+        """Decode every job; if one fails (or the call is cancelled), cancel the others."""
+        handles: list[Handle] = []
+        try:
+            for job in jobs:
+                handles.append(self._submit(model, job, context, stream=False))
+            return list(await asyncio.gather(*(h.result() for h in handles)))
+        finally:
+            for h in handles:
+                if not h.done():
+                    h.cancel()
+
+    async def Translate(
+        self, request: pb.TranslateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TranslateResponse:
+        async with self._handled("Translate", context) as call:
+            info, jobs = self._jobs(request.texts, request.options, call, streaming=False)
+            generations = await self._generate(info.name, jobs, context)
+            total = time.monotonic() - call.start
+            tokenizer = self.tokenizers[info.name]
+            translations = [
+                translation_message(job, gen, tokenizer, request.options, total)
+                for job, gen in zip(jobs, generations, strict=True)
+            ]
+            call.output_tokens = sum(t.output_tokens for t in translations)
+            return pb.TranslateResponse(
+                translations=translations, model=info.name, model_version=info.version
+            )
+        raise AssertionError("unreachable: _handled aborts the call on error")
+
+    async def TranslateStream(
+        self, request: pb.TranslateStreamRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.TranslateStreamResponse]:
+        async with self._handled("TranslateStream", context) as call:
+            info, (job,) = self._jobs([request.text], request.options, call, streaming=True)
+            tokenizer = self.tokenizers[info.name]
+            handle = self._submit(info.name, job, context, stream=True)
+            try:
+                ids: list[int] = []
+                sent = ""
+                async for token in handle.tokens():
+                    ids.append(token)
+                    new = text_delta(tokenizer, ids, sent)
+                    sent += new
+                    yield pb.TranslateStreamResponse(delta=pb.TextDelta(text=new, token_ids=[token]))
+                gen = await handle.result()
+            finally:
+                if not handle.done():
+                    handle.cancel()  # the client went away: the row leaves the batch at the next step
+            final = translation_message(job, gen, tokenizer, request.options, time.monotonic() - call.start)
+            if final.text != sent:  # text held back at the end (a cut UTF-8 character)
+                if not final.text.startswith(sent):
+                    log.warning("request %s: streamed text is not a prefix of the result", call.request_id)
+                yield pb.TranslateStreamResponse(delta=pb.TextDelta(text=final.text[len(sent) :]))
+            call.output_tokens = final.output_tokens
+            response = pb.TranslateResponse(translations=[final], model=info.name, model_version=info.version)
+            yield pb.TranslateStreamResponse(final=response)
+
+    async def Attend(self, request: pb.AttendRequest, context: grpc.aio.ServicerContext) -> pb.AttendResponse:
+        async with self._handled("Attend", context) as call:
+            name, info = self._model(request.model)
+            call.model = name
+            tokenizer = self.tokenizers[name]
+            limits = self._limits(info)
+            kinds, layers, heads = self._attend_selection(request, name)
+            if not request.source.strip():
+                raise InvalidRequestError("source is empty")
+            try:
+                source = tokenizer.encode_source(request.source, limits.max_source_tokens)
+            except ValueError as err:
+                raise InvalidRequestError(f"source: {err}") from err
+            if request.HasField("target"):
+                target_text, target = request.target, tokenizer.encode(request.target)
+                if len(target) + 1 > limits.max_output_tokens:
+                    raise InvalidRequestError(
+                        f"target is {len(target) + 1} tokens (end token included), longer than the "
+                        f"limit of {limits.max_output_tokens}"
+                    )
+            else:
+                if not self.ready:
+                    raise NotReadyError("the server is starting (warming up the model); retry shortly")
+                (job,) = translate_jobs(
+                    [request.source], pb.TranslateOptions(), tokenizer, limits, new_seed=int
+                )
+                (gen,) = await self._generate(name, [job], context)
+                target = list(gen.hypotheses[0].tokens)
+                target_text = tokenizer.decode(target)
+            call.input_tokens, call.output_tokens = len(source), len(target) + 1
+            att = await asyncio.to_thread(
+                self.engine.attention, name, [source], [[info.dims.bos_id, *target]]
+            )
+            maps = {  # (L, H, T, S) of the one pair
+                pb.ATTENTION_KIND_CROSS: att.cross_attention[:, 0],
+                pb.ATTENTION_KIND_ENCODER_SELF: att.encoder_attention[:, 0],
+                pb.ATTENTION_KIND_DECODER_SELF: att.decoder_attention[:, 0],
+            }
+            mean = request.average_heads or not heads
+            eos = tokenizer.id_to_token(tokenizer.special.eos)
+            return pb.AttendResponse(
+                model=name,
+                target=target_text,
+                source_tokens=[tokenizer.id_to_token(t) for t in source],
+                target_tokens=[*(tokenizer.id_to_token(t) for t in target), eos],
+                matrices=attention_matrices(maps, kinds, layers, heads, mean),
+                alignment=alignment(maps[pb.ATTENTION_KIND_CROSS]),
+            )
+        raise AssertionError("unreachable: _handled aborts the call on error")
+
+    def _attend_selection(
+        self, request: pb.AttendRequest, model: str
+    ) -> tuple[list[Kind], list[int], list[int]]:
+        """(kinds, layers, heads) of an Attend request, checked against the model's architecture."""
+        kinds = list(request.kinds) or [pb.ATTENTION_KIND_CROSS]
+        for kind in kinds:
+            if kind not in KIND_NAMES:
+                raise InvalidRequestError(
+                    f"kinds: {kind} is not an attention kind (CROSS, ENCODER_SELF, DECODER_SELF)"
+                )
+        if len(set(kinds)) != len(kinds):
+            raise InvalidRequestError("kinds: each attention kind may be requested at most once")
+        arch = self.engine.graphs(model).manifest.architecture
+        stacks = {pb.ATTENTION_KIND_ENCODER_SELF: int(arch["n_encoder_layers"])}
+        layers = sorted(set(request.layers))
+        for kind in kinds:
+            limit = stacks.get(kind, int(arch["n_decoder_layers"]))
+            if layers and layers[-1] >= limit:
+                raise InvalidRequestError(
+                    f"layers: {layers[-1]} is out of range; {pb.AttentionKind.Name(kind)} has {limit} "
+                    f"layers (0 to {limit - 1})"
+                )
+        heads = sorted(set(request.heads))
+        limit = int(arch["n_heads"])
+        if heads and heads[-1] >= limit:
+            raise InvalidRequestError(f"heads: {heads[-1]} is out of range; the model has {limit} heads")
+        return kinds, layers, heads
+
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetModelInfoResponse:
+        async with self._handled("GetModelInfo", context) as call:
+            models = [self._model_info(info) for _, info in sorted(self.engine.models.items())]
+            call.model = self.engine.default_model
+            return pb.GetModelInfoResponse(models=models, default_model=self.engine.default_model)
+        raise AssertionError("unreachable: _handled aborts the call on error")
+
+    def _model_info(self, info: ModelInfo) -> pb.ModelInfo:
+        graphs = self.engine.graphs(info.name)
+        arch = graphs.manifest.architecture
+        limits = self._limits(info)
+        return pb.ModelInfo(
+            name=info.name,
+            version=info.version,
+            source_language=info.languages.source,
+            target_language=info.languages.target,
+            variant=VARIANTS.get(info.variant, pb.MODEL_VARIANT_UNSPECIFIED),
+            execution_providers=graphs.decoder_step.get_providers(),
+            architecture=pb.ModelArchitecture(
+                encoder_layers=int(arch["n_encoder_layers"]),
+                decoder_layers=int(arch["n_decoder_layers"]),
+                heads=int(arch["n_heads"]),
+                d_model=int(arch["d_model"]),
+                vocab_size=info.dims.vocab_size,
+            ),
+            limits=pb.ModelLimits(
+                max_source_tokens=limits.max_source_tokens,
+                max_output_tokens=limits.max_output_tokens,
+                max_texts_per_request=limits.max_texts_per_request,
+                max_beam_size=limits.max_beam_size,
+                max_batch_size=self.config.scheduler.max_sequences,
+            ),
+        )

@@ -1,0 +1,59 @@
+"""A real server on a loopback port, run on its own event loop in a thread, for synchronous tests."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import replace
+
+from service.config import Config, SchedulerConfig, ServerConfig
+from service.engine import Engine
+from service.server import RunningServer, start_server
+
+
+def loopback_config(**scheduler: object) -> Config:
+    """The default config on 127.0.0.1, free ports, a short grace period; scheduler fields overridable."""
+    server = ServerConfig(host="127.0.0.1", port=0, metrics_port=0, grace_period_s=2.0)
+    return Config(server=server, scheduler=replace(SchedulerConfig(), **scheduler))  # type: ignore[arg-type]
+
+
+class ServerThread:
+    """`start_server(config)` on a private event loop; `.running` is the RunningServer."""
+
+    def __init__(self, config: Config, engine: Engine | None = None) -> None:
+        self._config, self._engine = config, engine
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self.running: RunningServer
+        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._main(),))
+
+    async def _main(self) -> None:
+        self._stop = asyncio.Event()
+        try:
+            self.running = await start_server(self._config, engine=self._engine)
+        except BaseException as err:
+            self._error = err
+            raise
+        finally:
+            self._ready.set()
+        await self._stop.wait()
+        await self.running.stop(grace=1.0)
+
+    def __enter__(self) -> ServerThread:
+        self._thread.start()
+        self._ready.wait(60)
+        if self._error is not None:
+            raise RuntimeError("the server did not start") from self._error
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
+        self._loop.close()
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.running.port}"

@@ -1,0 +1,373 @@
+"""The real server on a loopback port: real onnxruntime, the committed model, a gRPC client.
+
+Most tests share one in-process server (tests/service/server_fixture.py); the queue-full test runs a
+second one with a tiny queue on the same engine, and the SIGTERM test runs `python -m service` as a
+subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from service.api.translator.v1 import translator_pb2 as pb
+from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
+from service.config import EngineConfig, ServerConfig
+from service.engine import Engine
+from service.reference_decoder import translate_texts
+from service.responses import text_delta
+from service.server import setup_logging
+from service.tokenizer import Tokenizer
+from tests.service.server_fixture import ServerThread, loopback_config
+
+SERVICE = "translator.v1.Translator"
+TEXTS = ["I love cats.", "The old man gives the red book to the child.", "We see a small dog."]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return Engine(EngineConfig())
+
+
+@pytest.fixture(scope="module")
+def server(engine: Engine) -> Iterator[ServerThread]:
+    with ServerThread(loopback_config(), engine) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def channel(server: ServerThread) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(server.target) as channel:
+        yield channel
+
+
+@pytest.fixture(scope="module")
+def stub(channel: grpc.Channel) -> pb_grpc.TranslatorStub:
+    return pb_grpc.TranslatorStub(channel)
+
+
+def translate(stub: pb_grpc.TranslatorStub, texts: list[str], **options: object) -> pb.TranslateResponse:
+    return stub.Translate(
+        pb.TranslateRequest(texts=texts, options=pb.TranslateOptions(**options)), timeout=30
+    )
+
+
+def status_of(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
+    """The status code and details of the error that `call` raises."""
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    err = info.value
+    return err.code(), err.details()  # type: ignore[attr-defined]
+
+
+# --- Translate -------------------------------------------------------------------------------------
+
+
+def test_unary_translations_equal_the_reference_decoder(stub: pb_grpc.TranslatorStub, engine: Engine) -> None:
+    expected = translate_texts(engine.graphs(), None, TEXTS)
+
+    single = translate(stub, TEXTS[:1])
+    multi = translate(stub, TEXTS)
+
+    assert [t.text for t in single.translations] == expected[:1]
+    assert [t.text for t in multi.translations] == expected
+    assert (multi.model, multi.model_version) == (engine.default_model, engine.model().version)
+    first = multi.translations[0]
+    assert first.finish_reason == pb.FINISH_REASON_END_OF_SEQUENCE
+    (hyp,) = first.hypotheses
+    assert hyp.score < 0 and hyp.normalized_score == pytest.approx(hyp.score / first.output_tokens)
+    assert (
+        first.input_tokens
+        == len(Tokenizer.from_file(engine.graphs().model_dir / "tokenizer.json").encode(TEXTS[0])) + 1
+    )
+
+
+def test_beam_search_returns_n_best_ranked_hypotheses(stub: pb_grpc.TranslatorStub, engine: Engine) -> None:
+    expected = translate_texts(engine.graphs(), None, TEXTS[1:2], beam_size=4)
+
+    (t,) = translate(
+        stub, TEXTS[1:2], beam=pb.BeamSearch(beam_size=4), n_best=3, return_tokens=True
+    ).translations
+
+    assert t.text == expected[0] == t.hypotheses[0].text
+    assert len(t.hypotheses) == 3
+    ranks = [h.normalized_score for h in t.hypotheses]
+    assert ranks == sorted(ranks, reverse=True)
+    best = t.hypotheses[0]
+    assert len(best.tokens) == t.output_tokens and best.tokens[-1].special and best.tokens[-1].piece == "</s>"
+
+
+def test_tokens_timings_prefix_and_seed_are_returned(stub: pb_grpc.TranslatorStub) -> None:
+    (t,) = translate(
+        stub, TEXTS[:1], target_prefix="Nous", return_tokens=True, return_timings=True
+    ).translations
+    assert t.text.startswith("Nous")
+    assert t.hypotheses[0].tokens[0].forced and not t.hypotheses[0].tokens[-2].forced
+    assert 0 < t.timings.queue_seconds <= t.timings.total_seconds
+    assert 0 < t.timings.time_to_first_token_seconds <= t.timings.total_seconds
+    assert not t.HasField("seed")
+
+    sampling = pb.Sampling(temperature=0.8, seed=7)
+    a, b = (translate(stub, TEXTS[:2], sampling=sampling).translations for _ in range(2))
+    assert [x.text for x in a] == [x.text for x in b] and [x.seed for x in a] == [7, 7]
+
+
+# --- TranslateStream -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prefix", ["", "Le"])
+def test_stream_deltas_concatenate_to_the_unary_result(stub: pb_grpc.TranslatorStub, prefix: str) -> None:
+    options = pb.TranslateOptions(target_prefix=prefix, return_tokens=True)
+    (unary,) = stub.Translate(pb.TranslateRequest(texts=TEXTS[1:2], options=options), timeout=30).translations
+
+    messages = list(
+        stub.TranslateStream(pb.TranslateStreamRequest(text=TEXTS[1], options=options), timeout=30)
+    )
+
+    *deltas, final = messages
+    assert all(m.WhichOneof("event") == "delta" for m in deltas) and final.WhichOneof("event") == "final"
+    assert "".join(m.delta.text for m in deltas) == unary.text == final.final.translations[0].text
+    ids = [i for m in deltas for i in m.delta.token_ids]
+    assert ids == [tok.id for tok in unary.hypotheses[0].tokens if not tok.special]
+    assert final.final.translations[0] == unary or final.final.translations[0].text == unary.text
+
+
+def test_text_delta_holds_back_a_partial_utf8_character(engine: Engine) -> None:
+    tokenizer = Tokenizer.from_file(engine.graphs().model_dir / "tokenizer.json")
+    ids = tokenizer.encode(" 日本")  # byte-level pieces: 日 and 本 are 3 bytes each
+    sent, deltas = "", []
+    for n in range(1, len(ids) + 1):
+        deltas.append(text_delta(tokenizer, ids[:n], sent))
+        sent += deltas[-1]
+    assert deltas == [" ", "", "", "日", "", "", "本"]
+
+
+def test_stream_refuses_beam_search(stub: pb_grpc.TranslatorStub) -> None:
+    request = pb.TranslateStreamRequest(
+        text="I love cats.", options=pb.TranslateOptions(n_best=2, beam=pb.BeamSearch())
+    )
+    code, details = status_of(lambda: list(stub.TranslateStream(request, timeout=30)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "n_best" in details
+
+
+# --- Attend, GetModelInfo ---------------------------------------------------------------------------
+
+
+def test_attend_rows_sum_to_one_and_align_every_target_token(stub: pb_grpc.TranslatorStub) -> None:
+    kinds = [pb.ATTENTION_KIND_CROSS, pb.ATTENTION_KIND_ENCODER_SELF, pb.ATTENTION_KIND_DECODER_SELF]
+    response = stub.Attend(
+        pb.AttendRequest(source="I love cats.", kinds=kinds, heads=[1], average_heads=True), timeout=30
+    )
+
+    assert response.target == "J'aime les chats."
+    assert response.source_tokens[-1] == response.target_tokens[-1] == "</s>"
+    assert len(response.alignment) == len(response.target_tokens)
+    assert all(0 <= a < len(response.source_tokens) for a in response.alignment)
+    assert len(response.matrices) == 3 * 3 * 2  # kinds × layers × (head 1, mean)
+    assert [m.kind for m in response.matrices[:6]] == [pb.ATTENTION_KIND_CROSS] * 6
+    assert [(m.layer, m.HasField("head")) for m in response.matrices[:2]] == [(0, True), (0, False)]
+    for m in response.matrices:
+        rows = np.array(m.values).reshape(m.rows, m.cols)
+        np.testing.assert_allclose(rows.sum(axis=1), 1.0, atol=1e-3)
+
+
+def test_attend_with_a_given_target_and_checked_ranges(stub: pb_grpc.TranslatorStub) -> None:
+    response = stub.Attend(
+        pb.AttendRequest(source="I love cats.", target="J'aime les chiens.", layers=[2]), timeout=30
+    )
+    assert response.target == "J'aime les chiens."
+    (matrix,) = response.matrices
+    assert (matrix.layer, matrix.rows, matrix.cols) == (
+        2,
+        len(response.target_tokens),
+        len(response.source_tokens),
+    )
+
+    code, details = status_of(lambda: stub.Attend(pb.AttendRequest(source="Hi.", heads=[9]), timeout=30))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "4 heads" in details
+    code, details = status_of(lambda: stub.Attend(pb.AttendRequest(source="Hi.", layers=[3]), timeout=30))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "3 layers" in details
+
+
+def test_get_model_info_describes_the_served_model(stub: pb_grpc.TranslatorStub, engine: Engine) -> None:
+    response = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
+    (model,) = response.models
+    assert response.default_model == model.name == engine.default_model
+    assert (model.source_language, model.target_language) == ("en", "fr")
+    assert (
+        model.variant
+        == {"int8": pb.MODEL_VARIANT_INT8, "fp32": pb.MODEL_VARIANT_FP32}[engine.model().variant]
+    )
+    assert model.execution_providers == ["CPUExecutionProvider"]
+    assert (model.architecture.decoder_layers, model.architecture.heads) == (3, 4)
+    assert (
+        model.limits.max_source_tokens,
+        model.limits.max_beam_size,
+        model.limits.max_texts_per_request,
+    ) == (128, 8, 64)
+
+
+# --- health, reflection, metrics --------------------------------------------------------------------
+
+
+def test_health_reports_serving_and_reflection_lists_the_services(
+    server: ServerThread, channel: grpc.Channel
+) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+    for name in ("", SERVICE):
+        status = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+    services = ProtoReflectionDescriptorDatabase(channel).get_services()
+    assert {SERVICE, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= set(services)
+
+
+def test_metrics_count_requests(server: ServerThread, stub: pb_grpc.TranslatorStub) -> None:
+    def scrape() -> float:
+        url = f"http://127.0.0.1:{server.running.metrics_port}/metrics"
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        match = re.search(r'translator_requests_total\{code="OK",rpc="GetModelInfo"\} (\S+)', text)
+        assert match and "translator_model_info{" in text
+        return float(match.group(1))
+
+    before = scrape()
+    stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+    stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+    assert scrape() == before + 2
+
+
+# --- errors -----------------------------------------------------------------------------------------
+
+
+def test_bad_requests_are_invalid_argument_with_the_limit(stub: pb_grpc.TranslatorStub) -> None:
+    code, details = status_of(lambda: translate(stub, []))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "between 1 and 64" in details
+    code, details = status_of(lambda: translate(stub, ["Hi."], beam=pb.BeamSearch(beam_size=9)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "limit of 8" in details
+    code, details = status_of(lambda: translate(stub, ["word " * 200]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "128" in details
+
+
+def test_an_unknown_model_is_not_found_naming_the_served_ones(stub: pb_grpc.TranslatorStub) -> None:
+    code, details = status_of(lambda: translate(stub, ["Hi."], model="de-en"))
+    assert code == grpc.StatusCode.NOT_FOUND and "'de-en'" in details and "en-fr-small" in details
+
+
+def test_a_too_short_deadline_is_deadline_exceeded(stub: pb_grpc.TranslatorStub) -> None:
+    options = pb.TranslateOptions(stopping=pb.StoppingCriteria(max_output_tokens=128, min_output_tokens=120))
+    request = pb.TranslateRequest(texts=TEXTS * 4, options=options)
+    code, _ = status_of(lambda: stub.Translate(request, timeout=0.05))
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert translate(stub, TEXTS[:1]).translations[0].text  # the server goes on
+
+
+def test_a_full_queue_is_resource_exhausted(engine: Engine) -> None:
+    request = pb.TranslateRequest(texts=TEXTS * 2)
+    with (
+        ServerThread(loopback_config(max_queue_size=1), engine) as small,
+        grpc.insecure_channel(small.target) as ch,
+    ):
+        stub = pb_grpc.TranslatorStub(ch)
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(stub.Translate, request, timeout=30) for _ in range(8)]
+            codes = []
+            for f in futures:
+                err = f.exception()
+                codes.append(grpc.StatusCode.OK if err is None else err.code())  # type: ignore[attr-defined]
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
+# --- the process: python -m service, SIGTERM ---------------------------------------------------------
+
+
+def test_sigterm_drains_in_flight_calls_and_exits_zero() -> None:
+    env = {**os.environ, "TRANSLATOR_LOG_FORMAT": "text"}
+    args = ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--grace-period-s", "20"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service", *args], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stderr is not None
+        port = None
+        deadline = time.monotonic() + 60
+        while port is None and time.monotonic() < deadline:
+            line = process.stderr.readline()
+            assert line, "the server exited before listening"
+            match = re.search(r" port=(\d+)", line)
+            port = int(match.group(1)) if match else None
+        assert port is not None
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.TranslatorStub(channel)
+            long = pb.TranslateOptions(
+                stopping=pb.StoppingCriteria(max_output_tokens=128, min_output_tokens=100)
+            )
+            in_flight = stub.Translate.future(pb.TranslateRequest(texts=TEXTS, options=long), timeout=60)
+            time.sleep(0.3)  # accepted and decoding
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+
+            code, _ = status_of(lambda: translate(stub, TEXTS[:1]))
+            assert code == grpc.StatusCode.UNAVAILABLE
+            response = in_flight.result(timeout=60)
+            assert all(t.output_tokens >= 100 for t in response.translations)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+
+
+def test_a_cancelled_stream_leaves_the_batch(server: ServerThread, stub: pb_grpc.TranslatorStub) -> None:
+    stopping = pb.StoppingCriteria(max_output_tokens=128, min_output_tokens=120)
+    request = pb.TranslateStreamRequest(text=TEXTS[1], options=pb.TranslateOptions(stopping=stopping))
+    registry = server.running.metrics.registry
+    cancelled = {"reason": "cancelled"}
+    cancelled_before = registry.get_sample_value("translator_sequences_finished_total", cancelled) or 0.0
+    before = server.running.scheduler.stats().outcomes
+    stream = stub.TranslateStream(request, timeout=30)
+    next(stream)  # decoding has started
+    stream.cancel()
+
+    deadline = time.monotonic() + 10
+    while server.running.scheduler.stats().outcomes == before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stats = server.running.scheduler.stats()
+    assert stats.outcomes == before + 1 and stats.in_flight == 0
+    assert registry.get_sample_value("translator_sequences_finished_total", cancelled) == cancelled_before + 1
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_the_request_log_line_carries_the_fields(log_format: str) -> None:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        setup_logging(ServerConfig(log_format=log_format))  # type: ignore[arg-type]
+        (handler,) = root.handlers
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    fields = {"request_id": "abc", "rpc": "Translate", "status": "OK", "input_tokens": 7}
+    record = logging.LogRecord("service.servicer", logging.INFO, __file__, 1, "Translate OK", None, None)
+    record.fields = fields
+    line = handler.format(record)
+    if log_format == "json":
+        assert json.loads(line) | fields == json.loads(line) and json.loads(line)["message"] == "Translate OK"
+    else:
+        assert line.endswith("Translate OK request_id=abc rpc=Translate status=OK input_tokens=7")
