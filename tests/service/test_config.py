@@ -92,3 +92,11 @@ def test_config_table_lists_every_setting_with_its_default() -> None:
     assert rows["--port"] == ("TRANSLATOR_PORT", "50051")
     assert rows["--default-model"] == ("TRANSLATOR_DEFAULT_MODEL", "(none)")
     assert all(meaning for *_, meaning in config_table())
+
+
+def test_readme_lists_every_setting() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    for flag, env, default, _meaning in config_table():
+        assert f"| `{flag}` | `{env}` | `{default}` |" in readme, f"README's table lacks or misstates {flag}"
