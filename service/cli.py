@@ -1,0 +1,345 @@
+"""`python -m service.cli [--address HOST:PORT] {translate,attend,info,health}`: the client on a terminal.
+
+    python -m service.cli translate "I love cats."            # J'aime les chats.
+    printf 'I love cats.\\n\\nWe see a dog.\\n' | python -m service.cli translate
+    python -m service.cli translate --stream "I love cats."
+    python -m service.cli attend "I love cats." --png cats.png
+
+Errors print "error: STATUS: message" on stderr and exit 1; usage errors exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from service.client import ATTENTION_KINDS, Attention, Translation, TranslatorClient, TranslatorError
+
+DEFAULT_ADDRESS = "localhost:50051"
+
+
+# --- token display ---------------------------------------------------------------------------------
+
+
+def _byte_decoder() -> dict[str, int]:
+    """Byte-level BPE's printable stand-ins → the bytes they stand for (the GPT-2 byte table)."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {chr(b): b for b in kept}
+    moved = [b for b in range(256) if b not in table.values()]
+    table |= {chr(256 + i): b for i, b in enumerate(moved)}
+    return table
+
+
+_BYTES = _byte_decoder()
+
+
+def display_token(piece: str) -> str:
+    """A vocabulary piece made readable: its bytes decoded as UTF-8, a leading space shown as '▁'.
+
+    Special tokens ("</s>") and pieces that are not byte-level spellings are returned as they are.
+    """
+    if not piece or any(ch not in _BYTES for ch in piece) or piece.startswith("</"):
+        return piece
+    text = bytes(_BYTES[ch] for ch in piece).decode("utf-8", errors="replace")
+    return "▁" + text[1:] if text.startswith(" ") else text
+
+
+# --- translate -------------------------------------------------------------------------------------
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "sample": args.sample,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "max_output_tokens": args.max_tokens,
+        "min_output_tokens": args.min_tokens,
+        "target_prefix": args.prefix,
+        "model": args.model,
+        "return_timings": args.timings,
+    }
+
+
+def _batches(lines: Iterable[str], size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for line in lines:
+        batch.append(line.rstrip("\r\n"))
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _print_translation(t: Translation, n_best: int) -> None:
+    if n_best > 1:  # every hypothesis on its own line, best first, with its ranking score
+        for h in t.hypotheses:
+            print(f"{h.normalized_score:.4f}\t{h.text}")
+    else:
+        print(t.text)
+    _print_timings(t)
+
+
+def _print_timings(t: Translation) -> None:
+    if t.timings is not None:  # stderr, so that stdout stays one translation per line
+        x = t.timings
+        print(
+            f"timings: queue {x.queue_seconds * 1e3:.1f} ms, first token "
+            f"{x.time_to_first_token_seconds * 1e3:.1f} ms, decode {x.decode_seconds * 1e3:.1f} ms, "
+            f"total {x.total_seconds * 1e3:.1f} ms, {t.output_tokens} tokens",
+            file=sys.stderr,
+        )
+
+
+def _translate_batch(client: TranslatorClient, texts: list[str], args: argparse.Namespace) -> None:
+    """Translates a batch, empty (blank) lines giving empty lines, and prints it in order."""
+    todo = [t for t in texts if t.strip()]
+    options = _options(args) | {"beam_size": args.beam_size, "n_best": args.n_best}
+    done = iter(client.translate(todo, **options) if todo else [])
+    for text in texts:
+        if text.strip():
+            _print_translation(next(done), args.n_best)
+        else:
+            print()
+    sys.stdout.flush()
+
+
+def _stream_one(client: TranslatorClient, text: str, args: argparse.Namespace) -> None:
+    stream = client.translate_stream(text, **_options(args)) if text.strip() else None
+    for delta in stream or ():
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    print(flush=True)
+    if stream is not None and stream.result is not None:
+        _print_timings(stream.result)
+
+
+def cmd_translate(client: TranslatorClient, args: argparse.Namespace) -> None:
+    texts: Iterable[str] = args.texts or sys.stdin
+    if args.stream:
+        for text in texts:
+            _stream_one(client, text.rstrip("\r\n"), args)
+    else:
+        for batch in _batches(texts, args.batch_size):
+            _translate_batch(client, batch, args)
+
+
+# --- attend ----------------------------------------------------------------------------------------
+
+
+def cmd_attend(client: TranslatorClient, args: argparse.Namespace) -> None:
+    attention = client.attend(
+        args.source,
+        args.target,
+        kinds=[args.kind],
+        layers=[] if args.layer is None else [args.layer],
+        heads=[] if args.head is None else [args.head],
+        average_heads=args.head is None,
+    )
+    source = [display_token(p) for p in attention.source_tokens]
+    target = [display_token(p) for p in attention.target_tokens]
+    for i, j in enumerate(attention.alignment):
+        print(f"{target[i]} → {source[j]}")
+    if args.png:
+        key, matrix = _chosen_matrix(attention, args)
+        rows, cols = (source, source) if key[0] == "encoder" else (target, source)
+        if key[0] == "decoder":  # columns are the decoder inputs: the start token, then the target
+            cols = ["<s>", *target[:-1]]
+        head = "head mean" if key[2] is None else f"head {key[2]}"
+        title = f"{key[0]} attention, layer {key[1]}, {head}"
+        write_heatmap(args.png, matrix, rows, cols, title=title)
+        print(f"wrote {args.png} ({matrix.shape[0]}×{matrix.shape[1]}, {title})", file=sys.stderr)
+
+
+def _chosen_matrix(attention: Attention, args: argparse.Namespace) -> tuple[Any, Any]:
+    """The matrix of the requested layer (default: the last one) and head (default: the mean)."""
+    keys = [k for k in attention.matrices if k[0] == args.kind and k[2] == args.head]
+    key = max(keys, key=lambda k: k[1])
+    return key, attention.matrices[key]
+
+
+# --- the heatmap (Pillow, imported only when a picture is asked for) -------------------------------
+
+# Anchor colours of a dark-to-bright perceptual ramp (0 → dark purple, 1 → yellow), interpolated.
+_RAMP = ((68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37))
+CELL, FONT_SIZE, PAD = 34, 14, 8
+
+
+def ramp_colour(value: float) -> tuple[int, int, int]:
+    """The colour of an attention weight in [0, 1] (clipped)."""
+    x = min(max(value, 0.0), 1.0) * (len(_RAMP) - 1)
+    i = min(int(x), len(_RAMP) - 2)
+    f = x - i
+    lo, hi = _RAMP[i], _RAMP[i + 1]
+    return (
+        round(lo[0] + (hi[0] - lo[0]) * f),
+        round(lo[1] + (hi[1] - lo[1]) * f),
+        round(lo[2] + (hi[2] - lo[2]) * f),
+    )
+
+
+def _font() -> tuple[Any, bool]:
+    """DejaVu Sans when the system has it (accents and '▁' render), else Pillow's default font."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.truetype("DejaVuSans.ttf", FONT_SIZE), True
+    except OSError:
+        return ImageFont.load_default(size=FONT_SIZE), False
+
+
+def _ascii_label(label: str) -> str:
+    """For Pillow's default font, which lacks accents: é → e, '▁' → '_'."""
+    import unicodedata
+
+    folded = unicodedata.normalize("NFKD", label.replace("▁", "_"))
+    return "".join(ch for ch in folded if ord(ch) < 128)
+
+
+def write_heatmap(path: str, matrix: Any, rows: list[str], cols: list[str], *, title: str = "") -> None:
+    """Writes an attention matrix as a PNG: one cell per weight, row labels on the left, column labels
+    rotated on top, the weight written in cells of 0.10 or more, and a colour scale on the right.
+
+    Args:
+        path: the PNG file to write.
+        matrix: (len(rows), len(cols)) weights in [0, 1].
+        rows: the label of each row (query tokens).
+        cols: the label of each column (key tokens).
+        title: a line written above the picture.
+    """
+    from PIL import Image, ImageDraw
+
+    font, unicode_ok = _font()
+    if not unicode_ok:
+        rows, cols, title = (
+            [_ascii_label(x) for x in rows],
+            [_ascii_label(x) for x in cols],
+            _ascii_label(title),
+        )
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def width(text: str) -> int:
+        return int(measure.textlength(text, font=font))
+
+    left = max(map(width, rows)) + 2 * PAD
+    top = max(map(width, cols)) + 2 * PAD + FONT_SIZE + PAD  # rotated labels under the title
+    n, m = len(rows), len(cols)
+    scale_x = left + m * CELL + 2 * PAD
+    image_w = max(scale_x + 16 + width("1.0") + 2 * PAD, width(title) + 2 * PAD)
+    image = Image.new("RGB", (image_w, top + n * CELL + 2 * PAD), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((PAD, PAD), title, fill="black", font=font)
+    for i in range(n):
+        y = top + i * CELL
+        draw.text((left - PAD, y + CELL // 2), rows[i], fill="black", font=font, anchor="rm")
+        for j in range(m):
+            x, value = left + j * CELL, float(matrix[i][j])
+            draw.rectangle((x, y, x + CELL - 1, y + CELL - 1), fill=ramp_colour(value))
+            if value >= 0.1:
+                ink = "black" if value > 0.6 else "white"
+                draw.text((x + CELL // 2, y + CELL // 2), f"{value:.1f}", fill=ink, font=font, anchor="mm")
+    for j, label in enumerate(cols):  # each column label drawn horizontally, then turned upright
+        tile = Image.new("RGB", (width(label) + 2, FONT_SIZE + 6), "white")
+        ImageDraw.Draw(tile).text((0, 0), label, fill="black", font=font)
+        tile = tile.rotate(90, expand=True)
+        image.paste(tile, (left + j * CELL + (CELL - tile.width) // 2, top - PAD - tile.height))
+    for k in range(n * CELL):  # the colour scale: 1 at the top, 0 at the bottom
+        draw.line((scale_x, top + k, scale_x + 14, top + k), fill=ramp_colour(1 - k / (n * CELL - 1)))
+    draw.rectangle((scale_x, top, scale_x + 14, top + n * CELL - 1), outline="black")
+    draw.text((scale_x + 18, top), "1.0", fill="black", font=font)
+    draw.text((scale_x + 18, top + n * CELL), "0.0", fill="black", font=font, anchor="ls")
+    image.save(path, format="PNG")
+
+
+# --- info, health ----------------------------------------------------------------------------------
+
+
+def cmd_info(client: TranslatorClient, args: argparse.Namespace) -> None:
+    for m in client.model_info():
+        default = " (default)" if m.default else ""
+        print(f"{m.name} {m.version}{default}: {m.source_language}→{m.target_language}, {m.variant}")
+        print(f"  providers: {', '.join(m.execution_providers)}")
+        print(f"  layers: {m.encoder_layers} encoder + {m.decoder_layers} decoder, {m.heads} heads, ", end="")
+        print(f"vocabulary {m.vocab_size}")
+        print(
+            f"  limits: {m.max_source_tokens} source tokens, {m.max_output_tokens} output tokens, "
+            f"{m.max_texts_per_request} texts per request, beam ≤ {m.max_beam_size}"
+        )
+
+
+def cmd_health(client: TranslatorClient, args: argparse.Namespace) -> None:
+    status = client.health(args.service)
+    print(status)
+    if status != "SERVING":
+        raise SystemExit(1)
+
+
+# --- the parser ------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m service.cli", description="translator gRPC client")
+    parser.add_argument("--address", default=DEFAULT_ADDRESS, help="server host:port (%(default)s)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per call (%(default)s)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    t = commands.add_parser("translate", help="translate texts (arguments, or one per line on stdin)")
+    t.add_argument("texts", nargs="*", metavar="TEXT", help="texts to translate (none: stdin lines)")
+    t.add_argument("--stream", action="store_true", help="print the output live as it is decoded")
+    t.add_argument("--beam-size", type=int, default=1, help="beam width (1: greedy)")
+    t.add_argument("--n-best", type=int, default=1, help="hypotheses per text, 'score<TAB>text' lines")
+    t.add_argument("--sample", action="store_true", help="sample instead of searching")
+    t.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (%(default)s)")
+    t.add_argument("--top-k", type=int, default=0, help="sample among the k best tokens (0: off)")
+    t.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")
+    t.add_argument("--seed", type=int, default=None, help="sampling seed (default: the server's)")
+    t.add_argument("--max-tokens", type=int, default=0, help="generated-token limit (0: default)")
+    t.add_argument("--min-tokens", type=int, default=0, help="tokens before the end (0: none)")
+    t.add_argument("--prefix", default="", help="text the translation must start with")
+    t.add_argument("--model", default="", help="model name (default: the server's default)")
+    t.add_argument("--timings", action="store_true", help="print timings on stderr")
+    t.add_argument("--batch-size", type=int, default=16, help="stdin lines per request (%(default)s)")
+    t.set_defaults(run=cmd_translate)
+
+    a = commands.add_parser("attend", help="print the alignment; --png writes the attention heatmap")
+    a.add_argument("source", metavar="SOURCE", help="the source text")
+    a.add_argument("--target", default=None, help="target text (default: the server's translation)")
+    a.add_argument("--kind", choices=sorted(ATTENTION_KINDS), default="cross", help="(%(default)s)")
+    a.add_argument("--layer", type=int, default=None, help="layer of the heatmap (default: the last)")
+    a.add_argument("--head", type=int, default=None, help="head of the heatmap (default: the mean)")
+    a.add_argument("--png", default=None, metavar="FILE", help="write the heatmap as a PNG")
+    a.set_defaults(run=cmd_attend)
+
+    i = commands.add_parser("info", help="describe the loaded models")
+    i.set_defaults(run=cmd_info)
+    h = commands.add_parser("health", help="the server's health status (exit 1 unless SERVING)")
+    h.add_argument("--service", default="", help="service name (default: the whole server)")
+    h.set_defaults(run=cmd_health)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "translate" and args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
+    try:
+        with TranslatorClient(args.address, timeout=args.timeout) as client:
+            args.run(client, args)
+    except TranslatorError as err:
+        print(f"error: {err.code}: {err.message}", file=sys.stderr)
+        return 1
+    except (ValueError, ImportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

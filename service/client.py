@@ -1,0 +1,447 @@
+"""A small synchronous Python client of `translator.v1.Translator`, results as frozen dataclasses.
+
+    with TranslatorClient("localhost:50051") as client:
+        (t,) = client.translate(["I love cats."])        # t.text == "J'aime les chats."
+        stream = client.translate_stream("I love cats.")
+        for delta in stream:
+            print(delta, end="", flush=True)
+        stream.result                                     # the final Translation
+
+Every gRPC error is re-raised as `TranslatorError` (status code name + the server's message).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service.api.translator.v1 import translator_pb2 as pb
+from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
+
+SERVICE = "translator.v1.Translator"
+ATTENTION_KINDS = {
+    "cross": pb.ATTENTION_KIND_CROSS,
+    "encoder": pb.ATTENTION_KIND_ENCODER_SELF,
+    "decoder": pb.ATTENTION_KIND_DECODER_SELF,
+}
+_KIND_NAMES = {value: name for name, value in ATTENTION_KINDS.items()}
+
+# Retries are done by gRPC itself, per call: an UNAVAILABLE status (server starting, draining, or a
+# connection that failed) is retried up to 4 attempts in all with exponential backoff of 0.2 s,
+# 0.4 s, 0.8 s (each randomised, at most 2 s), within the call's deadline. A stream is retried only
+# until its first message has arrived. Other statuses (RESOURCE_EXHAUSTED included) are not retried.
+RETRY_POLICY = {
+    "maxAttempts": 4,
+    "initialBackoff": "0.2s",
+    "maxBackoff": "2s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{"service": SERVICE}, {"service": "grpc.health.v1.Health"}],
+                "retryPolicy": RETRY_POLICY,
+            }
+        ]
+    }
+)
+
+
+class TranslatorError(Exception):
+    """A failed call: `code` is the gRPC status name (e.g. "INVALID_ARGUMENT"), `message` the server's."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code, self.message = code, message
+
+    @classmethod
+    def from_rpc_error(cls, err: grpc.RpcError) -> TranslatorError:
+        code = err.code() if hasattr(err, "code") else None
+        details = err.details() if hasattr(err, "details") else None
+        return cls(code.name if code is not None else "UNKNOWN", details or str(err))
+
+
+# --- results -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Token:
+    """One generated token: id, vocabulary piece (e.g. "Ġchats"), log-probability, flags."""
+
+    id: int
+    piece: str
+    logprob: float
+    special: bool
+    forced: bool
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    """One search output; `finish_reason` is "END_OF_SEQUENCE" or "LENGTH"."""
+
+    text: str
+    score: float
+    normalized_score: float
+    finish_reason: str
+    tokens: tuple[Token, ...] = ()
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Where the time of one text went, in seconds (see the proto's Timings)."""
+
+    queue_seconds: float
+    time_to_first_token_seconds: float
+    decode_seconds: float
+    total_seconds: float
+
+
+@dataclass(frozen=True)
+class Translation:
+    """The translation of one text: the best hypothesis's text first, then every hypothesis."""
+
+    text: str
+    finish_reason: str
+    hypotheses: tuple[Hypothesis, ...]
+    input_tokens: int
+    output_tokens: int
+    model: str
+    timings: Timings | None = None
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Attention:
+    """Attention maps of a source/target pair.
+
+    `matrices` maps (kind, layer, head) to a float32 array of shape (rows, cols); kind is "cross",
+    "encoder" or "decoder", head None is the mean over heads. `alignment[i]` is the index into
+    `source_tokens` that `target_tokens[i]` attends to most (last decoder layer, head mean).
+    """
+
+    model: str
+    target: str
+    source_tokens: tuple[str, ...]
+    target_tokens: tuple[str, ...]
+    matrices: dict[tuple[str, int, int | None], np.ndarray]
+    alignment: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One loaded model: identity, precision, shape and request limits."""
+
+    name: str
+    version: str
+    source_language: str
+    target_language: str
+    variant: str
+    execution_providers: tuple[str, ...]
+    encoder_layers: int
+    decoder_layers: int
+    heads: int
+    vocab_size: int
+    max_source_tokens: int
+    max_output_tokens: int
+    max_texts_per_request: int
+    max_beam_size: int
+    default: bool
+
+
+def _finish_reason(value: int) -> str:
+    return pb.FinishReason.Name(value).removeprefix("FINISH_REASON_")  # type: ignore[arg-type]
+
+
+def _translation(t: pb.Translation, model: str) -> Translation:
+    hypotheses = tuple(
+        Hypothesis(
+            text=h.text,
+            score=h.score,
+            normalized_score=h.normalized_score,
+            finish_reason=_finish_reason(h.finish_reason),
+            tokens=tuple(Token(k.id, k.piece, k.logprob, k.special, k.forced) for k in h.tokens),
+        )
+        for h in t.hypotheses
+    )
+    timings = None
+    if t.HasField("timings"):
+        x = t.timings
+        timings = Timings(x.queue_seconds, x.time_to_first_token_seconds, x.decode_seconds, x.total_seconds)
+    return Translation(
+        text=t.text,
+        finish_reason=_finish_reason(t.finish_reason),
+        hypotheses=hypotheses,
+        input_tokens=t.input_tokens,
+        output_tokens=t.output_tokens,
+        model=model,
+        timings=timings,
+        seed=t.seed if t.HasField("seed") else None,
+    )
+
+
+def translate_options(
+    *,
+    beam_size: int = 1,
+    n_best: int = 1,
+    length_penalty: float | None = None,
+    sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    max_output_tokens: int = 0,
+    min_output_tokens: int = 0,
+    target_prefix: str = "",
+    model: str = "",
+    return_tokens: bool = False,
+    return_timings: bool = False,
+) -> pb.TranslateOptions:
+    """The TranslateOptions message for these options (`TranslatorClient.translate` documents them).
+
+    Raises:
+        ValueError: `sample` together with beam search (beam_size > 1 or a length_penalty).
+    """
+    options = pb.TranslateOptions(
+        model=model,
+        stopping=pb.StoppingCriteria(
+            max_output_tokens=max_output_tokens, min_output_tokens=min_output_tokens
+        ),
+        n_best=n_best,
+        target_prefix=target_prefix,
+        return_tokens=return_tokens,
+        return_timings=return_timings,
+    )
+    beam = beam_size > 1 or length_penalty is not None
+    if sample and beam:
+        raise ValueError("sampling and beam search exclude each other: use beam_size=1 with sample=True")
+    if sample:
+        options.sampling.CopyFrom(pb.Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
+    elif beam:
+        options.beam.CopyFrom(pb.BeamSearch(beam_size=beam_size, length_penalty=length_penalty))
+    else:
+        options.greedy.SetInParent()
+    return options
+
+
+class TranslationStream(Iterator[str]):
+    """The text deltas of a TranslateStream call; once exhausted, `result` is the final Translation."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+        self.result: Translation | None = None
+
+    def __next__(self) -> str:
+        try:
+            while True:
+                message = next(self._call)
+                if message.HasField("delta"):
+                    return str(message.delta.text)
+                final = message.final
+                self.result = _translation(final.translations[0], final.model)
+        except grpc.RpcError as err:
+            raise TranslatorError.from_rpc_error(err) from None
+
+    def cancel(self) -> None:
+        """Stops the call; the server drops its work (the stream then ends with CANCELLED)."""
+        self._call.cancel()
+
+
+class TranslatorClient:
+    """A synchronous client over one gRPC channel to a translator server.
+
+    The channel carries a gRPC service config that retries UNAVAILABLE (server starting up,
+    draining, or unreachable) up to 4 attempts in all, with exponential backoff from 0.2 s
+    doubling to at most 2 s (`RETRY_POLICY`), every attempt within the call's deadline. Other
+    statuses are raised at once as `TranslatorError`.
+
+    Args:
+        address: "host:port" of the server.
+        timeout: the deadline of every call in seconds (None: no deadline).
+    """
+
+    def __init__(self, address: str = "localhost:50051", *, timeout: float | None = 30.0) -> None:
+        self.address, self.timeout = address, timeout
+        self._channel = grpc.insecure_channel(
+            address, options=[("grpc.enable_retries", 1), ("grpc.service_config", SERVICE_CONFIG)]
+        )
+        self._stub = pb_grpc.TranslatorStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def translate(
+        self,
+        texts: Sequence[str],
+        *,
+        beam_size: int = 1,
+        n_best: int = 1,
+        length_penalty: float | None = None,
+        sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        max_output_tokens: int = 0,
+        min_output_tokens: int = 0,
+        target_prefix: str = "",
+        model: str = "",
+        return_tokens: bool = False,
+        return_timings: bool = False,
+    ) -> list[Translation]:
+        """Translates texts with one set of options, one Translation per text in order.
+
+        Args:
+            texts: non-empty texts (at most the model's max_texts_per_request).
+            beam_size: 1 (greedy, the default) or the beam width of a beam search.
+            n_best: hypotheses per translation (more than 1 needs beam search).
+            length_penalty: beam search ranking exponent alpha (None: the server's 1.0).
+            sample: sample instead of searching, with `temperature`, `top_k` (0: off),
+                `top_p` (1.0: off) and `seed` (None: the server picks one, see Translation.seed).
+            max_output_tokens: generated-token limit (0: the server's default).
+            min_output_tokens: tokens before the end token may be chosen (0: none).
+            target_prefix: text the translation must start with ("": none).
+            model: model name ("": the server's default model).
+            return_tokens: fill Hypothesis.tokens.
+            return_timings: fill Translation.timings.
+
+        Returns:
+            One Translation per text.
+
+        Raises:
+            TranslatorError: the call failed (e.g. INVALID_ARGUMENT with the limit it broke).
+        """
+        options = translate_options(
+            beam_size=beam_size,
+            n_best=n_best,
+            length_penalty=length_penalty,
+            sample=sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            max_output_tokens=max_output_tokens,
+            min_output_tokens=min_output_tokens,
+            target_prefix=target_prefix,
+            model=model,
+            return_tokens=return_tokens,
+            return_timings=return_timings,
+        )
+        request = pb.TranslateRequest(texts=list(texts), options=options)
+        response = self._call(self._stub.Translate, request)
+        return [_translation(t, response.model) for t in response.translations]
+
+    def translate_stream(self, text: str, **options: Any) -> TranslationStream:
+        """Translates one text, yielding text deltas as they are decoded.
+
+        Args:
+            text: the text to translate.
+            **options: as for `translate` (greedy or sampling only, n_best 1).
+
+        Returns:
+            An iterator of deltas that concatenate to the translation; after the last one its
+            `result` attribute holds the final Translation.
+        """
+        request = pb.TranslateStreamRequest(text=text, options=translate_options(**options))
+        return TranslationStream(self._stub.TranslateStream(request, timeout=self.timeout))
+
+    def attend(
+        self,
+        source: str,
+        target: str | None = None,
+        *,
+        kinds: Sequence[str] = ("cross",),
+        layers: Sequence[int] = (),
+        heads: Sequence[int] = (),
+        average_heads: bool = True,
+        model: str = "",
+    ) -> Attention:
+        """The attention maps of the model for a source text and a target text.
+
+        Args:
+            source: the source text.
+            target: the target text (None: the server's greedy translation of the source).
+            kinds: any of "cross", "encoder", "decoder".
+            layers: 0-based layers to return (empty: every layer).
+            heads: 0-based heads to return individually (empty: none).
+            average_heads: also return the mean over heads (always returned when `heads` is empty).
+            model: model name ("": the default model).
+
+        Returns:
+            The Attention: tokens, matrices keyed by (kind, layer, head or None), alignment.
+        """
+        unknown = [k for k in kinds if k not in ATTENTION_KINDS]
+        if unknown:
+            raise ValueError(f"unknown attention kinds {unknown}: use {sorted(ATTENTION_KINDS)}")
+        request = pb.AttendRequest(
+            model=model,
+            source=source,
+            target=target,
+            kinds=[ATTENTION_KINDS[k] for k in kinds],
+            layers=layers,
+            heads=heads,
+            average_heads=average_heads,
+        )
+        r = self._call(self._stub.Attend, request)
+        matrices = {
+            (_KIND_NAMES[m.kind], m.layer, m.head if m.HasField("head") else None): np.asarray(
+                m.values, dtype=np.float32
+            ).reshape(m.rows, m.cols)
+            for m in r.matrices
+        }
+        return Attention(
+            r.model, r.target, tuple(r.source_tokens), tuple(r.target_tokens), matrices, tuple(r.alignment)
+        )
+
+    def model_info(self) -> list[ModelInfo]:
+        """Every model the server has loaded, in name order; `default` marks the default one."""
+        r = self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest())
+        return [
+            ModelInfo(
+                name=m.name,
+                version=m.version,
+                source_language=m.source_language,
+                target_language=m.target_language,
+                variant=pb.ModelVariant.Name(m.variant).removeprefix("MODEL_VARIANT_"),
+                execution_providers=tuple(m.execution_providers),
+                encoder_layers=m.architecture.encoder_layers,
+                decoder_layers=m.architecture.decoder_layers,
+                heads=m.architecture.heads,
+                vocab_size=m.architecture.vocab_size,
+                max_source_tokens=m.limits.max_source_tokens,
+                max_output_tokens=m.limits.max_output_tokens,
+                max_texts_per_request=m.limits.max_texts_per_request,
+                max_beam_size=m.limits.max_beam_size,
+                default=m.name == r.default_model,
+            )
+            for m in r.models
+        ]
+
+    def health(self, service: str = "") -> str:
+        """The standard health status of `service` ("": the whole server), e.g. "SERVING"."""
+        r = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service))
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(r.status))
+
+    def close(self) -> None:
+        """Closes the channel; calls in flight are cancelled."""
+        self._channel.close()
+
+    def __enter__(self) -> TranslatorClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _call(self, method: Any, request: Any) -> Any:
+        try:
+            return method(request, timeout=self.timeout)
+        except grpc.RpcError as err:
+            raise TranslatorError.from_rpc_error(err) from None
