@@ -12,7 +12,7 @@ MODEL_DIR ?= models/en-fr-small
 CORPUS_DIR ?= data/corpus
 SEED ?= 1234
 
-.PHONY: setup proto corpus train eval translate export variants verify bench-kv run test lint clean
+.PHONY: setup proto corpus train eval translate export variants verify bench-kv bench run test lint clean
 
 setup: $(SETUP_DONE)
 
@@ -82,6 +82,12 @@ verify: $(SETUP_DONE)
 # against recomputing the prefix, 16/32/64 output tokens at batch 1 and 32 → docs/kv-cache-benchmark.md.
 bench-kv: $(SETUP_DONE) $(CORPUS_DIR)/test.tsv
 	$(PY) -m bench.kv_cache --model-dir $(MODEL_DIR) --corpus $(CORPUS_DIR)/test.tsv --out docs/kv-cache-benchmark.md
+
+# The service benchmark (a measurement, not a test; ≈2 min on 2 cores): the in-process gRPC server under
+# closed- and open-loop load (continuous, collect-then-run, batch 1), the engine alone at batch 1/8/32/64
+# and the KV cache at batch 64 × 64 tokens → docs/benchmarks.md and docs/benchmarks.json.
+bench: $(SETUP_DONE) $(CORPUS_DIR)/test.tsv
+	$(PY) -m bench.load --model-dir $(MODEL_DIR) --corpus $(CORPUS_DIR)/test.tsv --out docs/benchmarks.md --json docs/benchmarks.json
 
 # The gRPC server: the committed default model on CPU, gRPC on :50051, metrics on :9090 (defaults of
 # service/config.py); e.g. `make run ARGS='--port 50052 --log-format json'`. Ctrl-C drains and exits.

@@ -1,0 +1,226 @@
+"""The load generator of `bench.load`: grpc.aio clients against a running server, and their figures.
+
+Every request is one text, greedy, with `return_timings`. Most are unary `Translate` calls; every
+`stream_every`-th request (by arrival index) is a `TranslateStream` call instead, and only those give
+the client-side time to first token (the first delta that carries token ids). Latency is measured by
+the client from just before the call to the full result (for a stream: the final message).
+
+- Closed loop (`closed_loop`): N clients, each sending its next request as soon as its previous one
+  returns, until the duration has passed; the requests in flight then finish and count.
+- Open loop (`open_loop`): Poisson arrivals at a given rate (exponential gaps, seeded) for the
+  duration, each sent whether or not earlier ones have returned; then the stragglers get `drain_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from service.api.translator.v1 import translator_pb2 as pb
+from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
+
+_OPTIONS = pb.TranslateOptions(greedy=pb.Greedy(), return_timings=True)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One request as the client saw it."""
+
+    sent: float  # seconds since the phase began
+    latency: float  # seconds, call to full result
+    output_tokens: int  # Translation.output_tokens (end token included)
+    streamed: bool
+    ttft: float | None  # client-side time to the first token, streamed requests only
+    server_ttft: float | None  # Timings.time_to_first_token_seconds (server clock, from arrival)
+    error: str | None  # the gRPC status name of a failed call
+
+
+@dataclass(frozen=True)
+class Percentiles:
+    p50: float
+    p90: float
+    p99: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Percentiles | None:
+        if not values:
+            return None
+        p50, p90, p99 = np.percentile(np.asarray(values, dtype=np.float64), [50, 90, 99])
+        return cls(float(p50), float(p90), float(p99))
+
+
+@dataclass(frozen=True)
+class PhaseResult:
+    """The figures of one mode under one load."""
+
+    mode: str  # continuous, collect, batch1
+    load: str  # "closed" or "open"
+    clients: int  # closed loop: concurrent clients; open loop: 0
+    offered_rate: float  # open loop: arrivals/s asked for; closed loop: 0
+    seconds: float  # from the first request sent to the last one returned
+    requests: int  # succeeded
+    errors: int  # failed (any status)
+    unfinished: int  # open loop: still running when the drain time ran out (cancelled)
+    streamed: int  # succeeded streamed requests (the TTFT sample)
+    sentences_per_s: float
+    output_tokens_per_s: float
+    mean_output_tokens: float
+    latency: Percentiles | None  # seconds, all succeeded requests
+    ttft: Percentiles | None  # seconds, client side, streamed requests
+    server_ttft: Percentiles | None  # seconds, server side, all succeeded requests
+
+
+class Caller:
+    """Sends request number i: text i (cycling over `texts`), streamed when i % stream_every == 0."""
+
+    def __init__(
+        self, channel: grpc.aio.Channel, texts: Sequence[str], stream_every: int, timeout_s: float = 120.0
+    ) -> None:
+        if not texts:
+            raise ValueError("no texts to send")
+        self._stub = pb_grpc.TranslatorStub(channel)
+        self._texts, self._stream_every, self._timeout = texts, stream_every, timeout_s
+        self._origin = time.perf_counter()
+
+    def restart_clock(self) -> None:
+        self._origin = time.perf_counter()
+
+    async def call(self, index: int) -> Sample:
+        text = self._texts[index % len(self._texts)]
+        streamed = self._stream_every > 0 and index % self._stream_every == 0
+        start = time.perf_counter()
+        ttft: float | None = None
+        try:
+            if streamed:
+                final = None
+                stream = self._stub.TranslateStream(
+                    pb.TranslateStreamRequest(text=text, options=_OPTIONS), timeout=self._timeout
+                )
+                async for message in stream:
+                    if ttft is None and message.HasField("delta") and message.delta.token_ids:
+                        ttft = time.perf_counter() - start
+                    if message.HasField("final"):
+                        final = message.final
+                if final is None:
+                    raise RuntimeError("the stream ended without a final message")
+                response = final
+            else:
+                response = await self._stub.Translate(
+                    pb.TranslateRequest(texts=[text], options=_OPTIONS), timeout=self._timeout
+                )
+        except grpc.aio.AioRpcError as err:
+            return Sample(
+                start - self._origin, time.perf_counter() - start, 0, streamed, None, None, err.code().name
+            )
+        latency = time.perf_counter() - start
+        (translation,) = response.translations
+        server_ttft = (
+            translation.timings.time_to_first_token_seconds if translation.HasField("timings") else None
+        )
+        return Sample(
+            start - self._origin, latency, translation.output_tokens, streamed, ttft, server_ttft, None
+        )
+
+
+async def warm_up(caller: Caller, requests: int, concurrency: int) -> None:
+    """Untimed requests (streamed ones included), `concurrency` at a time, to fill caches and pools."""
+    counter = itertools.count()
+
+    async def client() -> None:
+        while (index := next(counter)) < requests:
+            await caller.call(index)
+
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+
+
+async def closed_loop(caller: Caller, mode: str, clients: int, duration_s: float) -> PhaseResult:
+    """`clients` concurrent clients, back to back, for `duration_s`."""
+    counter = itertools.count()
+    samples: list[Sample] = []
+    caller.restart_clock()
+    start = time.perf_counter()
+    deadline = start + duration_s
+
+    async def client() -> None:
+        while time.perf_counter() < deadline:
+            samples.append(await caller.call(next(counter)))
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+    elapsed = time.perf_counter() - start
+    return summarize(mode, "closed", samples, elapsed, clients=clients)
+
+
+async def open_loop(
+    caller: Caller, mode: str, rate: float, duration_s: float, *, seed: int = 0, drain_s: float = 30.0
+) -> PhaseResult:
+    """Poisson arrivals at `rate` per second for `duration_s`; stragglers get `drain_s` more."""
+    if rate <= 0:
+        raise ValueError(f"the arrival rate must be positive, not {rate}")
+    rng = random.Random(seed)
+    samples: list[Sample] = []
+    tasks: list[asyncio.Task[None]] = []
+
+    async def one(index: int) -> None:
+        samples.append(await caller.call(index))
+
+    caller.restart_clock()
+    start = time.perf_counter()
+    arrival = 0.0
+    for index in itertools.count():
+        arrival += rng.expovariate(rate)
+        if arrival >= duration_s:
+            break
+        delay = start + arrival - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(index)))
+    unfinished = 0
+    if tasks:
+        _, pending = await asyncio.wait(
+            tasks, timeout=drain_s + max(0.0, start + duration_s - time.perf_counter())
+        )
+        unfinished = len(pending)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    elapsed = time.perf_counter() - start
+    return summarize(mode, "open", samples, elapsed, offered_rate=rate, unfinished=unfinished)
+
+
+def summarize(
+    mode: str,
+    load: str,
+    samples: Sequence[Sample],
+    seconds: float,
+    *,
+    clients: int = 0,
+    offered_rate: float = 0.0,
+    unfinished: int = 0,
+) -> PhaseResult:
+    ok = [s for s in samples if s.error is None]
+    tokens = sum(s.output_tokens for s in ok)
+    seconds = max(seconds, 1e-9)
+    return PhaseResult(
+        mode=mode,
+        load=load,
+        clients=clients,
+        offered_rate=offered_rate,
+        seconds=seconds,
+        requests=len(ok),
+        errors=len(samples) - len(ok),
+        unfinished=unfinished,
+        streamed=sum(s.streamed for s in ok),
+        sentences_per_s=len(ok) / seconds,
+        output_tokens_per_s=tokens / seconds,
+        mean_output_tokens=tokens / len(ok) if ok else 0.0,
+        latency=Percentiles.of([s.latency for s in ok]),
+        ttft=Percentiles.of([s.ttft for s in ok if s.ttft is not None]),
+        server_ttft=Percentiles.of([s.server_ttft for s in ok if s.server_ttft is not None]),
+    )

@@ -1,0 +1,100 @@
+"""The library-level half of `bench.load`: the engine alone (the ceiling) and the KV-cache cell."""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from service.engine import Engine
+from service.reference_decoder import translate_ids
+from service.responses import hypothesis_length
+from service.tokenizer import Tokenizer
+
+KV_BATCH, KV_TOKENS = 64, 64
+
+
+@dataclass(frozen=True)
+class EngineResult:
+    """The engine alone: every sentence of the pool decoded in batches of `batch`."""
+
+    batch: int
+    sentences: int
+    output_tokens: int  # end tokens included, as the service counts them
+    seconds: float  # median over repeats of decoding the whole pool
+    sentences_per_s: float
+    output_tokens_per_s: float
+
+
+@dataclass(frozen=True)
+class KvResult:
+    """`bench.kv_cache.measure_cell` at one batch and output length: cached loop against recompute."""
+
+    batch: int
+    output_tokens: int
+    threads: int
+    repeats: int
+    cached_tokens_per_s: float
+    recompute_tokens_per_s: float
+    speedup: float  # median over repeats of recompute time / cached time
+    identical: bool
+
+
+def measure_engine(
+    engine: Engine,
+    sources: Sequence[Sequence[int]],
+    batches: Sequence[int],
+    repeats: int,
+    clock: Callable[[], float] = time.perf_counter,
+) -> list[EngineResult]:
+    """Greedy `translate_ids` over the whole pool in chunks of each batch size; one untimed pass per
+    batch size, then `repeats` rounds in which the batch sizes take turns (order rotated)."""
+    graphs = engine.graphs()
+
+    def decode(batch: int) -> int:
+        tokens = 0
+        for i in range(0, len(sources), batch):
+            for hyps in translate_ids(graphs, sources[i : i + batch]):
+                tokens += hypothesis_length(hyps[0])
+        return tokens
+
+    tokens = {b: decode(b) for b in batches}
+    times: dict[int, list[float]] = {b: [] for b in batches}
+    for repeat in range(repeats):
+        shift = repeat % len(batches)
+        for batch in (*batches[shift:], *batches[:shift]):
+            gc.collect()
+            start = clock()
+            decode(batch)
+            times[batch].append(clock() - start)
+    results = []
+    for b in batches:
+        seconds = statistics.median(times[b])
+        results.append(
+            EngineResult(b, len(sources), tokens[b], seconds, len(sources) / seconds, tokens[b] / seconds)
+        )
+    return results
+
+
+def measure_kv(model_dir: Path, corpus: Path, repeats: int, threads: int = 1) -> KvResult:
+    """The KV-cache benchmark's cell at batch 64 × 64 output tokens, cached against recompute."""
+    from bench.kv_cache import load_sources, measure_cell  # torch: only when this part runs
+    from bench.variants import ForcedLengthDecoders
+
+    decoders = ForcedLengthDecoders(model_dir, intra_op_threads=threads)
+    tokenizer = Tokenizer.from_file(model_dir / decoders.graphs.manifest.tokenizer)
+    pool, _ = load_sources(tokenizer, corpus, KV_BATCH)
+    cell = measure_cell(decoders, pool, KV_TOKENS, ("cached", "recompute"), repeats)
+    return KvResult(
+        KV_BATCH,
+        KV_TOKENS,
+        threads,
+        repeats,
+        cell.tokens_per_second("cached"),
+        cell.tokens_per_second("recompute"),
+        cell.speedups["recompute"],
+        cell.identical,
+    )

@@ -1,0 +1,61 @@
+"""bench.load smoke test: the load generator runs against a real in-process server (one mode, tiny
+duration, 2 clients) and writes well-formed JSON and markdown. No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench.load import main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_the_benchmark_runs_end_to_end_and_writes_its_results(tmp_path: Path) -> None:
+    out, js = tmp_path / "benchmarks.md", tmp_path / "benchmarks.json"
+    argv = [
+        "--model-dir", str(REPO / "models" / "en-fr-small"),
+        "--corpus", str(REPO / "data" / "corpus" / "test.tsv"),
+        "--sentences", "16",
+        "--duration", "1",
+        "--concurrency", "2",
+        "--stream-every", "2",
+        "--modes", "continuous",
+        "--engine-batches", "1", "4",
+        "--repeats", "1",
+        "--skip-kv",
+        "--out", str(out),
+        "--json", str(js),
+    ]  # fmt: skip
+    assert main(argv) == 0
+
+    result = json.loads(js.read_text())
+    (closed,) = result["closed"]
+    assert closed["mode"] == "continuous" and closed["load"] == "closed" and closed["clients"] == 2
+    assert closed["requests"] > 0 and closed["errors"] == 0
+    assert closed["streamed"] > 0 and closed["ttft"] is not None  # every 2nd request streamed
+    assert closed["output_tokens_per_s"] > 0 and closed["mean_output_tokens"] >= 1
+    lat = closed["latency"]
+    assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"]
+    assert closed["server_ttft"]["p50"] <= lat["p99"]
+
+    (opened,) = result["open"]  # continuous is in the run, so it has its open loop too
+    assert opened["load"] == "open" and opened["offered_rate"] > 0
+    assert opened["requests"] + opened["errors"] + opened["unfinished"] > 0
+
+    assert [e["batch"] for e in result["engine"]] == [1, 4]
+    assert all(e["output_tokens"] >= e["sentences"] == 16 for e in result["engine"])
+    assert result["kv"] is None
+    assert [t["met"] is None for t in result["targets"]] == [False, True, True]  # only throughput checkable
+    assert result["machine"]["cpu"] and result["model"]["variant"]
+
+    page = out.read_text()
+    for heading in (
+        "## Targets",
+        "## Service, closed loop",
+        "## Service, open loop",
+        "## Engine alone",
+        "## Machine",
+    ):
+        assert heading in page
+    assert "continuous batching" in page and "python -m bench.load" in page
