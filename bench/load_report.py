@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from bench.load import MODE_LABELS, BenchResult
 from bench.load_client import Percentiles, PhaseResult
+from bench.report import machine_table
 
 
 def write_report(path: Path, result: BenchResult) -> None:
@@ -154,28 +154,16 @@ def _method(r: BenchResult) -> str:
 
 
 def _machine(r: BenchResult) -> str:
-    m = r.machine
     threads = r.model["intra_op_threads"]
-    rows = [
-        ("CPU", m.cpu + (f"; {', '.join(m.vector_extensions)}" if m.vector_extensions else "")),
-        ("cores", f"{m.logical_cores} logical, {m.usable_cores} usable by the run; shared with other work"),
-        ("load average (1 min)", f"{r.load_before:.2f} before the run, {m.load:.2f} after"),
-        (
-            "onnxruntime",
-            f"{m.onnxruntime}, {r.model['provider']}, "
-            + (
-                f"{threads} intra-op threads"
-                if threads
-                else "intra-op threads: onnxruntime's default (all cores)"
-            ),
-        ),
+    threads_text = (
+        f"{threads} intra-op threads" if threads else "intra-op threads: onnxruntime's default (all cores)"
+    )
+    run_rows = [
+        ("onnxruntime", f"{r.machine.onnxruntime}, {r.model['provider']}, {threads_text}"),
         (
             "model",
             f"`{r.model['name']}` {r.model['version']}, variant **{r.model['variant']}** "
             f"(the engine's choice on CPU), from `{r.model['directory']}`",
         ),
-        ("numpy, Python", f"{m.numpy}, {m.python}"),
-        ("system", m.system),
-        ("date", time.strftime("%Y-%m-%d", time.gmtime())),
     ]
-    return "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
+    return machine_table(r.machine, r.load_before, run_rows)

@@ -206,16 +206,22 @@ def _workload(run: Run) -> str:
 
 
 def _machine_table(run: Run) -> str:
-    m = run.machine
+    onnxruntime = (
+        f"{run.machine.onnxruntime}, CPUExecutionProvider, {_count(run.threads, 'intra-op thread')}, "
+        "default graph optimizations"
+    )
+    return machine_table(run.machine, run.load_before, [("onnxruntime", onnxruntime)])
+
+
+def machine_table(machine: Machine, load_before: float, run_rows: Sequence[tuple[str, str]]) -> str:
+    """The markdown table describing the machine of a run; `run_rows` (what the run used: the
+    onnxruntime setup, the model) come after the CPU, cores and load rows."""
+    m = machine
     rows = [
         ("CPU", m.cpu + (f"; {', '.join(m.vector_extensions)}" if m.vector_extensions else "")),
         ("cores", f"{m.logical_cores} logical, {m.usable_cores} usable by the run; shared with other work"),
-        ("load average (1 min)", f"{run.load_before:.2f} before the run, {m.load:.2f} after"),
-        (
-            "onnxruntime",
-            f"{m.onnxruntime}, CPUExecutionProvider, {_count(run.threads, 'intra-op thread')}, "
-            "default graph optimizations",
-        ),
+        ("load average (1 min)", f"{load_before:.2f} before the run, {m.load:.2f} after"),
+        *run_rows,
         ("numpy, Python", f"{m.numpy}, {m.python}"),
         ("system", m.system),
         ("date", time.strftime("%Y-%m-%d", time.gmtime())),
