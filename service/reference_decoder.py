@@ -24,7 +24,7 @@ from service.decoding import (
     Hypothesis,
     SearchOptions,
     SearchState,
-    advance,
+    advance_rows,
     concat_rows,
     empty_kv,
     extend,
@@ -153,16 +153,8 @@ def translate_ids_staggered(
             tokens[:, None], positions, cache.k, cache.v, step_mask(cache), cross.k, cross.v, cross.mask
         )
         cache = extend(cache, out.present_k, out.present_v)
-        parents, next_tokens, first = [], [], 0
-        for i in _unique_in_order(sentences):
-            count = len(states[i].live)
-            moved = advance(states[i], out.log_probs[first : first + count])
-            states[i] = moved.state
-            parents.append(first + moved.parents)
-            next_tokens.append(moved.tokens)
-            first += count
-        rows = np.concatenate(parents)
-        sentences, tokens = sentences[rows], np.concatenate(next_tokens)
+        rows, tokens = _advance(states, sentences, out.log_probs)
+        sentences = sentences[rows]
         cache, cross = trim_slots(select_rows(cache, rows)), trim_slots(select_rows(cross, rows))
     return [s.hypotheses() for s in states]
 
@@ -251,20 +243,21 @@ def run_search(states: list[SearchState], steps: StepSource, bos_id: int) -> lis
     parents: np.ndarray | None = None
     while len(sentences):
         log_probs = steps.run(sentences, parents, tokens)  # (R, V)
-        next_sentences, next_parents, next_tokens = [], [], []
-        first = 0
-        for i in _unique_in_order(sentences):
-            count = len(states[i].live)
-            moved = advance(states[i], log_probs[first : first + count])
-            states[i] = moved.state
-            next_sentences.append(np.full(len(moved.parents), i, dtype=np.int64))
-            next_parents.append(first + moved.parents)
-            next_tokens.append(moved.tokens)
-            first += count
-        sentences = np.concatenate(next_sentences)
-        parents = np.concatenate(next_parents)
-        tokens = np.concatenate(next_tokens)
+        parents, tokens = _advance(states, sentences, log_probs)
+        sentences = sentences[parents]
     return [s.hypotheses() for s in states]
+
+
+def _advance(
+    states: list[SearchState], sentences: np.ndarray, log_probs: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """`advance_rows` for the sentences of a step's rows (updating `states`): the parent row and
+    next token of each new row."""
+    order = _unique_in_order(sentences)
+    moved = advance_rows([states[i] for i in order], log_probs)
+    for i, state in zip(order, moved.states, strict=True):
+        states[i] = state
+    return moved.parents, moved.tokens
 
 
 def _unique_in_order(sentences: np.ndarray) -> list[int]:

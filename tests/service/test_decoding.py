@@ -19,6 +19,7 @@ from service.decoding import (
     SearchOptions,
     SearchState,
     advance,
+    advance_rows,
     concat_rows,
     empty_kv,
     extend,
@@ -249,6 +250,39 @@ def kv(rows: int, slots: int, first: float = 1.0, real: int | None = None) -> KV
     mask = np.zeros((rows, slots), dtype=bool)
     mask[:, : slots if real is None else real] = True
     return KV(k, -k, mask)
+
+
+def test_advance_rows_equals_advance_sentence_by_sentence() -> None:
+    """Greedy rows chosen together (with differing banned sets), beams, sampling, forced prefixes and
+    min lengths side by side in one step, step after step, until every sentence is done."""
+    rng = np.random.default_rng(7)
+    kinds = [
+        SearchOptions(9, EOS, never_ids=(PAD, BOS)),
+        SearchOptions(9, EOS, never_ids=(PAD,)),
+        SearchOptions(9, EOS, 3, 1.0, 2, never_ids=(PAD, BOS)),
+        SearchOptions(9, EOS, never_ids=(PAD, BOS), sampling=Sampling(0.8, 3, 0.9, seed=5)),
+        SearchOptions(9, EOS, never_ids=(PAD, BOS), forced_prefix=(C, A)),
+        SearchOptions(9, EOS, never_ids=(PAD, BOS), min_output_tokens=3),
+        SearchOptions(1, EOS, never_ids=(PAD, BOS)),
+    ]
+    together = [start_search(o) for o in kinds * 2]
+    alone = list(together)
+    while not all(s.done for s in together):
+        live = [i for i, s in enumerate(together) if not s.done]
+        rows = sum(len(together[i].live) for i in live)
+        logits = rng.normal(size=(rows, VOCAB)) * 2
+        log_probs = (logits - np.log(np.exp(logits).sum(-1, keepdims=True))).astype(np.float32)
+        moved = advance_rows([together[i] for i in live], log_probs)
+        first, parents, tokens = 0, [], []
+        for i, state in zip(live, moved.states, strict=True):
+            step = advance(alone[i], log_probs[first : first + len(alone[i].live)])
+            assert state == step.state
+            parents += list(first + step.parents)
+            tokens += list(step.tokens)
+            first += len(alone[i].live)
+            together[i] = alone[i] = state
+        assert list(moved.parents) == parents and list(moved.tokens) == tokens
+    assert all(s.hypotheses() for s in together)
 
 
 def test_select_rows_follows_back_pointers() -> None:
