@@ -48,6 +48,11 @@ class SchedulerConfig:
     max_queue_size: int = 256  # waiting requests beyond which new ones fail fast (RESOURCE_EXHAUSTED)
     max_batch_size: int = 32  # collect mode: sentences per batch at most
     max_wait_ms: float = 5.0  # collect mode: how long the first request waits for others to join
+    # continuous mode: newcomers join a running batch in groups, not one by one at every step (each
+    # join is an encoder call and a copy of the batch's caches). They join at once when the batch is
+    # empty, when they are at least admit_ratio × the running rows, or after max_admit_delay_steps.
+    admit_ratio: float = 0.25
+    max_admit_delay_steps: int = 4
 
 
 @dataclass(frozen=True)
@@ -192,6 +197,20 @@ SETTINGS = (
         "--max-wait-ms",
         "collect mode: wait for a batch (ms)",
         _float_at_least(0.0),
+    ),
+    _Setting(
+        "scheduler",
+        "admit_ratio",
+        "--admit-ratio",
+        "continuous: join when waiting rows ≥ this × running rows",
+        _float_at_least(0.0),
+    ),
+    _Setting(
+        "scheduler",
+        "max_admit_delay_steps",
+        "--max-admit-delay-steps",
+        "continuous: decoder steps a newcomer waits at most to join",
+        _int_at_least(0),
     ),
     _Setting("server", "host", "--host", "address to listen on", _text),
     _Setting("server", "port", "--port", "gRPC port (0: any free)", _PORT),

@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING
 from service.config import SchedulerConfig
 from service.decoding import Hypothesis
 from service.scheduler_batch import Retired, RunningBatch, Ticket
-from service.scheduler_handle import Handle
+from service.scheduler_handle import Handle, Outbox
 from service.scheduler_types import (
     DeadlineExceededError,
     FinishReason,
@@ -129,6 +129,7 @@ class Scheduler:
         self._batches: dict[str, RunningBatch] = {}  # the decode thread's
         self._turn = 0  # round-robin position over the models
         self._thread: threading.Thread | None = None
+        self._outbox = Outbox()  # stream tokens and outcomes, flushed by _finish
         self._stats = SchedulerStats(0, 0, 0, 0, 0, 0)
         self._steps = 0  # the decode thread's
         self._accepted = self._outcomes = 0  # requests queued / ended since start; guarded by _cond
@@ -156,7 +157,7 @@ class Scheduler:
             raise ValueError(f"unknown model {request.model!r}; serving {', '.join(self.engine.models)}")
         self._check_fits(request)
         ticket: Ticket
-        handle = Handle(asyncio.get_running_loop(), lambda: self._cancel(ticket))
+        handle = Handle(asyncio.get_running_loop(), lambda: self._cancel(ticket), self._outbox)
         ticket = Ticket(request, handle._emit, handle._settle, self.clock())
         with self._cond:
             if self._closed:
@@ -253,7 +254,8 @@ class Scheduler:
                 continue
             batch = self._batch(model)
             self._finish(batch.retire(self.clock()))
-            self._finish(batch.admit(self._take(model)))
+            if self._admit_now(batch):
+                self._finish(batch.admit(self._take(model)))
             self._step(batch)
 
     def _run_collect(self) -> None:
@@ -349,6 +351,17 @@ class Scheduler:
             self._batches[model] = RunningBatch(self.engine, model, self.clock)
         return self._batches[model]
 
+    def _admit_now(self, batch: RunningBatch) -> bool:
+        """Whether the waiting requests of `batch`'s model join it at this iteration: at once into an
+        empty batch, else as a group of at least admit_ratio × the running rows, or when the batch
+        has run max_admit_delay_steps steps since it last took newcomers (TGI's
+        waiting_served_ratio and max_waiting_tokens, in rows and steps)."""
+        if not len(batch) or batch.steps_since_admit >= self.config.max_admit_delay_steps:
+            return True
+        with self._cond:
+            waiting = sum(t.rows for t in self._waiting if t.request.model == batch.model)
+        return waiting > 0 and waiting >= self.config.admit_ratio * batch.rows
+
     def _take(self, model: str) -> list[Ticket]:
         """Waiting requests of `model` that fit, in FIFO order, stopping at the first that does not."""
         rows = sum(b.reserved_rows for b in self._batches.values())
@@ -391,12 +404,14 @@ class Scheduler:
         self._publish()
 
     def _finish(self, retired: Sequence[Retired]) -> None:
-        """Count each retired request, then settle its handle (exactly once)."""
+        """Count each retired request, settle its handle (exactly once), and deliver what the
+        handles were given since the last call (stream tokens included)."""
         for r in retired:
             self._observe_end(r)
             with self._cond:
                 self._outcomes += 1  # before the handle can see its outcome
             r.ticket.settle(r.outcome)
+        self._outbox.flush()
         if retired:
             self._publish()
 

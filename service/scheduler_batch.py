@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from service.decoding import SearchState, advance, concat_rows, select_rows, start_search, trim_slots
+from service.decoding import SearchState, advance_rows, concat_rows, select_rows, start_search, trim_slots
 from service.scheduler_types import (
     DeadlineExceededError,
     FinishReason,
@@ -89,6 +89,7 @@ class RunningBatch:
 
     def _clear(self) -> None:
         self.entries: list[_Entry] = []
+        self.steps_since_admit = 0  # decoder steps since newcomers last joined
         self.tokens = np.zeros(0, dtype=np.int64)  # (R,) the token each row feeds next
         self.cache: Any = None  # self-attention cache of the R rows
         self.cross: Any = None  # cross-attention K/V of the R rows
@@ -163,6 +164,8 @@ class RunningBatch:
         (StepFailedError for exactly these newcomers; the running rows are untouched).
         """
         now = self.clock()
+        if tickets:
+            self.steps_since_admit = 0
         done: list[Retired] = []
         joining: list[_Entry] = []
         for t in tickets:
@@ -201,22 +204,15 @@ class RunningBatch:
         of the batch fails with StepFailedError, the batch is cleared and the error is logged.
         """
         assert self.entries, "step() of an empty batch"
+        self.steps_since_admit += 1
         try:
-            positions = np.concatenate(
-                [np.full(len(e.state.live), e.state.step, dtype=np.int64) for e in self.entries]
-            )
+            states = [e.state for e in self.entries]
+            positions = np.repeat([s.step for s in states], [len(s.live) for s in states])
             log_probs, cache = self.engine.step(self.model, self.tokens, positions, self.cache, self.cross)
             now = self.clock()
-            parents: list[np.ndarray] = []
-            next_tokens: list[np.ndarray] = []
-            first = 0
-            for e in self.entries:
-                n = len(e.state.live)
-                moved = advance(e.state, log_probs[first : first + n])
-                e.state = moved.state
-                parents.append(first + moved.parents)
-                next_tokens.append(moved.tokens)
-                first += n
+            moved = advance_rows(states, log_probs)
+            for e, state in zip(self.entries, moved.states, strict=True):
+                e.state = state
         except Exception as err:
             log.exception("decoder step failed for %d request(s) of model %s", len(self.entries), self.model)
             failure = StepFailedError(f"a decoder step failed: {type(err).__name__}: {err}")
@@ -233,7 +229,7 @@ class RunningBatch:
             elif e.ticket.request.stream and e.ticket.request.options.beam_size == 1:
                 _emit_upto(e.ticket, e.state.live[0].tokens)
         survivors = [e for e in self.entries if not e.state.done]
-        self._keep(survivors, np.concatenate(parents), np.concatenate(next_tokens))
+        self._keep(survivors, moved.parents, moved.tokens)
         return gone
 
 

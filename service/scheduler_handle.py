@@ -1,7 +1,8 @@
 """The submitter's side of a request: await its outcome, stream its tokens, cancel it.
 
 A `Handle` belongs to the event loop that submitted the request; the decode thread reaches it only
-through `loop.call_soon_threadsafe`, so its future and token queue are touched on the loop alone.
+through an `Outbox`, which hands callbacks to the loop with `loop.call_soon_threadsafe`, so its
+future and token queue are touched on the loop alone.
 """
 
 from __future__ import annotations
@@ -16,11 +17,37 @@ from service.scheduler_types import Generation
 _END = None  # the token stream's end marker
 
 
+Call = tuple[Callable[..., None], tuple[object, ...]]
+
+
+class Outbox:
+    """Callbacks from the decode thread to submitters' event loops, delivered in order at `flush`,
+    one `call_soon_threadsafe` per loop: each wakes the loop with a write to its self-pipe, and one
+    decoder step can stream to and settle dozens of requests. Used by one thread at a time."""
+
+    def __init__(self) -> None:
+        self._pending: dict[asyncio.AbstractEventLoop, list[Call]] = {}
+
+    def post(self, loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: object) -> None:
+        self._pending.setdefault(loop, []).append((fn, args))
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, {}
+        for loop, calls in pending.items():
+            with contextlib.suppress(RuntimeError):  # the submitter's loop is closed: nobody waits any more
+                loop.call_soon_threadsafe(_call_all, calls)
+
+
+def _call_all(calls: list[Call]) -> None:
+    for fn, args in calls:
+        fn(*args)
+
+
 class Handle:
     """The submitter's side of one request, bound to the event loop that submitted it."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, cancel: Callable[[], None]) -> None:
-        self._loop = loop
+    def __init__(self, loop: asyncio.AbstractEventLoop, cancel: Callable[[], None], outbox: Outbox) -> None:
+        self._loop, self._outbox = loop, outbox
         self._future: asyncio.Future[Generation] = loop.create_future()
         self._tokens: asyncio.Queue[tuple[int, ...] | None] = asyncio.Queue()
         self._cancel = cancel
@@ -49,7 +76,7 @@ class Handle:
     def done(self) -> bool:
         return self._future.done()
 
-    # The decode thread's side.
+    # The decode thread's side (delivered at the outbox's next flush).
 
     def _emit(self, tokens: Sequence[int]) -> None:
         self._call(self._tokens.put_nowait, tuple(tokens))
@@ -67,5 +94,4 @@ class Handle:
         self._tokens.put_nowait(_END)
 
     def _call(self, fn: Callable[..., None], *args: object) -> None:
-        with contextlib.suppress(RuntimeError):  # the submitter's loop is closed: nobody waits any more
-            self._loop.call_soon_threadsafe(fn, *args)
+        self._outbox.post(self._loop, fn, *args)

@@ -215,6 +215,45 @@ def test_fake_rows_join_the_running_batch_in_continuous_mode() -> None:
     run(main)
 
 
+def _first_step_with(engine: FakeEngine, rows: int) -> int:
+    return next(i for i, (_, r) in enumerate(engine.steps) if r >= rows)
+
+
+def test_a_newcomer_joins_after_at_most_max_admit_delay_steps() -> None:
+    async def main() -> None:
+        engine = FakeEngine(step_delay=0.01)
+        # admit_ratio 2: one waiting row never outweighs the running one; only the delay lets it in
+        scheduler = Scheduler(engine, config(admit_ratio=2.0, max_admit_delay_steps=6))
+        scheduler.start()
+        first = scheduler.submit(Request("fake", (ENDLESS, 2), options(max_out=12)))
+        await wait_for_steps(scheduler, 2)
+        second = scheduler.submit(Request("fake", (4, 2), options(max_out=12)))
+        await asyncio.gather(first.result(), second.result())
+        # admitted with the first at step 0, so the next admission is before step 6
+        assert _first_step_with(engine, 2) == 6, engine.steps
+        scheduler.stop()
+
+    run(main)
+
+
+def test_newcomers_join_together_once_they_reach_admit_ratio() -> None:
+    async def main() -> None:
+        engine = FakeEngine(step_delay=0.01)
+        scheduler = Scheduler(engine, config(admit_ratio=0.5, max_admit_delay_steps=1000))
+        scheduler.start()
+        running = [scheduler.submit(Request("fake", (ENDLESS, i, 2), options(max_out=40))) for i in range(4)]
+        await wait_for_steps(scheduler, 2)
+        late = [scheduler.submit(Request("fake", (4, 2), options(max_out=40)))]
+        await wait_for_steps(scheduler, scheduler.stats().steps + 3)
+        assert max(r for _, r in engine.steps) == 4, "one waiting row (< 0.5 × 4 running) joined alone"
+        late.append(scheduler.submit(Request("fake", (5, 2), options(max_out=40))))
+        await asyncio.gather(*(h.result() for h in running + late))
+        assert 5 not in [r for _, r in engine.steps[: _first_step_with(engine, 6)]], engine.steps
+        scheduler.stop()
+
+    run(main)
+
+
 # --- outcomes -------------------------------------------------------------------------------------
 
 
