@@ -2,7 +2,8 @@
 
 One run measures, on the committed test sentences and one loaded engine shared by everything:
 
-1. The real gRPC server, in this process on a loopback port (a fresh server per scheduler mode):
+1. The real gRPC server, in this process on a loopback port (a fresh server per scheduler mode),
+   and the load generator in a child process (its own interpreter, as real clients would be):
    continuous batching, the collect-then-run batcher, and no batching (the collect batcher with a
    batch of 1 and no wait). Each takes a closed loop (N concurrent clients for a fixed time); then
    continuous and collect each take an open loop of Poisson arrivals at a fraction (70 %) of the
@@ -20,18 +21,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
 import json
+import multiprocessing
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
-
-from bench.load_client import Caller, PhaseResult, closed_loop, open_loop, warm_up
+from bench.load_client import Phase, PhaseResult, run_phase
 from bench.load_engine import KV_BATCH, KV_TOKENS, EngineResult, KvResult, measure_engine, measure_kv
 from bench.report import Machine, describe_machine
 from export.corpus import CorpusConfig, generate_corpus, read_pairs
@@ -144,19 +146,27 @@ async def measure_service(
     closed: list[PhaseResult] = []
     opened: list[PhaseResult] = []
     rate: float | None = None
-    for mode in order:
-        async with serving(engine, MODES[mode]) as target, grpc.aio.insecure_channel(target) as channel:
-            caller = Caller(channel, texts, stream_every)
-            await warm_up(caller, 2 * concurrency, concurrency)
-            result = await closed_loop(caller, mode, concurrency, duration_s)
-            log(_line(result))
-            closed.append(result)
-            if mode == "continuous":
-                rate = open_fraction * result.sentences_per_s
-            if mode in OPEN_LOOP_MODES and rate:
-                result = await open_loop(caller, mode, rate, duration_s, seed=seed)
+    loop = asyncio.get_running_loop()
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as clients:
+
+        async def phase(target: str, kind: Phase, mode: str, **params: Any) -> PhaseResult | None:
+            call = functools.partial(run_phase, target, list(texts), stream_every, kind, mode, **params)
+            return await loop.run_in_executor(clients, call)
+
+        for mode in order:
+            async with serving(engine, MODES[mode]) as target:
+                await phase(target, "warm", mode, requests=2 * concurrency, clients=concurrency)
+                result = await phase(target, "closed", mode, clients=concurrency, duration_s=duration_s)
+                assert result is not None
                 log(_line(result))
-                opened.append(result)
+                closed.append(result)
+                if mode == "continuous":
+                    rate = open_fraction * result.sentences_per_s
+                if mode in OPEN_LOOP_MODES and rate:
+                    result = await phase(target, "open", mode, rate=rate, duration_s=duration_s, seed=seed)
+                    assert result is not None
+                    log(_line(result))
+                    opened.append(result)
     return closed, opened
 
 

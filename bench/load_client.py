@@ -1,5 +1,9 @@
 """The load generator of `bench.load`: grpc.aio clients against a running server, and their figures.
 
+`run_phase` runs one phase to completion in a process of its own (`bench.load` calls it through a
+process pool), so that the clients never share the server's interpreter, GIL or event loop: on
+the same event loop, the client half of every call cost the server a third of its throughput.
+
 Every request is one text, greedy, with `return_timings`. Most are unary `Translate` calls; every
 `stream_every`-th request (by arrival index) is a `TranslateStream` call instead, and only those give
 the client-side time to first token (the first delta that carries token ids). Latency is measured by
@@ -19,6 +23,7 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import grpc
 import numpy as np
@@ -224,3 +229,35 @@ def summarize(
         ttft=Percentiles.of([s.ttft for s in ok if s.ttft is not None]),
         server_ttft=Percentiles.of([s.server_ttft for s in ok if s.server_ttft is not None]),
     )
+
+
+Phase = Literal["warm", "closed", "open"]
+
+
+def run_phase(
+    target: str,
+    texts: Sequence[str],
+    stream_every: int,
+    phase: Phase,
+    mode: str,
+    *,
+    clients: int = 0,
+    rate: float = 0.0,
+    duration_s: float = 0.0,
+    requests: int = 0,
+    seed: int = 0,
+) -> PhaseResult | None:
+    """One phase against the server at `target`, on a fresh channel and event loop (a child process's
+    entry point): `warm` sends `requests` untimed calls `clients` at a time and returns None."""
+
+    async def run() -> PhaseResult | None:
+        async with grpc.aio.insecure_channel(target) as channel:
+            caller = Caller(channel, texts, stream_every)
+            if phase == "warm":
+                await warm_up(caller, requests, clients)
+                return None
+            if phase == "closed":
+                return await closed_loop(caller, mode, clients, duration_s)
+            return await open_loop(caller, mode, rate, duration_s, seed=seed)
+
+    return asyncio.run(run())
