@@ -40,6 +40,9 @@ class Hypothesis:
     tokens: tuple[int, ...]  # generated ids, without the start token and without the end token
     score: float  # sum of log-probabilities (float32 arithmetic), end token included when produced
     finished: bool  # True when the end token was produced, False when the length limit stopped it
+    # the log-probability of each token at its step, then the end token's when produced (so one more
+    # than `tokens` when finished); empty from export.generate, which keeps only the sum
+    token_log_probs: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -171,6 +174,7 @@ class Beam:
 
     tokens: tuple[int, ...]  # generated so far; the last one is what the row feeds next
     score: float  # float32 sum of their log-probabilities
+    log_probs: tuple[float, ...] = ()  # of each token
 
 
 @dataclass(frozen=True)
@@ -306,8 +310,7 @@ def _forced_advance(state: SearchState, log_probs: np.ndarray, token: int) -> Ad
     """Every live beam takes the imposed token (at the start there is one beam, so one stays)."""
     step = state.step + 1
     live = tuple(
-        Beam((*beam.tokens, token), float(np.float32(beam.score) + np.float32(log_probs[row, token])))
-        for row, beam in enumerate(state.live)
+        _extended(beam, token, np.float32(log_probs[row, token])) for row, beam in enumerate(state.live)
     )
     moved = SearchState(state.options, step, live, state.finished)
     return _moved(_at_limit(moved), range(len(live)))
@@ -328,12 +331,26 @@ def _greedy_advance(state: SearchState, log_probs: np.ndarray) -> Advance:
 def _greedy_next(state: SearchState, token: int, token_log_prob: np.float32) -> SearchState:
     """The state after the one live beam takes `token` (the end token finishes it)."""
     (beam,), step = state.live, state.step + 1
-    score = float(np.float32(beam.score) + token_log_prob)
     if token == state.options.eos_id:
-        hyp = Hypothesis(beam.tokens, score, True)
-        ranked = Ranked(normalized_score(score, step, state.options.length_penalty), hyp)
+        hyp = _finished(beam, token_log_prob)
+        ranked = Ranked(normalized_score(hyp.score, step, state.options.length_penalty), hyp)
         return SearchState(state.options, step, (), (*state.finished, ranked))
-    return _at_limit(SearchState(state.options, step, (Beam((*beam.tokens, token), score),), state.finished))
+    return _at_limit(
+        SearchState(state.options, step, (_extended(beam, token, token_log_prob),), state.finished)
+    )
+
+
+def _extended(beam: Beam, token: int, log_prob: np.float32) -> Beam:
+    """`beam` followed by `token` (the score summed in float32, as the reference does)."""
+    return Beam(
+        (*beam.tokens, token), float(np.float32(beam.score) + log_prob), (*beam.log_probs, float(log_prob))
+    )
+
+
+def _finished(beam: Beam, eos_log_prob: np.float32) -> Hypothesis:
+    """The hypothesis of `beam` followed by the end token."""
+    score = float(np.float32(beam.score) + eos_log_prob)
+    return Hypothesis(beam.tokens, score, True, (*beam.log_probs, float(eos_log_prob)))
 
 
 def _beam_advance(state: SearchState, log_probs: np.ndarray) -> Advance:
@@ -349,13 +366,14 @@ def _beam_advance(state: SearchState, log_probs: np.ndarray) -> Advance:
         if score == float("-inf"):
             break
         beam, token = divmod(int(index), vocab)
-        prefix = state.live[beam].tokens
+        parent = state.live[beam]
+        token_log_prob = np.float32(log_probs[beam, token])
         if token == opts.eos_id:
             if rank < k:  # an end token ranked below the first K is skipped, not finished
-                hyp = Hypothesis(prefix, score, True)
-                finished.append(Ranked(normalized_score(score, step, opts.length_penalty), hyp))
+                hyp = _finished(parent, token_log_prob)
+                finished.append(Ranked(normalized_score(hyp.score, step, opts.length_penalty), hyp))
             continue
-        live.append(Beam((*prefix, token), score))
+        live.append(_extended(parent, token, token_log_prob))
         parents.append(beam)
         if len(live) == k:
             break
@@ -376,7 +394,10 @@ def _at_limit(state: SearchState) -> SearchState:
     opts = state.options
     length = opts.max_output_tokens
     unfinished = tuple(
-        Ranked(normalized_score(b.score, length, opts.length_penalty), Hypothesis(b.tokens, b.score, False))
+        Ranked(
+            normalized_score(b.score, length, opts.length_penalty),
+            Hypothesis(b.tokens, b.score, False, b.log_probs),
+        )
         for b in state.live
     )
     return SearchState(opts, state.step, (), state.finished + unfinished)

@@ -31,14 +31,19 @@ def hypothesis_length(h: Hypothesis) -> int:
 
 
 def token_messages(h: Hypothesis, tokenizer: Tokenizer, prefix_len: int) -> list[pb.Token]:
-    """Every generated token of `h`, the end token last when produced (logprob: see module doc)."""
-    tokens = [
-        pb.Token(id=t, piece=tokenizer.id_to_token(t), forced=i < prefix_len) for i, t in enumerate(h.tokens)
+    """Every generated token of `h` with its log-probability, the end token last when produced."""
+    ids = [*h.tokens, *([tokenizer.special.eos] if h.finished else [])]
+    log_probs = h.token_log_probs or (0.0,) * len(ids)
+    return [
+        pb.Token(
+            id=t,
+            piece=tokenizer.id_to_token(t),
+            logprob=log_prob,
+            forced=i < prefix_len,
+            special=h.finished and i == len(h.tokens),
+        )
+        for i, (t, log_prob) in enumerate(zip(ids, log_probs, strict=True))
     ]
-    if h.finished:
-        eos = tokenizer.special.eos
-        tokens.append(pb.Token(id=eos, piece=tokenizer.id_to_token(eos), special=True))
-    return tokens
 
 
 def translation_message(

@@ -4,9 +4,6 @@ Each RPC validates its request (`service.requests` for Translate/TranslateStream
 scheduler `Request` per text with the call's deadline, awaits the outcomes and builds the response.
 `_handled` is the one place where exceptions become gRPC statuses; it also counts every call in
 the metrics and writes one structured log line per call.
-
-Per-token log-probabilities: the scheduler's `Hypothesis` carries only the summed score, so
-`Token.logprob` is left unset (0) in returned tokens; `Hypothesis.score` is exact.
 """
 
 from __future__ import annotations

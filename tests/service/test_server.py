@@ -112,6 +112,9 @@ def test_beam_search_returns_n_best_ranked_hypotheses(stub: pb_grpc.TranslatorSt
     assert ranks == sorted(ranks, reverse=True)
     best = t.hypotheses[0]
     assert len(best.tokens) == t.output_tokens and best.tokens[-1].special and best.tokens[-1].piece == "</s>"
+    for h in t.hypotheses:  # each token's log-probability at its step; together they are the score
+        assert all(tok.logprob <= 0 for tok in h.tokens) and any(tok.logprob < 0 for tok in h.tokens)
+        assert sum(tok.logprob for tok in h.tokens) == pytest.approx(h.score, abs=1e-4)
 
 
 def test_tokens_timings_prefix_and_seed_are_returned(stub: pb_grpc.TranslatorStub) -> None:
