@@ -57,17 +57,24 @@ SERVICE_CONFIG = json.dumps(
 
 
 class TranslatorError(Exception):
-    """A failed call: `code` is the gRPC status name (e.g. "INVALID_ARGUMENT"), `message` the server's."""
+    """A failed call: `code` is the gRPC status name (e.g. "INVALID_ARGUMENT"), `message` the server's,
+    `request_id` the id the server logged the call under (its `x-request-id` trailer), when known."""
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code, self.message = code, message
+    def __init__(self, code: str, message: str, request_id: str | None = None) -> None:
+        super().__init__(f"{code}: {message}" + (f" (request {request_id})" if request_id else ""))
+        self.code, self.message, self.request_id = code, message, request_id
 
     @classmethod
     def from_rpc_error(cls, err: grpc.RpcError) -> TranslatorError:
         code = err.code() if hasattr(err, "code") else None
         details = err.details() if hasattr(err, "details") else None
-        return cls(code.name if code is not None else "UNKNOWN", details or str(err))
+        trailers = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+        request_id = next((v for k, v in trailers or () if k == "x-request-id"), None)
+        return cls(
+            code.name if code is not None else "UNKNOWN",
+            details or str(err),
+            str(request_id) if request_id is not None else None,
+        )
 
 
 # --- results -------------------------------------------------------------------------------------

@@ -107,6 +107,7 @@ class CallRecord:
 
 
 def _request_id(context: grpc.aio.ServicerContext) -> str:
+    """The caller's `x-request-id` (cut to 64 characters), else a fresh one."""
     for key, value in context.invocation_metadata() or ():
         if key == "x-request-id" and value:
             return str(value)[:64]
@@ -131,6 +132,9 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
     async def _handled(self, rpc: str, context: grpc.aio.ServicerContext) -> AsyncIterator[CallRecord]:
         """Run one call: map its exception to a status, count it, log it once."""
         call = CallRecord(rpc, _request_id(context))
+        # The id the log line carries goes back to the caller (for a bug report) whatever the outcome.
+        trailer = (("x-request-id", call.request_id),)
+        context.set_trailing_metadata(trailer)
         code, message = grpc.StatusCode.OK, ""
         try:
             yield call
@@ -151,7 +155,7 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
             fields = call.fields(code)
             log.info("%s %s", rpc, code.name, extra={"fields": fields})
         if code != grpc.StatusCode.OK:
-            await context.abort(code, message)
+            await context.abort(code, message, trailer)
 
     def _model(self, name: str) -> tuple[str, ModelInfo]:
         info = self.engine.model(name or None)

@@ -108,6 +108,7 @@ def test_errors_surface_as_translator_error(client: TranslatorClient) -> None:
     with pytest.raises(TranslatorError) as info:
         client.translate([CATS], beam_size=99)
     assert info.value.code == "INVALID_ARGUMENT" and "beam_size" in info.value.message
+    assert info.value.request_id and info.value.request_id in str(info.value)  # to quote in a bug report
 
     with pytest.raises(TranslatorError) as info:
         list(client.translate_stream(CATS, n_best=2))

@@ -117,6 +117,19 @@ def test_beam_search_returns_n_best_ranked_hypotheses(stub: pb_grpc.TranslatorSt
         assert sum(tok.logprob for tok in h.tokens) == pytest.approx(h.score, abs=1e-4)
 
 
+def test_the_request_id_comes_back_in_the_trailers(stub: pb_grpc.TranslatorStub) -> None:
+    request = pb.TranslateRequest(texts=TEXTS[:1])
+    _, call = stub.Translate.with_call(request, metadata=(("x-request-id", "bug-1234"),), timeout=30)
+    assert ("x-request-id", "bug-1234") in call.trailing_metadata()
+    _, call = stub.Translate.with_call(request, timeout=30)
+    assert len(dict(call.trailing_metadata())["x-request-id"]) == 16  # made up by the server
+
+    with pytest.raises(grpc.RpcError) as failed:
+        stub.Translate(pb.TranslateRequest(texts=[]), metadata=(("x-request-id", "bad-1"),), timeout=30)
+    assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert ("x-request-id", "bad-1") in failed.value.trailing_metadata()
+
+
 def test_tokens_timings_prefix_and_seed_are_returned(stub: pb_grpc.TranslatorStub) -> None:
     (t,) = translate(
         stub, TEXTS[:1], target_prefix="Nous", return_tokens=True, return_timings=True
