@@ -68,7 +68,7 @@ class TranslatorError(Exception):
     def from_rpc_error(cls, err: grpc.RpcError) -> TranslatorError:
         code = err.code() if hasattr(err, "code") else None
         details = err.details() if hasattr(err, "details") else None
-        trailers = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+        trailers: Any = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
         request_id = next((v for k, v in trailers or () if k == "x-request-id"), None)
         return cls(
             code.name if code is not None else "UNKNOWN",
