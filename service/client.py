@@ -44,14 +44,18 @@ RETRY_POLICY = {
     "backoffMultiplier": 2,
     "retryableStatusCodes": ["UNAVAILABLE"],
 }
+# round_robin: with a target that resolves to several servers (`dns:///translator-headless:50051` in
+# Kubernetes, deploy/k8s/README.md) every call goes to the next ready one, instead of all calls of
+# the channel to the first address (grpc's default, pick_first). Harmless with one address.
 SERVICE_CONFIG = json.dumps(
     {
+        "loadBalancingConfig": [{"round_robin": {}}],
         "methodConfig": [
             {
                 "name": [{"service": SERVICE}, {"service": "grpc.health.v1.Health"}],
                 "retryPolicy": RETRY_POLICY,
             }
-        ]
+        ],
     }
 )
 

@@ -53,6 +53,20 @@ def test_translate_single_and_multi(client: TranslatorClient) -> None:
     assert hyp.text == single.text and hyp.score < 0
 
 
+def test_calls_are_balanced_over_every_address_of_the_target(server: ServerThread) -> None:
+    """round_robin in the service config: with two servers behind one target, both get calls."""
+    with ServerThread(loopback_config()) as second:
+        target = f"ipv4:127.0.0.1:{server.running.port},127.0.0.1:{second.running.port}"
+        before = [s.running.scheduler.stats().outcomes for s in (server, second)]
+        with TranslatorClient(target, timeout=30) as balanced:
+            for _ in range(6):
+                assert balanced.translate([CATS])[0].text == "J'aime les chats."
+        served = [
+            s.running.scheduler.stats().outcomes - b for s, b in zip((server, second), before, strict=True)
+        ]
+        assert sum(served) == 6 and min(served) >= 2, served
+
+
 def test_beam_search_n_best(client: TranslatorClient) -> None:
     (t,) = client.translate(TEXTS[2:], beam_size=4, n_best=3, return_tokens=True)
 
