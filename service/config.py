@@ -64,6 +64,9 @@ class ServerConfig:
     metrics_port: int = 9090  # Prometheus /metrics port; 0 picks a free one
     grace_period_s: float = 10.0  # on shutdown, how long in-flight requests may finish
     max_message_bytes: int = 4 * 1024 * 1024  # largest request or response message
+    # Close client connections after this long (a GOAWAY; calls in flight finish), so that clients
+    # balancing over DNS (a headless Kubernetes Service) find new replicas; 0: never.
+    max_connection_age_s: float = 0.0
     max_texts_per_request: int = 64  # texts in one Translate request at most
     max_beam_size: int = 8  # largest beam a request may ask for
     log_level: LogLevel = "INFO"  # DEBUG, INFO, WARNING or ERROR
@@ -228,6 +231,13 @@ SETTINGS = (
         "--max-message-bytes",
         "largest gRPC message (bytes)",
         _int_at_least(1024),
+    ),
+    _Setting(
+        "server",
+        "max_connection_age_s",
+        "--max-connection-age-s",
+        "close client connections after this long (0: never)",
+        _float_at_least(0.0),
     ),
     _Setting(
         "server",

@@ -143,10 +143,7 @@ async def start_server(config: Config, *, engine: Engine | None = None) -> Runni
     scheduler = Scheduler(engine, config.scheduler, metrics)
     servicer = TranslatorServicer(config, engine, scheduler, metrics)
 
-    size = config.server.max_message_bytes
-    server = grpc.aio.server(
-        options=[("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size)]
-    )
+    server = grpc.aio.server(options=_channel_options(config.server))
     pb_grpc.add_TranslatorServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -190,3 +187,13 @@ async def serve(config: Config) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         await running.stop()
+
+
+def _channel_options(server: ServerConfig) -> list[tuple[str, int]]:
+    size = server.max_message_bytes
+    options = [("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size)]
+    if server.max_connection_age_s > 0:
+        # then calls still in flight get the drain grace period before the connection closes
+        age_ms, grace_ms = int(server.max_connection_age_s * 1000), int(server.grace_period_s * 1000)
+        options += [("grpc.max_connection_age_ms", age_ms), ("grpc.max_connection_age_grace_ms", grace_ms)]
+    return options

@@ -18,6 +18,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -241,6 +242,20 @@ def test_get_model_info_describes_the_served_model(stub: pb_grpc.TranslatorStub,
 
 
 # --- health, reflection, metrics --------------------------------------------------------------------
+
+
+def test_max_connection_age_closes_connections_and_calls_go_on(engine: Engine) -> None:
+    config = loopback_config()
+    config = replace(config, server=replace(config.server, max_connection_age_s=0.3))
+    with ServerThread(config, engine) as aged, grpc.insecure_channel(aged.target) as channel:
+        states: list[grpc.ChannelConnectivity] = []
+        channel.subscribe(states.append, try_to_connect=True)
+        stub = pb_grpc.TranslatorStub(channel)
+        for _ in range(3):
+            assert stub.Translate(pb.TranslateRequest(texts=TEXTS[:1]), timeout=30).translations[0].text
+            time.sleep(0.6)
+        # each GOAWAY takes the channel out of READY; it reconnects for the next call
+        assert states.count(grpc.ChannelConnectivity.READY) >= 2, states
 
 
 def test_health_reports_serving_and_reflection_lists_the_services(
