@@ -12,7 +12,8 @@ MODEL_DIR ?= models/en-fr-small
 CORPUS_DIR ?= data/corpus
 SEED ?= 1234
 
-.PHONY: setup proto corpus train eval translate export variants verify bench-kv bench run test lint clean
+.PHONY: setup proto corpus train eval translate export variants verify bench-kv bench run test lint clean \
+	compose-up compose-down
 
 setup: $(SETUP_DONE)
 
@@ -93,6 +94,15 @@ bench: $(SETUP_DONE) $(CORPUS_DIR)/test.tsv
 # service/config.py); e.g. `make run ARGS='--port 50052 --log-format json'`. Ctrl-C drains and exits.
 run: $(SETUP_DONE)
 	$(PY) -m service $(ARGS)
+
+# docker compose (deploy/docker-compose.yml): the replicas behind nginx on localhost:50051, Prometheus on
+# :9090, Grafana on :3000 (admin / admin). `make compose-up PROFILE=gpu`: the GPU image. Scale with
+# `docker compose -f deploy/docker-compose.yml --profile cpu up -d --scale translator=4`.
+compose-up:
+	docker compose -f deploy/docker-compose.yml --profile $(or $(PROFILE),cpu) up -d --build
+
+compose-down:
+	docker compose -f deploy/docker-compose.yml --profile cpu --profile gpu down
 
 test: $(SETUP_DONE)
 	$(PY) -m pytest -q
