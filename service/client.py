@@ -33,16 +33,19 @@ ATTENTION_KINDS = {
 }
 _KIND_NAMES = {value: name for name, value in ATTENTION_KINDS.items()}
 
-# Retries are done by gRPC itself, per call: an UNAVAILABLE status (server starting, draining, or a
-# connection that failed) is retried up to 4 attempts in all with exponential backoff of 0.2 s,
-# 0.4 s, 0.8 s (each randomised, at most 2 s), within the call's deadline. A stream is retried only
-# until its first message has arrived. Other statuses (RESOURCE_EXHAUSTED included) are not retried.
+# Retries are done by gRPC itself, per call: UNAVAILABLE (server starting, draining, or a connection
+# that failed) and CANCELLED sent by the server (a server stopping cuts off the calls it still has,
+# such as one that reached it through a balancer's kept-open connection as it shut down; a call the
+# client cancels is never retried) are retried up to 4 attempts in all with exponential backoff of
+# 0.2 s, 0.4 s, 0.8 s (each randomised, at most 2 s), within the call's deadline. Translating is
+# idempotent (sampling is seeded), so a retry is safe. A stream is retried only until its first
+# message has arrived. Other statuses (RESOURCE_EXHAUSTED included) are not retried.
 RETRY_POLICY = {
     "maxAttempts": 4,
     "initialBackoff": "0.2s",
     "maxBackoff": "2s",
     "backoffMultiplier": 2,
-    "retryableStatusCodes": ["UNAVAILABLE"],
+    "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
 }
 # round_robin: with a target that resolves to several servers (`dns:///translator-headless:50051` in
 # Kubernetes, deploy/k8s/README.md) every call goes to the next ready one, instead of all calls of

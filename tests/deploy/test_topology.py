@@ -4,8 +4,9 @@ Three `python -m service` processes on loopback ports, nginx with the configurat
 deploy/nginx/nginx.conf.template (the template of the compose file's) pointed at them, and Prometheus
 with deploy/prometheus/prometheus.yml.template rendered for them (1 s scrapes) and the repository's
 alert rules. The tests then run in order on that one topology (module-scoped: starting it is most of
-the time): traffic reaches every replica through nginx; a replica killed (SIGKILL) mid-load loses no
-request of clients that retry (service/client.py's retry policy); Prometheus scraped every replica,
+the time): traffic reaches every replica through nginx; a replica killed (SIGKILL) or stopped
+(SIGTERM) mid-load loses no request of clients that retry (service/client.py's retry policy);
+Prometheus scraped every replica,
 every query of every panel of the Grafana dashboard returns data, and the alert rules are loaded
 and evaluate (the killed replica's TranslatorReplicaDown is pending).
 
@@ -269,13 +270,22 @@ def test_requests_land_on_every_replica(topology: Topology) -> None:
     assert all(g > 0 for g in got), f"Translate RPCs per replica: {got}\n{topology.diagnostics()}"
 
 
-def test_killing_a_replica_mid_load_loses_no_request(topology: Topology) -> None:
+@pytest.mark.parametrize(
+    ("victim_index", "how"),
+    [(0, signal.SIGKILL), (1, signal.SIGTERM)],
+    ids=["killed", "stopped"],
+)
+def test_losing_a_replica_mid_load_loses_no_request(
+    topology: Topology, victim_index: int, how: signal.Signals
+) -> None:
+    """SIGKILL (a crash: its calls in flight die, nginx answers UNAVAILABLE) or SIGTERM (`docker stop`:
+    it drains, refusing new calls with UNAVAILABLE, then exits 0): the clients' retries lose nothing."""
     threads_n, stop = 6, threading.Event()
     done: list[int] = [0] * threads_n
     failures: list[str] = []
 
     def client_loop(k: int) -> None:
-        # One channel per thread, with TranslatorClient's retry policy (UNAVAILABLE, 4 attempts).
+        # One channel per thread, with TranslatorClient's retry policy (4 attempts).
         with TranslatorClient(topology.balancer, timeout=30) as client:
             i = 0
             while not stop.is_set():
@@ -290,26 +300,29 @@ def test_killing_a_replica_mid_load_loses_no_request(topology: Topology) -> None
     threads = [threading.Thread(target=client_loop, args=(k,), daemon=True) for k in range(threads_n)]
     for t in threads:
         t.start()
+    victim = topology.replicas[victim_index]
+    others = [r for r in topology.replicas if r is not victim and r not in topology.killed]
     try:
-        victim = topology.replicas[0]
         # Mid-load: the victim has been answering this load for a while.
         start = victim.translated()
-        wait_for("load on the replica to be killed", lambda: victim.translated() >= start + 20 or None, 60)
-        victim.process.popen.send_signal(signal.SIGKILL)
-        victim.process.popen.wait(10)
+        wait_for("load on the replica to go", lambda: victim.translated() >= start + 20 or None, 60)
+        victim.process.popen.send_signal(how)
+        code = victim.process.popen.wait(30)
         topology.killed.append(victim)
-        at_kill = sum(done)
-        survivors_at_kill = [r.translated() for r in topology.replicas[1:]]
-        wait_for("load to continue after the kill", lambda: sum(done) >= at_kill + 60 or None, 90)
+        at_loss = sum(done)
+        others_at_loss = [r.translated() for r in others]
+        wait_for("load to continue after the loss", lambda: sum(done) >= at_loss + 60 or None, 90)
     finally:
         stop.set()
         for t in threads:
             t.join(60)
     assert not any(t.is_alive() for t in threads), "a client call hung"
     assert not failures, f"{len(failures)} requests failed: {failures[:5]}\n{topology.diagnostics()}"
-    # The load the victim had went to the others: each of them served requests after the kill.
-    survivors = [r.translated() - n for r, n in zip(topology.replicas[1:], survivors_at_kill, strict=True)]
-    assert all(s > 0 for s in survivors), survivors
+    if how == signal.SIGTERM:
+        assert code == 0, f"the drained replica exited {code}\n{victim.process.tail()}"
+    # The load the victim had went to the others: each of them served requests after the loss.
+    served = [r.translated() - n for r, n in zip(others, others_at_loss, strict=True)]
+    assert all(s > 0 for s in served), served
 
 
 def test_prometheus_scraped_every_replica(topology: Topology) -> None:
