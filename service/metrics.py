@@ -16,6 +16,7 @@ a test keeps that table and this module in agreement.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
@@ -224,15 +225,25 @@ class Metrics:
         _check(graph, GRAPH_NAMES, "graph")
         self._graph_run.labels(graph).observe(seconds)
 
-    def set_model_info(
-        self, *, model: str, model_version: str, variant: str, execution_provider: str, build_version: str
-    ) -> None:
-        """Describe what is being served (from the manifest, the session and the package version).
-
-        Replaces any earlier description, so that a reloaded model leaves exactly one series.
-        """
+    def set_model_info(self, served: Sequence[ServedModel], *, build_version: str) -> None:
+        """Describe what is being served: one series per model (from its manifest and session),
+        all with the package version. Replaces any earlier description, so that a reload leaves
+        exactly the models served now."""
         self._model_info.clear()
-        self._model_info.labels(model, model_version, variant, execution_provider, build_version).set(1)
+        for m in served:
+            self._model_info.labels(
+                m.model, m.model_version, m.variant, m.execution_provider, build_version
+            ).set(1)
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """The `translator_model_info` labels of one served model."""
+
+    model: str
+    model_version: str
+    variant: str
+    execution_provider: str
 
 
 def _check(value: str, allowed: tuple[str, ...], what: str) -> None:

@@ -27,7 +27,7 @@ from service.api.translator.v1 import translator_pb2 as pb
 from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
 from service.config import Config, ServerConfig
 from service.engine import Engine
-from service.metrics import Metrics, MetricsServer, serve_metrics
+from service.metrics import Metrics, MetricsServer, ServedModel, serve_metrics
 from service.scheduler import Scheduler
 from service.servicer import TranslatorServicer
 
@@ -132,14 +132,9 @@ async def start_server(config: Config, *, engine: Engine | None = None) -> Runni
     metrics_server = serve_metrics(registry, config.server.host.strip("[]"), config.server.metrics_port)
     if engine is None:
         engine = await asyncio.to_thread(Engine, config.engine, metrics)
-    default = engine.model()
-    metrics.set_model_info(
-        model=default.name,
-        model_version=default.version,
-        variant=default.variant,
-        execution_provider=default.provider,
-        build_version=_build_version(),
-    )
+    default, served = engine.model(), [engine.model(name) for name in engine.models]
+    labels = [ServedModel(m.name, m.version, m.variant, m.provider) for m in served]
+    metrics.set_model_info(labels, build_version=_build_version())
     scheduler = Scheduler(engine, config.scheduler, metrics)
     servicer = TranslatorServicer(config, engine, scheduler, metrics)
 

@@ -21,6 +21,7 @@ from service.metrics import (
     RPCS,
     STEP_BUCKETS,
     Metrics,
+    ServedModel,
     serve_metrics,
 )
 
@@ -261,22 +262,26 @@ def test_values_land_where_they_should(registry: CollectorRegistry, metrics: Met
     assert value("translator_sequences_in_flight") == 4
 
 
-def test_model_info_is_one_series_set_to_one_and_replaced_on_reload(
+def test_model_info_is_one_series_per_served_model_and_replaced_on_reload(
     registry: CollectorRegistry, metrics: Metrics
 ) -> None:
-    def describe(version: str) -> dict[str, str]:
+    def labels(name: str, version: str) -> dict[str, str]:
         return {
-            "model": "en-fr-small",
+            "model": name,
             "model_version": version,
             "variant": "fp32",
             "execution_provider": "CPUExecutionProvider",
             "build_version": "0.1.0",
         }
 
-    metrics.set_model_info(**describe("1.0.0"))
-    metrics.set_model_info(**describe("1.1.0"))
-    assert registry.get_sample_value("translator_model_info", describe("1.1.0")) == 1
-    assert registry.get_sample_value("translator_model_info", describe("1.0.0")) is None
+    def served(name: str, version: str) -> ServedModel:
+        return ServedModel(name, version, "fp32", "CPUExecutionProvider")
+
+    metrics.set_model_info([served("en-fr-small", "1.0.0"), served("en-de", "2.0")], build_version="0.1.0")
+    assert registry.get_sample_value("translator_model_info", labels("en-de", "2.0")) == 1
+    metrics.set_model_info([served("en-fr-small", "1.1.0")], build_version="0.1.0")
+    assert registry.get_sample_value("translator_model_info", labels("en-fr-small", "1.1.0")) == 1
+    assert registry.get_sample_value("translator_model_info", labels("en-fr-small", "1.0.0")) is None
     family = next(f for f in registry.collect() if f.name == "translator_model_info")
     assert len(family.samples) == 1
 
