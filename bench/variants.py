@@ -25,12 +25,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from export.checkpoint import load_model
-from export.model import Transformer, causal_mask
 
 # Private helpers, on purpose: the benchmark must drive the reference decoder's own search loop,
 # so that every variant pays the same bookkeeping, and trace with the exporter's own settings.
 # The smoke test (tests/bench) breaks loudly if they change.
-from export.onnx_export import TRACE_SIZES, example_inputs, trace_graph
+from export.graph_contract import TRACE_SIZES, example_inputs
+from export.model import Transformer, causal_mask
+from export.onnx_export import trace_graph
 from service.graphs import Attention, OnnxGraphs, StepOutput
 from service.manifest import GraphSpec, TensorSpec
 from service.reference_decoder import (

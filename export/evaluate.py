@@ -2,63 +2,31 @@
 
     python -m export.evaluate --model-dir models/en-fr-small [--corpus-dir data/corpus]
 
-BLEU and chrF are sacreBLEU's corpus scores (default 13a tokenisation, so figures are comparable
-with the usual reports); exact match is the share of outputs identical to the reference.
+BLEU and chrF are sacreBLEU's corpus scores, exact match the share of outputs identical to the
+reference (export.scoring, which the variants' quality gate shares).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import sacrebleu
 import torch
 
 from export.checkpoint import TOKENIZER_FILE, WEIGHTS_FILE, load_model
 from export.corpus import read_pairs
 from export.model import Transformer
+from export.scoring import DECODERS, Scores, cpu_name, score
 from export.translate import translate_texts
 from service.tokenizer import Tokenizer
 
 SPLITS = ("valid", "test", "heldout")
 SPLIT_TITLES = {"valid": "valid", "test": "test", "heldout": "held-out combinations"}
-DECODERS = {"greedy": 1, "beam4": 4}  # name → beam size
 CARD_JSON, CARD_MD = "model_card.json", "model_card.md"
 # The issue's quality bar, checked and reported in the card.
 QUALITY_BAR = {("test", "bleu"): 97.0, ("test", "exact_match"): 90.0, ("heldout", "bleu"): 90.0}
-
-
-@dataclass(frozen=True)
-class Scores:
-    bleu: float
-    chrf: float
-    exact_match: float  # percent
-    sentences: int
-    seconds: float
-
-    def as_dict(self) -> dict[str, float]:
-        return {
-            "bleu": round(self.bleu, 2),
-            "chrf": round(self.chrf, 2),
-            "exact_match": round(self.exact_match, 2),
-            "sentences": self.sentences,
-            "seconds": round(self.seconds, 1),
-        }
-
-
-def score(hypotheses: list[str], references: list[str], seconds: float = 0.0) -> Scores:
-    exact = 100.0 * sum(h == r for h, r in zip(hypotheses, references, strict=True)) / max(len(references), 1)
-    return Scores(
-        bleu=sacrebleu.corpus_bleu(hypotheses, [references]).score,
-        chrf=sacrebleu.corpus_chrf(hypotheses, [references]).score,
-        exact_match=exact,
-        sentences=len(references),
-        seconds=seconds,
-    )
 
 
 def evaluate_split(
@@ -67,16 +35,6 @@ def evaluate_split(
     start = time.perf_counter()
     hyps = translate_texts(model, tokenizer, [en for en, _ in pairs], beam_size=beam_size)
     return score(hyps, [fr for _, fr in pairs], time.perf_counter() - start), hyps
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo where there is one, else the architecture."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
-    return platform.machine()
 
 
 def quality_bar(results: dict[str, dict[str, dict[str, float]]]) -> list[dict[str, object]]:

@@ -10,69 +10,21 @@ Masks are boolean and True where attention is *allowed*; they broadcast to (B, H
 export turns them into separate graphs: an encoder graph run once per request and a
 decoder-step graph run once per output token with a KV cache. The attention helpers
 (`MultiHeadAttention.project_kv`, `scaled_dot_product_attention`) are public for the
-same reason.
+same reason. The configuration, `TransformerConfig`, is plain data in export.model_config (no
+torch), imported here.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal, cast
+from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-Activation = Literal["relu", "gelu", "swish"]
-NormPlacement = Literal["post", "pre"]
-
-
-@dataclass(frozen=True)
-class TransformerConfig:
-    """Everything needed to build a model of this family (and to host other checkpoints of it)."""
-
-    vocab_size: int  # shared source/target vocabulary
-    d_model: int = 256  # width of every residual stream
-    n_heads: int = 4  # attention heads; d_k = d_model / n_heads
-    n_encoder_layers: int = 3
-    n_decoder_layers: int = 3
-    d_ff: int = 1024  # inner width of the position-wise feed-forward network
-    activation: Activation = "relu"
-    norm_placement: NormPlacement = "post"  # post: LN(x + f(x)) as in the paper; pre: x + f(LN(x))
-    scale_embeddings: bool = True  # multiply token embeddings by sqrt(d_model)
-    share_embeddings: bool = True  # one embedding table for source and target tokens
-    tie_output_embeddings: bool = True  # output projection = target embedding matrix transposed
-    final_logits_bias: bool = False  # a learned bias added to the output logits
-    max_positions: int = 256  # longest sequence (in tokens, specials included) on either side
-    dropout: float = 0.1
-    layer_norm_eps: float = 1e-5
-    pad_id: int = 0
-    bos_id: int = 1  # decoder start token
-    eos_id: int = 2
-    unk_id: int = 3
-
-    def __post_init__(self) -> None:
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
-        if self.activation not in ("relu", "gelu", "swish"):
-            raise ValueError(f"unknown activation {self.activation!r}: use relu, gelu or swish")
-        if self.norm_placement not in ("post", "pre"):
-            raise ValueError(f"unknown norm placement {self.norm_placement!r}: use post or pre")
-
-    @property
-    def d_k(self) -> int:
-        return self.d_model // self.n_heads
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TransformerConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown config fields: {', '.join(unknown)}")
-        return cls(**values)
+from export.model_config import Activation, NormPlacement, TransformerConfig
 
 
 def sinusoidal_positions(max_positions: int, d_model: int) -> Tensor:

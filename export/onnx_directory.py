@@ -17,8 +17,9 @@ import onnxruntime
 import torch
 
 from export.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, load_model
+from export.graph_contract import graph_specs
 from export.model import TransformerConfig
-from export.onnx_export import EXPORTER_KIND, OPSET, export_graph, graph_specs, verify_graph
+from export.onnx_export import EXPORTER_KIND, OPSET, export_graph, verify_graph
 from export.onnx_weights import SafetensorsIndex
 from service.manifest import (
     FORMAT_VERSION,

@@ -7,7 +7,8 @@
 The wrappers only arrange the model's own methods (`encode`, `cross_kv`, `embed`,
 `DecoderLayer.forward`, `project_kv`, `logits`); none of the math is written twice. After
 tracing, the graphs' weights are pointed into `model.safetensors` (see `export.onnx_weights`),
-so the weights exist once in a model directory.
+so the weights exist once in a model directory. The graphs' signatures and example inputs (the
+contract every graph is traced and verified against) are export.graph_contract's.
 
 Exporter: the TorchScript one (`dynamo=False`), on purpose. Both work for these graphs (the
 dynamo one handles an empty past with `Dim(min=0)`), but on our 2-core machines the dynamo
@@ -32,13 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from export.model import Attentions, Transformer, TransformerConfig, causal_mask
+from export.graph_contract import TRACE_SIZES, VERIFY_SIZES, example_inputs
+from export.model import Attentions, Transformer, causal_mask
 from export.onnx_weights import SafetensorsIndex, link_external_weights
-from service.manifest import GraphSpec, TensorSpec, check_graph
+from service.manifest import GraphSpec, check_graph
 
 OPSET = 18  # ≥ 17 for LayerNormalization as one op
 EXPORTER_KIND = "torchscript"
-GRAPH_FILES = {"encoder": "encoder.onnx", "decoder_step": "decoder_step.onnx", "attention": "attention.onnx"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,105 +131,6 @@ GRAPH_MODULES: dict[str, type[nn.Module]] = {
     "decoder_step": DecoderStepGraph,
     "attention": AttentionGraph,
 }
-
-
-# ---------------------------------------------------------------------------------------------
-# The contract: names, dtypes and shapes of each graph
-
-
-def graph_specs(cfg: TransformerConfig, float_dtype: str = "float32") -> dict[str, GraphSpec]:
-    """The graphs' signatures for a model config (docs/model-directory.md, "Graphs").
-
-    Args:
-        float_dtype: of the float tensors, "float16" for the fp16 variant; log-probabilities
-            are float32 in every variant.
-    """
-    L, L_enc, H, Dh, D, V = (
-        cfg.n_decoder_layers,
-        cfg.n_encoder_layers,
-        cfg.n_heads,
-        cfg.d_k,
-        cfg.d_model,
-        cfg.vocab_size,
-    )
-    f, f32, i64, bool_ = float_dtype, "float32", "int64", "bool"
-
-    def t(name: str, dtype: str, *shape: int | str) -> TensorSpec:
-        return TensorSpec(name, dtype, shape)
-
-    src = [t("src_ids", i64, "batch", "src_len"), t("src_mask", bool_, "batch", "src_len")]
-    cross = [t(n, f, L, "batch", H, "src_len", Dh) for n in ("cross_k", "cross_v")]
-    return {
-        "encoder": GraphSpec(
-            GRAPH_FILES["encoder"], (*src,), (t("memory", f, "batch", "src_len", D), *cross)
-        ),
-        "decoder_step": GraphSpec(
-            GRAPH_FILES["decoder_step"],
-            (
-                t("tokens", i64, "batch", 1),
-                t("positions", i64, "batch"),
-                t("past_k", f, L, "batch", H, "past_len", Dh),
-                t("past_v", f, L, "batch", H, "past_len", Dh),
-                t("self_mask", bool_, "batch", "past_len + 1"),
-                *cross,
-                t("src_mask", bool_, "batch", "src_len"),
-            ),
-            (
-                t("log_probs", f32, "batch", V),
-                t("present_k", f, L, "batch", H, "past_len + 1", Dh),
-                t("present_v", f, L, "batch", H, "past_len + 1", Dh),
-            ),
-        ),
-        "attention": GraphSpec(
-            GRAPH_FILES["attention"],
-            (*src, t("tgt_ids", i64, "batch", "tgt_len"), t("tgt_mask", bool_, "batch", "tgt_len")),
-            (
-                t("log_probs", f32, "batch", "tgt_len", V),
-                t("encoder_attention", f, L_enc, "batch", H, "src_len", "src_len"),
-                t("decoder_attention", f, L, "batch", H, "tgt_len", "tgt_len"),
-                t("cross_attention", f, L, "batch", H, "tgt_len", "src_len"),
-            ),
-        ),
-    }
-
-
-# Sizes of the inputs the graphs are traced with, and of the run that verifies each exported graph:
-# all different from each other and from the fixed dims, so that a size the tracer baked in by
-# mistake shows up as a wrong result; verification also covers the empty past of a first step.
-TRACE_SIZES = {"batch": 2, "src_len": 5, "tgt_len": 4, "past_len": 3}
-VERIFY_SIZES = {"batch": 3, "src_len": 7, "tgt_len": 6, "past_len": 0}
-
-
-def example_inputs(
-    cfg: TransformerConfig, spec: GraphSpec, sizes: dict[str, int], seed: int = 0
-) -> dict[str, np.ndarray]:
-    """Random inputs that satisfy `spec` at `sizes` (batch, src_len, tgt_len, past_len).
-
-    The last row (when batch > 1) is padded: its last source/target slot, or (self_mask) its
-    first cache slot when there is one. The new token, last in self_mask, is always real.
-    """
-    sizes = {**sizes, "past_len + 1": sizes["past_len"] + 1}
-    rng = np.random.default_rng(seed)
-    out: dict[str, np.ndarray] = {}
-    for t in spec.inputs:
-        shape = tuple(sizes[d] if isinstance(d, str) else d for d in t.shape)
-        if t.dtype == "bool":
-            mask = np.ones(shape, dtype=bool)
-            if shape[0] > 1 and t.name != "self_mask":
-                mask[-1, -1] = False
-            elif shape[0] > 1 and shape[1] > 1:
-                mask[-1, 0] = False
-            out[t.name] = mask
-        elif t.name == "positions":
-            out[t.name] = np.full(shape, sizes["past_len"], dtype=np.int64)
-        elif t.dtype == "int64":
-            ids = rng.integers(4, cfg.vocab_size, size=shape, dtype=np.int64)
-            if t.name == "tgt_ids":
-                ids[:, 0] = cfg.bos_id
-            out[t.name] = ids
-        else:
-            out[t.name] = rng.standard_normal(shape).astype(t.dtype)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

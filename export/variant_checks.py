@@ -17,9 +17,9 @@ import numpy as np
 import onnxruntime as ort
 
 from export.corpus import CorpusConfig, generate_corpus, read_pairs
-from export.evaluate import DECODERS, Scores, cpu_name, score
-from export.model import TransformerConfig
-from export.onnx_export import TRACE_SIZES, VERIFY_SIZES, example_inputs
+from export.graph_contract import TRACE_SIZES, VERIFY_SIZES, example_inputs
+from export.model_config import TransformerConfig
+from export.scoring import DECODERS, Scores, cpu_name, score
 from service.graphs import OnnxGraphs
 from service.reference_decoder import pad_ids, translate_ids, translate_texts
 from service.tokenizer import Tokenizer
@@ -56,7 +56,7 @@ def machine(threads: int) -> str:
 def translation_scores(
     graphs: OnnxGraphs, tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]]
 ) -> dict[str, Scores]:
-    """BLEU, chrF and exact match of the reference decoder, greedy and beam 4 (export.evaluate)."""
+    """BLEU, chrF and exact match of the reference decoder, greedy and beam 4 (export.scoring)."""
     sources, references = [en for en, _ in pairs], [fr for _, fr in pairs]
     out = {}
     for decoder, beam_size in DECODERS.items():
@@ -114,7 +114,7 @@ def quality_against_fp32(
 
 def graph_parity(fp32: OnnxGraphs, graphs: OnnxGraphs) -> dict[str, dict[str, float]]:
     """Largest |difference| of every output of every graph from fp32's, on the contract's random
-    example inputs (export.onnx_export) at two sizes, one with an empty past and padded rows.
+    example inputs (export.graph_contract) at two sizes, one with an empty past and padded rows.
 
     Float inputs reach the variant in its own float type; outputs are compared in float32.
     """

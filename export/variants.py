@@ -7,8 +7,9 @@ graphs (weights inline: derived weights are not the checkpoint's, so they cannot
 model.safetensors), a copy of the tokenizer and its own manifest.json — variant, graph signatures,
 sha256 of every file, `quality` and `derivation` (the fp32 manifest it came from, tool, options,
 node counts, checks). Variants are made from the fp32 ONNX graphs alone — no checkpoint is read
-and no PyTorch model runs (torch comes in only with shared helpers: export.evaluate's scores,
-export.onnx_export's signatures) — by `make setup`, and never committed.
+and no PyTorch model runs — by `make setup`, and never committed. torch is not imported at all
+(tests/export/test_variants.py checks): the Docker images' builder stage builds int8 (CPU image)
+or fp16 (GPU image) with onnx, onnxruntime and sacrebleu only.
 
 Checks (export.variant_checks), before the manifest is written:
     int8       BLEU / chrF / exact match, greedy and beam 4, next to fp32's on the same test
@@ -37,8 +38,8 @@ import onnx
 import onnxruntime as ort
 
 from export import variant_graphs as vg
-from export.model import TransformerConfig
-from export.onnx_export import graph_specs
+from export.graph_contract import graph_specs
+from export.model_config import TransformerConfig
 from export.variant_checks import (
     OPTIMIZED_ATOL,
     VariantCheckError,

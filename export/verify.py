@@ -31,9 +31,10 @@ from export.checkpoint import TOKENIZER_FILE, load_model
 from export.corpus import CorpusConfig, generate_corpus, read_pairs
 from export.data import pad
 from export.generate import beam_search, greedy_decode
+from export.graph_contract import VERIFY_SIZES, graph_specs
 from export.model import Transformer, padding_mask
 from export.onnx_directory import export_model_directory
-from export.onnx_export import VERIFY_SIZES, graph_differences, graph_specs
+from export.onnx_export import graph_differences
 from export.translate import DEFAULT_MODEL_DIR, default_max_output_tokens
 from service.graphs import OnnxGraphs
 from service.manifest import MANIFEST_FILE, ModelDirectoryError, load_manifest

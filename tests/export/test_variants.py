@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +19,8 @@ import pytest
 
 import export.variant_checks as checks
 from export.corpus import CorpusConfig, generate_corpus
-from export.model import TransformerConfig
-from export.onnx_export import graph_specs
+from export.graph_contract import graph_specs
+from export.model_config import TransformerConfig
 from export.translate import DEFAULT_MODEL_DIR
 from export.variants import VARIANTS, BuildOptions, build_variants, main
 from service.graphs import OnnxGraphs
@@ -26,6 +28,7 @@ from service.manifest import MANIFEST_FILE, ModelDirectoryError, derived_from_cu
 from service.reference_decoder import translate_texts
 from service.tokenizer import Tokenizer
 
+ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = 12  # test sentences translated by every variant here
 FAST = BuildOptions(sentences=20, parity_sentences=20)
 
@@ -244,3 +247,48 @@ def test_only_names_known_variants(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["--model-dir", "x", "--only", "int8,int4"])
     assert "choose among int8,fp16,optimized" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Without torch: the Docker images' builder stage builds a variant in a venv that has no torch
+
+
+# Run before anything else in a child interpreter: `import torch` (and torch.anything) then raises
+# ImportError, as where torch is not installed, even though this venv has it.
+_NO_TORCH = "import sys\nsys.modules['torch'] = None\n"
+
+
+def _python_without_torch(code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", _NO_TORCH + code, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_the_variant_modules_import_without_torch() -> None:
+    code = (
+        "import export.variants, export.variant_checks, export.variant_graphs\n"
+        "loaded = sorted(m for m, v in sys.modules.items() if v is not None and m.split('.')[0] == 'torch')\n"
+        "assert not loaded, loaded\n"
+    )
+    result = _python_without_torch(code)
+    assert result.returncode == 0, result.stderr
+
+
+def test_int8_builds_without_torch(tmp_path: Path) -> None:
+    """What Dockerfile.cpu's builder runs: no torch, no data/ (the test split is generated)."""
+    model_dir = _fp32_copy(tmp_path / "en-fr-small")
+    args = ["--model-dir", str(model_dir), "--only", "int8", "--sentences", "4"]
+    result = _python_without_torch(
+        "from export.variants import main\nmain()", *args, "--corpus-dir", str(tmp_path / "no-corpus")
+    )
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in model_dir.iterdir() if p.is_dir()) == ["int8"]
+    graphs = _load(model_dir, "int8")  # every checksum and signature
+    assert graphs.manifest.variant == "int8" and derived_from_current(model_dir / "int8", model_dir)
+    quality = graphs.manifest.quality
+    assert quality is not None and quality["sentences"] == 4
+    assert quality["bleu_drop"]["greedy"] <= checks.MAX_BLEU_DROP

@@ -1,0 +1,61 @@
+"""The configuration of the Transformer family (export.model): plain data, no torch.
+
+Apart from export.model, so that what only reads a configuration (a manifest's `architecture`,
+the graph contract of export.graph_contract, the variants of export.variants) imports no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+Activation = Literal["relu", "gelu", "swish"]
+NormPlacement = Literal["post", "pre"]
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """Everything needed to build a model of this family (and to host other checkpoints of it)."""
+
+    vocab_size: int  # shared source/target vocabulary
+    d_model: int = 256  # width of every residual stream
+    n_heads: int = 4  # attention heads; d_k = d_model / n_heads
+    n_encoder_layers: int = 3
+    n_decoder_layers: int = 3
+    d_ff: int = 1024  # inner width of the position-wise feed-forward network
+    activation: Activation = "relu"
+    norm_placement: NormPlacement = "post"  # post: LN(x + f(x)) as in the paper; pre: x + f(LN(x))
+    scale_embeddings: bool = True  # multiply token embeddings by sqrt(d_model)
+    share_embeddings: bool = True  # one embedding table for source and target tokens
+    tie_output_embeddings: bool = True  # output projection = target embedding matrix transposed
+    final_logits_bias: bool = False  # a learned bias added to the output logits
+    max_positions: int = 256  # longest sequence (in tokens, specials included) on either side
+    dropout: float = 0.1
+    layer_norm_eps: float = 1e-5
+    pad_id: int = 0
+    bos_id: int = 1  # decoder start token
+    eos_id: int = 2
+    unk_id: int = 3
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.activation not in ("relu", "gelu", "swish"):
+            raise ValueError(f"unknown activation {self.activation!r}: use relu, gelu or swish")
+        if self.norm_placement not in ("post", "pre"):
+            raise ValueError(f"unknown norm placement {self.norm_placement!r}: use post or pre")
+
+    @property
+    def d_k(self) -> int:
+        return self.d_model // self.n_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TransformerConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown config fields: {', '.join(unknown)}")
+        return cls(**values)
