@@ -53,6 +53,10 @@ class SchedulerConfig:
     # empty, when they are at least admit_ratio × the running rows, or after max_admit_delay_steps.
     admit_ratio: float = 0.25
     max_admit_delay_steps: int = 4
+    # Scheduler instances, each with its own decode thread and running batch, sharing the engine's
+    # sessions (Triton's instance count): onnxruntime runs them in parallel while the others do
+    # their Python. The limits above are the process's, split evenly between the instances.
+    instances: int = 1
 
 
 @dataclass(frozen=True)
@@ -214,6 +218,13 @@ SETTINGS = (
         "--max-admit-delay-steps",
         "continuous: decoder steps a newcomer waits at most to join",
         _int_at_least(0),
+    ),
+    _Setting(
+        "scheduler",
+        "instances",
+        "--instances",
+        "decode loops in parallel, each with its own batch (limits are split)",
+        _int_at_least(1, 64),
     ),
     _Setting("server", "host", "--host", "address to listen on", _text),
     _Setting("server", "port", "--port", "gRPC port (0: any free)", _PORT),

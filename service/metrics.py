@@ -65,6 +65,8 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self._instances_lock = threading.Lock()
+        self._instance_values: dict[int, dict[int, float]] = {}  # id(gauge) → instance → value
 
         def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
             # prometheus-client appends `_total` to a counter's samples itself.
@@ -208,15 +210,24 @@ class Metrics:
         self._step_batch_size.observe(batch_size)
         self._step_duration.observe(seconds)
 
-    def set_in_flight(self, n: int) -> None:
-        self._in_flight.set(n)
+    # With several scheduler instances (--instances) each reports its own value, and the gauge is
+    # their sum: the process's figure, whatever the instance count.
 
-    def set_queue_depth(self, n: int) -> None:
-        self._queue_depth.set(n)
+    def set_in_flight(self, n: int, *, instance: int = 0) -> None:
+        self._set_summed(self._in_flight, instance, n)
 
-    def set_kv_cache(self, used_tokens: int, capacity_tokens: int) -> None:
-        self._kv_used.set(used_tokens)
-        self._kv_capacity.set(capacity_tokens)
+    def set_queue_depth(self, n: int, *, instance: int = 0) -> None:
+        self._set_summed(self._queue_depth, instance, n)
+
+    def set_kv_cache(self, used_tokens: int, capacity_tokens: int, *, instance: int = 0) -> None:
+        self._set_summed(self._kv_used, instance, used_tokens)
+        self._set_summed(self._kv_capacity, instance, capacity_tokens)
+
+    def _set_summed(self, gauge: Gauge, instance: int, value: float) -> None:
+        with self._instances_lock:
+            parts = self._instance_values.setdefault(id(gauge), {})
+            parts[instance] = value
+            gauge.set(sum(parts.values()))
 
     # The engine
 

@@ -111,6 +111,8 @@ class Scheduler:
         config: mode, limits, queue size, collect-mode batch and wait.
         metrics: when given, queue, batch, cache, latency and token metrics are recorded.
         clock: monotonic seconds (deadlines are compared with it).
+        instance: its number among the instances of a `service.scheduler_pool.SchedulerPool` (the
+            gauges it sets are summed over instances).
     """
 
     def __init__(
@@ -120,8 +122,10 @@ class Scheduler:
         metrics: Metrics | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
+        instance: int = 0,
     ) -> None:
         self.engine, self.config, self.metrics, self.clock = engine, config, metrics, clock
+        self.instance = instance
         self._cond = threading.Condition()
         self._waiting: deque[Ticket] = deque()  # guarded by _cond
         self._closed = False  # no new requests (draining or stopped); guarded by _cond
@@ -134,14 +138,14 @@ class Scheduler:
         self._steps = 0  # the decode thread's
         self._accepted = self._outcomes = 0  # requests queued / ended since start; guarded by _cond
         if metrics is not None:
-            metrics.set_kv_cache(0, config.max_kv_cache_tokens)
+            metrics.set_kv_cache(0, config.max_kv_cache_tokens, instance=instance)
 
     # --- the asyncio side ---------------------------------------------------------------------------
 
     def start(self) -> None:
         """Start the decode thread (once)."""
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
+            self._thread = threading.Thread(target=self._run, name=f"scheduler-{self.instance}", daemon=True)
             self._thread.start()
 
     def submit(self, request: Request) -> Handle:
@@ -171,7 +175,7 @@ class Scheduler:
             self._cond.notify_all()
             depth = len(self._waiting)
         if self.metrics is not None:
-            self.metrics.set_queue_depth(depth)
+            self.metrics.set_queue_depth(depth, instance=self.instance)
         return handle
 
     async def drain(self, timeout: float | None = None) -> bool:
@@ -445,7 +449,7 @@ class Scheduler:
         """Under the lock: the queue depth changed."""
         self._stats = dataclasses.replace(self._stats, queued=len(self._waiting))
         if self.metrics is not None:
-            self.metrics.set_queue_depth(len(self._waiting))
+            self.metrics.set_queue_depth(len(self._waiting), instance=self.instance)
 
     def _publish(self) -> None:
         batches = list(self._batches.values())
@@ -455,5 +459,5 @@ class Scheduler:
         with self._cond:
             self._stats = SchedulerStats(len(self._waiting), in_flight, rows, kv, self._steps, self._outcomes)
         if self.metrics is not None:
-            self.metrics.set_in_flight(in_flight)
-            self.metrics.set_kv_cache(kv, self.config.max_kv_cache_tokens)
+            self.metrics.set_in_flight(in_flight, instance=self.instance)
+            self.metrics.set_kv_cache(kv, self.config.max_kv_cache_tokens, instance=self.instance)

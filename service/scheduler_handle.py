@@ -76,6 +76,10 @@ class Handle:
     def done(self) -> bool:
         return self._future.done()
 
+    def add_done_callback(self, callback: Callable[[], None]) -> None:
+        """Call `callback()` on the submitter's loop once the request has ended (however it ended)."""
+        self._future.add_done_callback(lambda _: callback())
+
     # The decode thread's side (delivered at the outbox's next flush).
 
     def _emit(self, tokens: Sequence[int]) -> None:

@@ -28,7 +28,7 @@ from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
 from service.config import Config, ServerConfig
 from service.engine import Engine
 from service.metrics import Metrics, MetricsServer, ServedModel, serve_metrics
-from service.scheduler import Scheduler
+from service.scheduler_pool import SchedulerPool
 from service.servicer import TranslatorServicer
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ class RunningServer:
     metrics_server: MetricsServer
     health: health.aio.HealthServicer
     servicer: TranslatorServicer
-    scheduler: Scheduler
+    scheduler: SchedulerPool
     engine: Engine
     metrics: Metrics
 
@@ -135,7 +135,7 @@ async def start_server(config: Config, *, engine: Engine | None = None) -> Runni
     default, served = engine.model(), [engine.model(name) for name in engine.models]
     labels = [ServedModel(m.name, m.version, m.variant, m.provider) for m in served]
     metrics.set_model_info(labels, build_version=_build_version())
-    scheduler = Scheduler(engine, config.scheduler, metrics)
+    scheduler = SchedulerPool(engine, config.scheduler, metrics)
     servicer = TranslatorServicer(config, engine, scheduler, metrics)
 
     server = grpc.aio.server(options=_channel_options(config.server))

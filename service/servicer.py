@@ -41,9 +41,9 @@ from service.scheduler import (
     Request,
     RequestCancelledError,
     RequestTooLargeError,
-    Scheduler,
     SchedulerClosedError,
 )
+from service.scheduler_pool import SchedulerPool
 from service.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ def _request_id(context: grpc.aio.ServicerContext) -> str:
 class TranslatorServicer(pb_grpc.TranslatorServicer):
     """translator.v1.Translator over an engine (models, attention) and a scheduler (decoding)."""
 
-    def __init__(self, config: Config, engine: Engine, scheduler: Scheduler, metrics: Metrics) -> None:
+    def __init__(self, config: Config, engine: Engine, scheduler: SchedulerPool, metrics: Metrics) -> None:
         self.config, self.engine, self.scheduler, self.metrics = config, engine, scheduler, metrics
         self.ready = False  # set by the server once the engine is warm
         self.tokenizers = {

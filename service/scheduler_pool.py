@@ -1,0 +1,98 @@
+"""Several scheduler instances over one engine: decode loops that run in parallel.
+
+    pool = SchedulerPool(engine, config.scheduler, metrics)   # config.instances schedulers
+    pool.start(); handle = pool.submit(request); await pool.drain(timeout); pool.stop()
+
+Each instance is a `service.scheduler.Scheduler` with its own decode thread, queue and running
+batch (Triton's model instances). They share the engine's onnxruntime sessions, which release the
+GIL while they run, so one instance's graph runs overlap the others' Python bookkeeping and graph
+runs: on a 2-core CPU two instances with one intra-op thread each decode faster than one instance
+with two threads (docs/benchmarks.md). A request goes to the instance with the fewest requests
+outstanding (queued or decoding) and stays there. The configured limits (max_sequences,
+max_kv_cache_tokens, max_queue_size) are the process's, split evenly between the instances; the
+gauges each instance sets are summed into the process's figure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from service.config import SchedulerConfig
+from service.scheduler import Handle, Request, Scheduler, SchedulerStats, StepEngine
+
+if TYPE_CHECKING:
+    from service.metrics import Metrics
+
+
+def instance_config(config: SchedulerConfig) -> SchedulerConfig:
+    """One instance's share of the limits (at least 1 of each)."""
+    n = config.instances
+    return dataclasses.replace(
+        config,
+        instances=1,
+        max_sequences=max(1, config.max_sequences // n),
+        max_kv_cache_tokens=max(1, config.max_kv_cache_tokens // n),
+        max_queue_size=max(1, math.ceil(config.max_queue_size / n)),
+    )
+
+
+class SchedulerPool:
+    """`config.instances` schedulers behind one submit (see the module docstring)."""
+
+    def __init__(
+        self,
+        engine: StepEngine,
+        config: SchedulerConfig,
+        metrics: Metrics | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        each = instance_config(config)
+        self.instances = [
+            Scheduler(engine, each, metrics, clock=clock, instance=i) for i in range(config.instances)
+        ]
+        self._outstanding = [0] * len(self.instances)  # submitted and not yet ended, per instance
+        self._lock = threading.Lock()  # submitters may run on several event loops
+
+    def start(self) -> None:
+        for scheduler in self.instances:
+            scheduler.start()
+
+    def submit(self, request: Request) -> Handle:
+        """Queue `request` on the least loaded instance; raises what `Scheduler.submit` raises."""
+        with self._lock:
+            index = min(range(len(self.instances)), key=self._outstanding.__getitem__)
+            self._outstanding[index] += 1
+        try:
+            handle = self.instances[index].submit(request)
+        except BaseException:
+            self._ended(index)
+            raise
+        handle.add_done_callback(lambda: self._ended(index))
+        return handle
+
+    def _ended(self, index: int) -> None:
+        with self._lock:
+            self._outstanding[index] -= 1
+
+    async def drain(self, timeout: float | None = None) -> bool:
+        """Every instance stops accepting and finishes what it accepted; True if all did in time."""
+        return all(await asyncio.gather(*(s.drain(timeout) for s in self.instances)))
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        for scheduler in self.instances:
+            scheduler.stop(timeout)
+
+    def stats(self) -> SchedulerStats:
+        """The instances' snapshots added up."""
+        parts = [s.stats() for s in self.instances]
+        return SchedulerStats(
+            *(sum(getattr(p, f.name) for p in parts) for f in dataclasses.fields(SchedulerStats))
+        )

@@ -1,0 +1,93 @@
+"""SchedulerPool: instances in parallel over one engine, each output still the sentence decoded alone."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from prometheus_client import CollectorRegistry
+
+from service.config import SchedulerConfig
+from service.metrics import Metrics
+from service.scheduler import Handle, Request
+from service.scheduler_pool import SchedulerPool, instance_config
+from tests.service.test_scheduler import (
+    ENDLESS,
+    FAKE_SOURCES,
+    FakeEngine,
+    assert_same,
+    config,
+    fake_alone,
+    options,
+    run,
+    wait_for_steps,
+)
+
+
+def test_the_limits_are_split_between_the_instances() -> None:
+    each = instance_config(SchedulerConfig(instances=3, max_sequences=64, max_kv_cache_tokens=900))
+    assert (each.instances, each.max_sequences, each.max_kv_cache_tokens, each.max_queue_size) == (
+        1,
+        21,
+        300,
+        86,
+    )
+
+
+class _ThreadRecordingEngine(FakeEngine):
+    """Records which thread ran each step, and lets two steps overlap (as onnxruntime does)."""
+
+    def __init__(self) -> None:
+        super().__init__(step_delay=0.002)
+        self.threads: set[str] = set()
+
+    def step(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.threads.add(threading.current_thread().name)
+        return super().step(*args, **kwargs)
+
+
+def test_requests_spread_over_the_instances_and_decode_as_if_alone() -> None:
+    async def main() -> None:
+        engine = _ThreadRecordingEngine()
+        pool = SchedulerPool(engine, config(instances=2))
+        pool.start()
+        requests = [
+            Request("fake", tuple(s), options(beam, max_out=9)) for s in FAKE_SOURCES for beam in (1, 2)
+        ]
+        handles: list[Handle] = []
+        for i, request in enumerate(requests):
+            handles.append(pool.submit(request))
+            if i % 4 == 3:
+                await wait_for_steps(pool.instances[0], pool.instances[0].stats().steps + 1)
+        for request, handle in zip(requests, handles, strict=True):
+            generation = await handle.result()
+            assert_same(generation.hypotheses, fake_alone(request.source, request.options), tol=1e-6)
+        assert engine.threads == {"scheduler-0", "scheduler-1"}
+        assert pool.stats().outcomes == len(requests)
+        pool.stop()
+
+    run(main)
+
+
+def test_gauges_are_the_sum_over_the_instances() -> None:
+    async def main() -> None:
+        registry = CollectorRegistry()
+        pool = SchedulerPool(
+            FakeEngine(step_delay=0.002), config(instances=2, max_kv_cache_tokens=1000), Metrics(registry)
+        )
+        assert registry.get_sample_value("translator_kv_cache_capacity_tokens") == 1000
+        pool.start()
+        # two endless requests: the least loaded instance takes each, so one per instance
+        handles = [pool.submit(Request("fake", (ENDLESS, i, 2), options(max_out=400))) for i in range(2)]
+        for scheduler in pool.instances:
+            await wait_for_steps(scheduler, 2)
+        assert [s.stats().in_flight for s in pool.instances] == [1, 1]
+        assert registry.get_sample_value("translator_sequences_in_flight") == 2
+        assert pool.stats().in_flight == 2
+        for handle in handles:
+            handle.cancel()
+        await asyncio.gather(*(h.result() for h in handles), return_exceptions=True)
+        assert await pool.drain(5)
+        pool.stop()
+
+    run(main)
