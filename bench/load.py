@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import json
 import multiprocessing
+import os
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -102,11 +103,18 @@ def load_texts(corpus: Path, count: int) -> tuple[list[str], str]:
     return english[:count], origin
 
 
-def mode_settings(mode: str) -> str:
-    s = MODES[mode]
+def mode_config(mode: str, instances: int) -> SchedulerConfig:
+    return dataclasses.replace(MODES[mode], instances=instances)
+
+
+def mode_settings(mode: str, instances: int, threads: int) -> str:
+    s = mode_config(mode, instances)
+    common = f"--instances {s.instances} --intra-op-threads {threads}"
     if s.mode == "continuous":
-        return f"`--scheduler continuous --max-sequences {s.max_sequences}`"
-    return f"`--scheduler collect --max-batch-size {s.max_batch_size} --max-wait-ms {s.max_wait_ms:g}`"
+        return f"`--scheduler continuous --max-sequences {s.max_sequences} {common}`"
+    return (
+        f"`--scheduler collect --max-batch-size {s.max_batch_size} --max-wait-ms {s.max_wait_ms:g} {common}`"
+    )
 
 
 # --- the service ------------------------------------------------------------------------------------
@@ -134,6 +142,7 @@ async def measure_service(
     concurrency: int,
     stream_every: int,
     open_fraction: float,
+    instances: int = 1,
     seed: int = 0,
     log: Callable[[str], None] = lambda _: None,
 ) -> tuple[list[PhaseResult], list[PhaseResult]]:
@@ -151,10 +160,13 @@ async def measure_service(
 
         async def phase(target: str, kind: Phase, mode: str, **params: Any) -> PhaseResult | None:
             call = functools.partial(run_phase, target, list(texts), stream_every, kind, mode, **params)
-            return await loop.run_in_executor(clients, call)
+            cpu, wall = time.process_time(), time.perf_counter()  # this process: the server alone
+            result = await loop.run_in_executor(clients, call)
+            cores = (time.process_time() - cpu) / (time.perf_counter() - wall)
+            return None if result is None else dataclasses.replace(result, server_cores=cores)
 
         for mode in order:
-            async with serving(engine, MODES[mode]) as target:
+            async with serving(engine, mode_config(mode, instances)) as target:
                 await phase(target, "warm", mode, requests=2 * concurrency, clients=concurrency)
                 result = await phase(target, "closed", mode, clients=concurrency, duration_s=duration_s)
                 assert result is not None
@@ -176,7 +188,8 @@ def _line(r: PhaseResult) -> str:
     p = f"p50 {lat.p50 * 1e3:.0f} p90 {lat.p90 * 1e3:.0f} p99 {lat.p99 * 1e3:.0f} ms" if lat else "no latency"
     return (
         f"{r.mode:>10} {load}: {r.sentences_per_s:.1f} sent/s, {r.output_tokens_per_s:.0f} tok/s, {p}, "
-        f"{r.requests} ok, {r.errors} errors, {r.unfinished} unfinished"
+        f"{r.requests} ok, {r.errors} errors, {r.unfinished} unfinished, "
+        f"server {r.server_cores or 0:.2f} cores"
     )
 
 
@@ -202,7 +215,11 @@ def check_targets(
         Target(
             "service throughput vs the engine alone",
             "continuous batching's output tok/s under the closed loop / the engine alone's best output tok/s"
-            + (f" (batch {ceiling.batch})" if ceiling else ""),
+            + (
+                f" (batch {ceiling.batch}, {ceiling.callers} caller(s), {ceiling.threads or 'all'} thread(s))"
+                if ceiling
+                else ""
+            ),
             ratio,
             "≥ 0.8",
             None if ratio is None else ratio >= 0.8,
@@ -251,7 +268,12 @@ def _parser() -> argparse.ArgumentParser:
         "--open-fraction", type=float, default=0.7, help="open-loop rate / continuous capacity"
     )
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
-    parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="onnxruntime intra-op threads of the service (0: all cores)"
+    )
+    parser.add_argument(
+        "--instances", type=int, default=0, help="the service's scheduler instances (0: one per usable core)"
+    )
     parser.add_argument("--engine-batches", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per engine batch and KV cell")
     parser.add_argument("--skip-kv", action="store_true", help="do not measure the KV-cache speed-up")
@@ -273,6 +295,7 @@ def _command(args: argparse.Namespace) -> str:
         f"--open-fraction {args.open_fraction:g}",
         "--modes " + " ".join(args.modes),
         f"--threads {args.threads}",
+        f"--instances {args.instances}",
         "--engine-batches " + " ".join(map(str, args.engine_batches)),
         f"--repeats {args.repeats}",
         *(["--skip-kv"] if args.skip_kv else []),
@@ -294,8 +317,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(
             "--sentences, --concurrency, --repeats, --engine-batches and --duration must be positive"
         )
-    if args.open_fraction <= 0 or args.stream_every < 0 or args.threads < 0:
-        raise SystemExit("--open-fraction must be positive, --stream-every and --threads at least 0")
+    if args.open_fraction <= 0 or min(args.stream_every, args.threads, args.instances) < 0:
+        raise SystemExit(
+            "--open-fraction must be positive, --stream-every, --threads, --instances at least 0"
+        )
+    instances = args.instances or len(os.sched_getaffinity(0))
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -321,13 +347,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             concurrency=args.concurrency,
             stream_every=args.stream_every,
             open_fraction=args.open_fraction,
+            instances=instances,
             seed=args.seed,
             log=log,
         )
     )
+    # The ceiling is the engine's best at library level: one caller with the service's threads,
+    # as many callers as the service has instances, and one caller with every core's threads.
     engine_results = measure_engine(engine, sources, args.engine_batches, args.repeats)
+    if instances > 1:
+        engine_results += measure_engine(
+            engine, sources, args.engine_batches, args.repeats, callers=instances
+        )
+    if args.threads != 0:
+        all_cores = Engine(EngineConfig(model_dirs=(args.model_dir,), intra_op_threads=0))
+        engine_results += measure_engine(all_cores, sources, args.engine_batches, args.repeats)
     for e in engine_results:
-        log(f"engine batch {e.batch:>3}: {e.sentences_per_s:.1f} sent/s, {e.output_tokens_per_s:.0f} tok/s")
+        log(
+            f"engine batch {e.batch:>3} × {e.callers} caller(s), {e.threads or 'all'} thread(s): "
+            f"{e.sentences_per_s:.1f} sent/s, {e.output_tokens_per_s:.0f} tok/s"
+        )
     kv = None
     if not args.skip_kv:
         kv = measure_kv(args.model_dir, args.corpus, args.repeats)
@@ -346,6 +385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "provider": info.provider,
             "directory": str(info.directory),
             "intra_op_threads": args.threads,
+            "instances": instances,
         },
         corpus=origin,
         sentences=len(texts),
@@ -353,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         concurrency=args.concurrency,
         stream_every=args.stream_every,
         open_fraction=args.open_fraction,
-        modes={m: mode_settings(m) for m in args.modes},
+        modes={m: mode_settings(m, instances, args.threads) for m in args.modes},
         closed=closed,
         open=opened,
         engine=engine_results,

@@ -80,6 +80,7 @@ class PhaseResult:
     latency: Percentiles | None  # seconds, all succeeded requests
     ttft: Percentiles | None  # seconds, client side, streamed requests
     server_ttft: Percentiles | None  # seconds, server side, all succeeded requests
+    server_cores: float | None = None  # the server process's CPU seconds per second of the phase
 
 
 class Caller:

@@ -6,6 +6,7 @@ import gc
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +20,11 @@ KV_BATCH, KV_TOKENS = 64, 64
 
 @dataclass(frozen=True)
 class EngineResult:
-    """The engine alone: every sentence of the pool decoded in batches of `batch`."""
+    """The engine alone: every sentence of the pool decoded in batches of `batch`, by `callers` threads."""
 
     batch: int
+    callers: int  # threads decoding their share of the pool at once, each in batches of `batch`
+    threads: int  # onnxruntime intra-op threads per run (0: onnxruntime's default, all cores)
     sentences: int
     output_tokens: int  # end tokens included, as the service counts them
     seconds: float  # median over repeats of decoding the whole pool
@@ -49,32 +52,54 @@ def measure_engine(
     batches: Sequence[int],
     repeats: int,
     clock: Callable[[], float] = time.perf_counter,
+    *,
+    callers: int = 1,
 ) -> list[EngineResult]:
     """Greedy `translate_ids` over the whole pool in chunks of each batch size; one untimed pass per
-    batch size, then `repeats` rounds in which the batch sizes take turns (order rotated)."""
-    graphs = engine.graphs()
+    batch size, then `repeats` rounds in which the batch sizes take turns (order rotated).
 
-    def decode(batch: int) -> int:
+    With `callers` > 1 the pool is dealt out to that many threads, each decoding its share in
+    chunks of the batch size at the same time (onnxruntime runs concurrently and releases the GIL):
+    the library-level counterpart of the service's `--instances`.
+    """
+    graphs = engine.graphs()
+    shares = [sources[i::callers] for i in range(callers)]
+
+    def decode_share(share: Sequence[Sequence[int]], batch: int) -> int:
         tokens = 0
-        for i in range(0, len(sources), batch):
-            for hyps in translate_ids(graphs, sources[i : i + batch]):
+        for i in range(0, len(share), batch):
+            for hyps in translate_ids(graphs, share[i : i + batch]):
                 tokens += hypothesis_length(hyps[0])
         return tokens
 
-    tokens = {b: decode(b) for b in batches}
-    times: dict[int, list[float]] = {b: [] for b in batches}
-    for repeat in range(repeats):
-        shift = repeat % len(batches)
-        for batch in (*batches[shift:], *batches[:shift]):
-            gc.collect()
-            start = clock()
-            decode(batch)
-            times[batch].append(clock() - start)
+    def decode(pool: ThreadPoolExecutor, batch: int) -> int:
+        return sum(pool.map(lambda share: decode_share(share, batch), shares))
+
+    with ThreadPoolExecutor(callers) as pool:
+        tokens = {b: decode(pool, b) for b in batches}
+        times: dict[int, list[float]] = {b: [] for b in batches}
+        for repeat in range(repeats):
+            shift = repeat % len(batches)
+            for batch in (*batches[shift:], *batches[:shift]):
+                gc.collect()
+                start = clock()
+                decode(pool, batch)
+                times[batch].append(clock() - start)
+    threads = engine.config.intra_op_threads
     results = []
     for b in batches:
         seconds = statistics.median(times[b])
         results.append(
-            EngineResult(b, len(sources), tokens[b], seconds, len(sources) / seconds, tokens[b] / seconds)
+            EngineResult(
+                b,
+                callers,
+                threads,
+                len(sources),
+                tokens[b],
+                seconds,
+                len(sources) / seconds,
+                tokens[b] / seconds,
+            )
         )
     return results
 

@@ -72,6 +72,7 @@ def _phases(phases: Sequence[PhaseResult]) -> str:
         "latency p50 / p90 / p99 (ms)",
         "TTFT p50 / p90 / p99 (ms, streamed)",
         "server TTFT p50 / p99 (ms)",
+        "server CPU (cores)",
     ]
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for p in phases:
@@ -88,6 +89,7 @@ def _phases(phases: Sequence[PhaseResult]) -> str:
             " / ".join(_ms(p.latency)),
             " / ".join(_ms(p.ttft)),
             f"{server[0]} / {server[2]}",
+            "-" if p.server_cores is None else f"{p.server_cores:.2f}",
         ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
@@ -95,20 +97,23 @@ def _phases(phases: Sequence[PhaseResult]) -> str:
 
 def _engine(r: BenchResult) -> str:
     lines = [
-        "| batch | sentences | output tokens | seconds (median) | sentences/s | output tok/s |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| batch | callers | intra-op threads | sentences | output tokens | seconds (median) | sentences/s "
+        "| output tok/s |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for e in r.engine:
         lines.append(
-            f"| {e.batch} | {e.sentences} | {e.output_tokens:,} | {e.seconds:.2f} | "
-            f"{e.sentences_per_s:,.1f} | {e.output_tokens_per_s:,.0f} |"
+            f"| {e.batch} | {e.callers} | {e.threads or 'all'} | {e.sentences} | {e.output_tokens:,} | "
+            f"{e.seconds:.2f} | {e.sentences_per_s:,.1f} | {e.output_tokens_per_s:,.0f} |"
         )
     return (
         f"Greedy `service.reference_decoder.translate_ids` on the engine's graphs ({r.model['variant']}), "
         f"the same {r.sentences} sentences in consecutive batches of B (a batch runs until its longest "
-        "sentence ends), as one caller with nothing else running. Median of the timed passes after one "
-        "untimed pass per batch size; the batch sizes take turns, in an order rotated every repeat.\n\n"
-        + "\n".join(lines)
+        "sentence ends), with nothing else running: by one caller; by as many callers as the service "
+        "has instances, each decoding its share of the sentences in its own thread at the same time; "
+        "and by one caller whose onnxruntime runs use every core. The best row is the ceiling. Median "
+        "of the timed passes after one untimed pass per batch size; the batch sizes take turns, in an "
+        "order rotated every repeat.\n\n" + "\n".join(lines)
     )
 
 
@@ -155,9 +160,11 @@ def _method(r: BenchResult) -> str:
 
 
 def _machine(r: BenchResult) -> str:
-    threads = r.model["intra_op_threads"]
+    threads, instances = r.model["intra_op_threads"], r.model.get("instances", 1)
     threads_text = (
-        f"{threads} intra-op threads" if threads else "intra-op threads: onnxruntime's default (all cores)"
+        f"the service: {instances} scheduler instance(s) × {threads} intra-op thread(s)"
+        if threads
+        else f"the service: {instances} scheduler instance(s), onnxruntime's default intra-op threads"
     )
     run_rows = [
         ("onnxruntime", f"{r.machine.onnxruntime}, {r.model['provider']}, {threads_text}"),

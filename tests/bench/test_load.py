@@ -22,6 +22,8 @@ def test_the_benchmark_runs_end_to_end_and_writes_its_results(tmp_path: Path) ->
         "--stream-every", "2",
         "--modes", "continuous",
         "--engine-batches", "1", "4",
+        "--threads", "1",
+        "--instances", "2",
         "--repeats", "1",
         "--skip-kv",
         "--out", str(out),
@@ -43,8 +45,11 @@ def test_the_benchmark_runs_end_to_end_and_writes_its_results(tmp_path: Path) ->
     assert opened["load"] == "open" and opened["offered_rate"] > 0
     assert opened["requests"] + opened["errors"] + opened["unfinished"] > 0
 
-    assert [e["batch"] for e in result["engine"]] == [1, 4]
+    # one caller, as many callers as instances, one caller on every core's threads
+    runs = [(e["batch"], e["callers"], e["threads"]) for e in result["engine"]]
+    assert runs == [(1, 1, 1), (4, 1, 1), (1, 2, 1), (4, 2, 1), (1, 1, 0), (4, 1, 0)]
     assert all(e["output_tokens"] >= e["sentences"] == 16 for e in result["engine"])
+    assert result["model"]["instances"] == 2 and "--instances 2" in result["modes"]["continuous"]
     assert result["kv"] is None
     assert [t["met"] is None for t in result["targets"]] == [False, True, True]  # only throughput checkable
     assert result["machine"]["cpu"] and result["model"]["variant"]
