@@ -32,7 +32,8 @@ def test_the_benchmark_runs_end_to_end_and_writes_its_results(tmp_path: Path) ->
     assert main(argv) == 0
 
     result = json.loads(js.read_text())
-    (closed,) = result["closed"]
+    closed, more = result["closed"]  # continuous with the clients asked, then twice as many
+    assert more["mode"] == "continuous" and more["clients"] == 4
     assert closed["mode"] == "continuous" and closed["load"] == "closed" and closed["clients"] == 2
     assert closed["requests"] > 0 and closed["errors"] == 0
     assert closed["streamed"] > 0 and closed["ttft"] is not None  # every 2nd request streamed
