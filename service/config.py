@@ -35,7 +35,9 @@ class EngineConfig:
     default_model: str | None = None  # the model a request without a name gets; None: the first directory's
     provider: Provider = "auto"  # auto: CUDA when onnxruntime has it, else CPU
     variant: VariantChoice = "auto"  # auto: int8 on CPU, fp16 on CUDA, when built; else fp32
-    intra_op_threads: int = 0  # threads inside one graph run; 0: onnxruntime's default (all cores)
+    # threads inside one graph run; 0: auto (on CPU the usable cores shared out between the scheduler
+    # instances, on CUDA onnxruntime's default)
+    intra_op_threads: int = 0
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,8 @@ class SchedulerConfig:
     # Scheduler instances, each with its own decode thread and running batch, sharing the engine's
     # sessions (Triton's instance count): onnxruntime runs them in parallel while the others do
     # their Python. The limits above are the process's, split evenly between the instances.
-    instances: int = 1
+    # 0: auto (on CPU one per usable core, at most MAX_AUTO_INSTANCES; on CUDA one).
+    instances: int = 0
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,31 @@ class Config:
     engine: EngineConfig = EngineConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     server: ServerConfig = ServerConfig()
+
+
+MAX_AUTO_INSTANCES = 4  # each instance gets a share of --max-sequences: keep the shares useful
+
+
+def resolve_parallelism(config: Config, device: str, usable_cores: int) -> Config:
+    """The config with `instances` and `intra_op_threads` decided where they are 0 (auto).
+
+    On CPU: one instance per usable core (at most MAX_AUTO_INSTANCES, and fewer when the threads
+    per run are set), and the cores shared out between the instances' graph runs — on 2 cores, two
+    instances with one thread each decoded ~1.3x faster behind gRPC than one with two threads
+    (docs/benchmarks.md). On CUDA: one instance, onnxruntime's default threads.
+    """
+    instances, threads = config.scheduler.instances, config.engine.intra_op_threads
+    cores = max(1, usable_cores)
+    if device == "cuda":
+        instances = instances or 1
+    else:
+        instances = instances or max(1, min(MAX_AUTO_INSTANCES, cores // max(1, threads)))
+        threads = threads or max(1, cores // instances)
+    return replace(
+        config,
+        engine=replace(config.engine, intra_op_threads=threads),
+        scheduler=replace(config.scheduler, instances=instances),
+    )
 
 
 # --- the settings: one row per field ---------------------------------------------------------------
@@ -173,7 +201,11 @@ SETTINGS = (
         _choice(VariantChoice),
     ),
     _Setting(
-        "engine", "intra_op_threads", "--intra-op-threads", "threads per graph run (0: all)", _int_at_least(0)
+        "engine",
+        "intra_op_threads",
+        "--intra-op-threads",
+        "threads per graph run (0: auto, the cores shared out between instances)",
+        _int_at_least(0),
     ),
     _Setting("scheduler", "mode", "--scheduler", "batching: continuous or collect", _choice(SchedulerMode)),
     _Setting("scheduler", "max_sequences", "--max-sequences", "decoder rows in flight", _int_at_least(1)),
@@ -223,8 +255,8 @@ SETTINGS = (
         "scheduler",
         "instances",
         "--instances",
-        "decode loops in parallel, each with its own batch (limits are split)",
-        _int_at_least(1, 64),
+        "decode loops in parallel, each with its own batch, limits split (0: auto, one per core)",
+        _int_at_least(0, 64),
     ),
     _Setting("server", "host", "--host", "address to listen on", _text),
     _Setting("server", "port", "--port", "gRPC port (0: any free)", _PORT),

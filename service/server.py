@@ -13,20 +13,22 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
 import grpc
+import onnxruntime as ort
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from service.api.translator.v1 import translator_pb2 as pb
 from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
-from service.config import Config, ServerConfig
-from service.engine import Engine
+from service.config import Config, ServerConfig, resolve_parallelism
+from service.engine import CUDA, Engine, choose_device
 from service.metrics import Metrics, MetricsServer, ServedModel, serve_metrics
 from service.scheduler_pool import SchedulerPool
 from service.servicer import TranslatorServicer
@@ -131,7 +133,17 @@ async def start_server(config: Config, *, engine: Engine | None = None) -> Runni
     metrics = Metrics(registry)
     metrics_server = serve_metrics(registry, config.server.host.strip("[]"), config.server.metrics_port)
     if engine is None:
+        device = choose_device(config.engine.provider, ort.get_available_providers())
+        config = resolve_parallelism(config, device, len(os.sched_getaffinity(0)))
         engine = await asyncio.to_thread(Engine, config.engine, metrics)
+    else:  # its threads are set already
+        device = "cuda" if engine.model().provider == CUDA else "cpu"
+        config = resolve_parallelism(config, device, len(os.sched_getaffinity(0)))
+    log.info(
+        "%d scheduler instance(s), %s intra-op thread(s) per graph run",
+        config.scheduler.instances,
+        engine.config.intra_op_threads or "onnxruntime's default",
+    )
     default, served = engine.model(), [engine.model(name) for name in engine.models]
     labels = [ServedModel(m.name, m.version, m.variant, m.provider) for m in served]
     metrics.set_model_info(labels, build_version=_build_version())

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from service.config import SETTINGS, Config, ConfigError, EngineConfig, config_table, parse_config
+from service.config import (
+    SETTINGS,
+    Config,
+    ConfigError,
+    EngineConfig,
+    SchedulerConfig,
+    config_table,
+    parse_config,
+)
 
 
 def test_defaults_without_flags_or_environment() -> None:
@@ -100,3 +108,22 @@ def test_readme_lists_every_setting() -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     for flag, env, default, _meaning in config_table():
         assert f"| `{flag}` | `{env}` | `{default}` |" in readme, f"README's table lacks or misstates {flag}"
+
+
+def test_auto_parallelism_shares_the_cores_out_between_instances() -> None:
+    from service.config import MAX_AUTO_INSTANCES, resolve_parallelism
+
+    def resolved(device: str, cores: int, instances: int = 0, threads: int = 0) -> tuple[int, int]:
+        config = Config(
+            engine=EngineConfig(intra_op_threads=threads), scheduler=SchedulerConfig(instances=instances)
+        )
+        out = resolve_parallelism(config, device, cores)
+        return out.scheduler.instances, out.engine.intra_op_threads
+
+    assert resolved("cpu", 2) == (2, 1)  # this machine: two decode loops, one thread each
+    assert resolved("cpu", 1) == (1, 1)
+    assert resolved("cpu", 16) == (MAX_AUTO_INSTANCES, 16 // MAX_AUTO_INSTANCES)
+    assert resolved("cpu", 8, threads=4) == (2, 4)
+    assert resolved("cpu", 8, instances=1) == (1, 8)
+    assert resolved("cpu", 2, instances=3, threads=2) == (3, 2)  # both given: as given
+    assert resolved("cuda", 16) == (1, 0)  # onnxruntime's default threads on CUDA
