@@ -95,7 +95,7 @@ def resolve_parallelism(config: Config, device: str, usable_cores: int) -> Confi
 
     On CPU: one instance per usable core (at most MAX_AUTO_INSTANCES, and fewer when the threads
     per run are set), and the cores shared out between the instances' graph runs — on 2 cores, two
-    instances with one thread each decoded ~1.3x faster behind gRPC than one with two threads
+    instances with one thread each decoded ~1.2x faster behind gRPC than one with two threads
     (docs/benchmarks.md). On CUDA: one instance, onnxruntime's default threads.
     """
     instances, threads = config.scheduler.instances, config.engine.intra_op_threads
