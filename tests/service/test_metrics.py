@@ -118,6 +118,13 @@ def test_the_docs_table_lists_exactly_the_declared_metrics(
     assert documented == exposed_names(registry)
 
 
+def test_the_readme_deploy_section_names_every_metric(registry: CollectorRegistry, metrics: Metrics) -> None:
+    readme = (DOCS.parents[1] / "README.md").read_text()
+    deploy = readme[readme.index("## Deploy") :]
+    section = deploy[deploy.index("### Metrics") : deploy.index("\n### ", deploy.index("### Metrics") + 1)]
+    assert set(re.findall(r"`(translator_\w+)`", section)) == exposed_names(registry)
+
+
 def test_buckets_span_the_ranges_of_this_service(registry: CollectorRegistry, metrics: Metrics) -> None:
     assert (LATENCY_BUCKETS[0], LATENCY_BUCKETS[-1]) == (0.001, 30.0)
     assert (STEP_BUCKETS[0], STEP_BUCKETS[-1]) == (0.0001, 1.0)
