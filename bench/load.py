@@ -35,7 +35,16 @@ from pathlib import Path
 from typing import Any
 
 from bench.load_client import Phase, PhaseResult, run_phase
-from bench.load_engine import KV_BATCH, KV_TOKENS, EngineResult, KvResult, measure_engine, measure_kv
+from bench.load_engine import (
+    KV_BATCH,
+    KV_TOKENS,
+    EngineResult,
+    KvResult,
+    StepCost,
+    measure_engine,
+    measure_kv,
+    measure_step_cost,
+)
 from bench.report import Machine, describe_machine
 from export.corpus import CorpusConfig, generate_corpus, read_pairs
 from service.config import Config, EngineConfig, SchedulerConfig, ServerConfig
@@ -80,11 +89,12 @@ class BenchResult:
     duration_s: float
     concurrency: int
     stream_every: int
-    open_fraction: float
+    open_fractions: list[float]
     modes: dict[str, str]  # mode → its scheduler settings in words
     closed: list[PhaseResult]
     open: list[PhaseResult]
     engine: list[EngineResult]
+    step_cost: list[StepCost]
     kv: KvResult | None
     targets: list[Target]
     minutes: float
@@ -141,20 +151,21 @@ async def measure_service(
     duration_s: float,
     concurrency: int,
     stream_every: int,
-    open_fraction: float,
+    open_fractions: Sequence[float],
     instances: int = 1,
     seed: int = 0,
     log: Callable[[str], None] = lambda _: None,
 ) -> tuple[list[PhaseResult], list[PhaseResult]]:
     """Closed loop per mode, then (on the same server) the open loop for continuous and collect.
 
-    The open-loop rate is `open_fraction` × the continuous mode's closed-loop sentences/s, so
-    continuous runs first; without it there is no open loop.
+    The open-loop rates are `open_fractions` × the continuous mode's saturated closed-loop
+    sentences/s (the better of its two client counts), so continuous runs first; without it there
+    is no open loop. The first fraction is the target's.
     """
     order = sorted(modes, key=list(MODES).index)
     closed: list[PhaseResult] = []
     opened: list[PhaseResult] = []
-    rate: float | None = None
+    rates: list[float] = []
     loop = asyncio.get_running_loop()
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as clients:
 
@@ -173,17 +184,21 @@ async def measure_service(
                 log(_line(result))
                 closed.append(result)
                 if mode == "continuous":
-                    rate = open_fraction * result.sentences_per_s
                     # Twice the clients: saturated if the throughput does not rise with them.
                     more = await phase(target, "closed", mode, clients=2 * concurrency, duration_s=duration_s)
                     assert more is not None
                     log(_line(more))
                     closed.append(more)
-                if mode in OPEN_LOOP_MODES and rate:
-                    result = await phase(target, "open", mode, rate=rate, duration_s=duration_s, seed=seed)
-                    assert result is not None
-                    log(_line(result))
-                    opened.append(result)
+                    capacity = max(result.sentences_per_s, more.sentences_per_s)
+                    rates = [fraction * capacity for fraction in open_fractions]
+                if mode in OPEN_LOOP_MODES:
+                    for rate in rates:
+                        result = await phase(
+                            target, "open", mode, rate=rate, duration_s=duration_s, seed=seed
+                        )
+                        assert result is not None
+                        log(_line(result))
+                        opened.append(result)
     return closed, opened
 
 
@@ -207,7 +222,8 @@ def check_targets(
     engine: Sequence[EngineResult],
     kv: KvResult | None,
 ) -> list[Target]:
-    open_by_mode = {r.mode: r for r in opened}
+    # the target's rate: the first one the open loop ran (continuous at the first fraction)
+    open_by_mode = {r.mode: r for r in opened if r.offered_rate == opened[0].offered_rate} if opened else {}
     targets = []
 
     service, ceiling = (  # the service's best closed loop (the saturating one) against the engine's best
@@ -270,7 +286,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--concurrency", type=int, default=32, help="closed-loop clients")
     parser.add_argument("--stream-every", type=int, default=8, help="every Nth request is a TranslateStream")
     parser.add_argument(
-        "--open-fraction", type=float, default=0.7, help="open-loop rate / continuous capacity"
+        "--open-fraction",
+        type=float,
+        nargs="+",
+        default=[0.7, 0.9],
+        help="open-loop rates / continuous capacity (the first is the target's)",
     )
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     parser.add_argument(
@@ -297,7 +317,7 @@ def _command(args: argparse.Namespace) -> str:
         f"--duration {args.duration:g}",
         f"--concurrency {args.concurrency}",
         f"--stream-every {args.stream_every}",
-        f"--open-fraction {args.open_fraction:g}",
+        "--open-fraction " + " ".join(f"{f:g}" for f in args.open_fraction),
         "--modes " + " ".join(args.modes),
         f"--threads {args.threads}",
         f"--instances {args.instances}",
@@ -322,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(
             "--sentences, --concurrency, --repeats, --engine-batches and --duration must be positive"
         )
-    if args.open_fraction <= 0 or min(args.stream_every, args.threads, args.instances) < 0:
+    if min(args.open_fraction) <= 0 or min(args.stream_every, args.threads, args.instances) < 0:
         raise SystemExit(
             "--open-fraction must be positive, --stream-every, --threads, --instances at least 0"
         )
@@ -351,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             duration_s=args.duration,
             concurrency=args.concurrency,
             stream_every=args.stream_every,
-            open_fraction=args.open_fraction,
+            open_fractions=args.open_fraction,
             instances=instances,
             seed=args.seed,
             log=log,
@@ -372,6 +392,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"engine batch {e.batch:>3} × {e.callers} caller(s), {e.threads or 'all'} thread(s): "
             f"{e.sentences_per_s:.1f} sent/s, {e.output_tokens_per_s:.0f} tok/s"
         )
+    step_cost = measure_step_cost(engine, sources, rows=32, slots=(10, 20, 40, 60))
+    log("decoder step, 32 rows: " + ", ".join(f"{c.slots} slots {c.milliseconds:.2f} ms" for c in step_cost))
     kv = None
     if not args.skip_kv:
         kv = measure_kv(args.model_dir, args.corpus, args.repeats)
@@ -397,11 +419,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         duration_s=args.duration,
         concurrency=args.concurrency,
         stream_every=args.stream_every,
-        open_fraction=args.open_fraction,
+        open_fractions=args.open_fraction,
         modes={m: mode_settings(m, instances, args.threads) for m in args.modes},
         closed=closed,
         open=opened,
         engine=engine_results,
+        step_cost=step_cost,
         kv=kv,
         targets=targets,
         minutes=(time.monotonic() - started) / 60,

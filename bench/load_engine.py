@@ -9,6 +9,9 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from service.engine import Engine
 from service.reference_decoder import translate_ids
@@ -123,3 +126,45 @@ def measure_kv(model_dir: Path, corpus: Path, repeats: int, threads: int = 1) ->
         cell.speedups["recompute"],
         cell.identical,
     )
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """One decoder step of `rows` rows whose caches hold `slots` past tokens (engine.step, timed)."""
+
+    rows: int
+    slots: int
+    milliseconds: float  # median of the timed steps
+
+
+def measure_step_cost(
+    engine: Engine,
+    sources: Sequence[Sequence[int]],
+    rows: int,
+    slots: Sequence[int],
+    repeats: int = 50,
+    clock: Callable[[], float] = time.perf_counter,
+) -> list[StepCost]:
+    """The decoder step's cost as the cache grows: `rows` sentences stepped from an empty cache,
+    timed (median of `repeats` runs of the same step) when their caches hold each count of `slots`.
+
+    Every row of a step carries the batch's slot count, real or padding, so this is what a row
+    pays for sharing its steps with a longer one.
+    """
+    name = next(iter(engine.models))
+    picked = [sources[i % len(sources)] for i in range(rows)]
+    cross = engine.encode(name, picked)
+    cache: Any = engine.empty_cache(name, rows)
+    tokens = np.full(rows, engine.models[name].dims.bos_id, dtype=np.int64)
+    results = []
+    for past in range(max(slots) + 1):
+        positions = np.full(rows, past, dtype=np.int64)
+        if past in slots:
+            times = []
+            for _ in range(repeats):
+                start = clock()
+                engine.step(name, tokens, positions, cache, cross)
+                times.append(clock() - start)
+            results.append(StepCost(rows, past, 1000 * statistics.median(times)))
+        _, cache = engine.step(name, tokens, positions, cache, cross)
+    return results

@@ -20,6 +20,7 @@ def test_the_benchmark_runs_end_to_end_and_writes_its_results(tmp_path: Path) ->
         "--duration", "1",
         "--concurrency", "2",
         "--stream-every", "2",
+        "--open-fraction", "0.5",
         "--modes", "continuous",
         "--engine-batches", "1", "4",
         "--threads", "1",
