@@ -8,6 +8,7 @@ its session lists.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -177,7 +178,18 @@ def _input_types(session: ort.InferenceSession) -> dict[str, str]:
 
 def _run(session: ort.InferenceSession, feeds: dict[str, np.ndarray], outputs: tuple[str, ...]) -> list[Any]:
     """Run `session` on the feeds it lists; a listed input missing from `feeds` is a bug here."""
-    wanted = [i.name for i in session.get_inputs()]
+    wanted = _input_names(session)
     missing = [name for name in wanted if name not in feeds]
     assert not missing, f"no value for graph inputs {missing}"
     return list(session.run(list(outputs), {name: feeds[name] for name in wanted}))
+
+
+_INPUT_NAMES: weakref.WeakKeyDictionary[ort.InferenceSession, list[str]] = weakref.WeakKeyDictionary()
+
+
+def _input_names(session: ort.InferenceSession) -> list[str]:
+    """The graph's input names, read once per session (get_inputs() builds new objects each call)."""
+    names = _INPUT_NAMES.get(session)
+    if names is None:
+        names = _INPUT_NAMES[session] = [i.name for i in session.get_inputs()]
+    return names

@@ -228,9 +228,10 @@ def test_a_newcomer_joins_after_at_most_max_admit_delay_steps() -> None:
         first = scheduler.submit(Request("fake", (ENDLESS, 2), options(max_out=12)))
         await wait_for_steps(scheduler, 2)
         second = scheduler.submit(Request("fake", (4, 2), options(max_out=12)))
+        late = scheduler.stats().steps + 1  # steps begun by the time it was queued (a slow machine)
         await asyncio.gather(first.result(), second.result())
-        # admitted with the first at step 0, so the next admission is before step 6
-        assert _first_step_with(engine, 2) == 6, engine.steps
+        # the first was admitted before step 0, so the next admission comes before step 6, not sooner
+        assert 6 <= _first_step_with(engine, 2) <= max(6, late), engine.steps
         scheduler.stop()
 
     run(main)
