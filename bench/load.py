@@ -24,7 +24,6 @@ import dataclasses
 import functools
 import json
 import multiprocessing
-import os
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -47,7 +46,14 @@ from bench.load_engine import (
 )
 from bench.report import Machine, describe_machine
 from export.corpus import CorpusConfig, generate_corpus, read_pairs
-from service.config import Config, EngineConfig, SchedulerConfig, ServerConfig
+from service.config import (
+    Config,
+    EngineConfig,
+    SchedulerConfig,
+    ServerConfig,
+    resolve_parallelism,
+    usable_cores,
+)
 from service.engine import Engine
 from service.server import start_server
 from service.tokenizer import Tokenizer
@@ -297,7 +303,10 @@ def _parser() -> argparse.ArgumentParser:
         "--threads", type=int, default=1, help="onnxruntime intra-op threads of the service (0: all cores)"
     )
     parser.add_argument(
-        "--instances", type=int, default=0, help="the service's scheduler instances (0: one per usable core)"
+        "--instances",
+        type=int,
+        default=0,
+        help="the service's scheduler instances (0: the server's auto choice)",
     )
     parser.add_argument("--engine-batches", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per engine batch and KV cell")
@@ -346,7 +355,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(
             "--open-fraction must be positive, --stream-every, --threads, --instances at least 0"
         )
-    instances = args.instances or len(os.sched_getaffinity(0))
+    # 0: what the server itself would choose on this CPU with these threads
+    wanted = Config(
+        engine=EngineConfig(intra_op_threads=args.threads),
+        scheduler=SchedulerConfig(instances=args.instances),
+    )
+    instances = resolve_parallelism(wanted, "cpu", usable_cores()).scheduler.instances
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)

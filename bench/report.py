@@ -19,6 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 from bench.variants import DESCRIPTIONS, LABELS
+from service.config import usable_cores
 from service.graphs import ModelDims
 
 INTERPRETATION_BEGIN = "<!-- interpretation: written by hand, kept when bench.kv_cache rewrites this page -->"
@@ -88,12 +89,11 @@ def describe_machine(cpuinfo: Path = Path("/proc/cpuinfo")) -> Machine:
     if "cpu family" in fields and "model" in fields:
         name += f" (family {fields['cpu family']}, model {fields['model']})"
     flags = set(fields.get("flags", "").split())
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
     return Machine(
         cpu=name,
         vector_extensions=tuple(f for f in _VECTOR_FLAGS if f in flags),
         logical_cores=os.cpu_count() or 0,
-        usable_cores=usable,
+        usable_cores=usable_cores(),
         load=os.getloadavg()[0],
         onnxruntime=ort.__version__,
         numpy=np.__version__,

@@ -9,6 +9,7 @@ environment: `parse_config(argv, environ)` takes it as an argument and the resul
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -88,6 +89,13 @@ class Config:
 
 
 MAX_AUTO_INSTANCES = 4  # each instance gets a share of --max-sequences: keep the shares useful
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity where the OS has one, else every core)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def resolve_parallelism(config: Config, device: str, usable_cores: int) -> Config:

@@ -24,7 +24,15 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from service.config import SchedulerConfig
-from service.scheduler import Handle, Request, Scheduler, SchedulerStats, StepEngine
+from service.scheduler import (
+    Handle,
+    QueueFullError,
+    Request,
+    RequestTooLargeError,
+    Scheduler,
+    SchedulerStats,
+    StepEngine,
+)
 
 if TYPE_CHECKING:
     from service.metrics import Metrics
@@ -53,6 +61,10 @@ class SchedulerPool:
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        if config.instances < 1:
+            raise ValueError(
+                f"instances {config.instances}: resolve the auto setting first (config.resolve_parallelism)"
+            )
         self.config = config
         each = instance_config(config)
         self.instances = [
@@ -66,12 +78,24 @@ class SchedulerPool:
             scheduler.start()
 
     def submit(self, request: Request) -> Handle:
-        """Queue `request` on the least loaded instance; raises what `Scheduler.submit` raises."""
+        """Queue `request` on the least loaded instance; raises what `Scheduler.submit` raises, with
+        the limits named as configured for the process rather than as one instance's share."""
         with self._lock:
             index = min(range(len(self.instances)), key=self._outstanding.__getitem__)
             self._outstanding[index] += 1
         try:
             handle = self.instances[index].submit(request)
+        except QueueFullError:
+            self._ended(index)
+            raise QueueFullError(self.config.max_queue_size) from None
+        except RequestTooLargeError as err:
+            self._ended(index)
+            if len(self.instances) == 1:
+                raise
+            raise RequestTooLargeError(
+                f"{err}: that is one scheduler instance's share of the limits, which "
+                f"{len(self.instances)} instances split (--instances)"
+            ) from None
         except BaseException:
             self._ended(index)
             raise

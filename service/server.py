@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import signal
 from dataclasses import dataclass
 from importlib import metadata
@@ -27,7 +26,7 @@ from prometheus_client import CollectorRegistry
 
 from service.api.translator.v1 import translator_pb2 as pb
 from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
-from service.config import Config, ServerConfig, resolve_parallelism
+from service.config import Config, ServerConfig, resolve_parallelism, usable_cores
 from service.engine import CUDA, Engine, choose_device
 from service.metrics import Metrics, MetricsServer, ServedModel, serve_metrics
 from service.scheduler_pool import SchedulerPool
@@ -134,11 +133,11 @@ async def start_server(config: Config, *, engine: Engine | None = None) -> Runni
     metrics_server = serve_metrics(registry, config.server.host.strip("[]"), config.server.metrics_port)
     if engine is None:
         device = choose_device(config.engine.provider, ort.get_available_providers())
-        config = resolve_parallelism(config, device, len(os.sched_getaffinity(0)))
-        engine = await asyncio.to_thread(Engine, config.engine, metrics)
-    else:  # its threads are set already
+    else:  # already loaded, its threads set
         device = "cuda" if engine.model().provider == CUDA else "cpu"
-        config = resolve_parallelism(config, device, len(os.sched_getaffinity(0)))
+    config = resolve_parallelism(config, device, usable_cores())
+    if engine is None:
+        engine = await asyncio.to_thread(Engine, config.engine, metrics)
     log.info(
         "%d scheduler instance(s), %s intra-op thread(s) per graph run",
         config.scheduler.instances,

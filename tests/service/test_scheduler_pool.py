@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from service.config import SchedulerConfig
 from service.metrics import Metrics
-from service.scheduler import Handle, Request
+from service.scheduler import Handle, QueueFullError, Request, RequestTooLargeError
 from service.scheduler_pool import SchedulerPool, instance_config
 from tests.service.test_scheduler import (
     ENDLESS,
@@ -91,3 +92,32 @@ def test_gauges_are_the_sum_over_the_instances() -> None:
         pool.stop()
 
     run(main)
+
+
+def test_refusals_name_the_process_limits() -> None:
+    async def main() -> None:
+        # each instance: 1 row, 1 waiting request, 20 KV-cache slots
+        pool = SchedulerPool(
+            FakeEngine(step_delay=0.002),
+            config(instances=2, max_sequences=2, max_queue_size=2, max_kv_cache_tokens=40),
+        )
+        pool.start()
+        running = [pool.submit(Request("fake", (ENDLESS, i, 2), options(max_out=15))) for i in range(2)]
+        for scheduler in pool.instances:
+            await wait_for_steps(scheduler, 1)
+        waiting = [pool.submit(Request("fake", (ENDLESS, i, 2), options(max_out=15))) for i in range(2)]
+        with pytest.raises(QueueFullError, match=r"\(2 waiting, --max-queue-size\)"):
+            pool.submit(Request("fake", (4, 2), options(max_out=15)))
+        with pytest.raises(RequestTooLargeError, match="2 instances split"):
+            pool.submit(Request("fake", (4, 2), options(max_out=30)))  # 30 slots > 20 per instance
+        for handle in running + waiting:
+            handle.cancel()
+        await asyncio.gather(*(h.result() for h in running + waiting), return_exceptions=True)
+        pool.stop()
+
+    run(main)
+
+
+def test_the_auto_instance_count_must_be_resolved_first() -> None:
+    with pytest.raises(ValueError, match="resolve_parallelism"):
+        SchedulerPool(FakeEngine(), SchedulerConfig(instances=0))
