@@ -9,7 +9,6 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -146,25 +145,35 @@ def measure_step_cost(
     clock: Callable[[], float] = time.perf_counter,
 ) -> list[StepCost]:
     """The decoder step's cost as the cache grows: `rows` sentences stepped from an empty cache,
-    timed (median of `repeats` runs of the same step) when their caches hold each count of `slots`.
+    timed (median of `repeats` runs of the same step, its new slot not kept) when their caches
+    hold each count of `slots`.
 
-    Every row of a step carries the batch's slot count, real or padding, so this is what a row
-    pays for sharing its steps with a longer one.
+    Every step attends over the cache's slot capacity (the longest row's, in chunks), real or
+    masked, so this is what a row pays for sharing its steps with a longer one.
     """
     name = next(iter(engine.models))
-    picked = [sources[i % len(sources)] for i in range(rows)]
-    cross = engine.encode(name, picked)
-    cache: Any = engine.empty_cache(name, rows)
+    graphs = engine.graphs(name)
+    cache = engine.new_cache(name)
+    cache.append(engine.encode(name, [sources[i % len(sources)] for i in range(rows)]))
     tokens = np.full(rows, engine.models[name].dims.bos_id, dtype=np.int64)
     results = []
     for past in range(max(slots) + 1):
-        positions = np.full(rows, past, dtype=np.int64)
         if past in slots:
+            step = cache.step_inputs()
             times = []
             for _ in range(repeats):
                 start = clock()
-                engine.step(name, tokens, positions, cache, cross)
+                graphs.step(
+                    tokens[:, None],
+                    step.positions,
+                    step.past_k,
+                    step.past_v,
+                    step.self_mask,
+                    step.cross_k,
+                    step.cross_v,
+                    step.src_mask,
+                )
                 times.append(clock() - start)
             results.append(StepCost(rows, past, 1000 * statistics.median(times)))
-        _, cache = engine.step(name, tokens, positions, cache, cross)
+        engine.step(name, tokens, cache)
     return results

@@ -186,8 +186,8 @@ def _step_cost(r: BenchResult) -> str:
     lines += [f"| {c.rows} | {c.slots} | {c.milliseconds:.2f} |" for c in r.step_cost]
     return (
         "\n\nThe decoder step as the cache grows (`bench.load_engine.measure_step_cost`, the service's "
-        "threads): every row of a step carries the batch's slot count, real or padding, and the step "
-        "graph copies the whole cache to append the new slot.\n\n" + "\n".join(lines)
+        "threads): every step attends over the cache's slot capacity (the longest row's, in chunks of "
+        "16), real or masked; the new slot is written in place.\n\n" + "\n".join(lines)
     )
 
 

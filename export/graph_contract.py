@@ -46,16 +46,17 @@ def graph_specs(cfg: TransformerConfig, float_dtype: str = "float32") -> dict[st
             (
                 t("tokens", i64, "batch", 1),
                 t("positions", i64, "batch"),
-                t("past_k", f, L, "batch", H, "past_len", Dh),
-                t("past_v", f, L, "batch", H, "past_len", Dh),
-                t("self_mask", bool_, "batch", "past_len + 1"),
-                *cross,
+                t("self_mask", bool_, "batch", "cache_len"),
                 t("src_mask", bool_, "batch", "src_len"),
+                # One input per layer and K/V: a caller's (L, rows, H, slots, Dh) cache buffer
+                # is fed as contiguous per-layer views (docs/model-directory.md).
+                *(t(f"past_{kv}_{i}", f, "batch", H, "cache_len", Dh) for i in range(L) for kv in "kv"),
+                *(t(f"cross_{kv}_{i}", f, "batch", H, "src_len", Dh) for i in range(L) for kv in "kv"),
             ),
             (
                 t("log_probs", f32, "batch", V),
-                t("present_k", f, L, "batch", H, "past_len + 1", Dh),
-                t("present_v", f, L, "batch", H, "past_len + 1", Dh),
+                t("new_k", f, L, "batch", H, Dh),
+                t("new_v", f, L, "batch", H, Dh),
             ),
         ),
         "attention": GraphSpec(
@@ -73,33 +74,35 @@ def graph_specs(cfg: TransformerConfig, float_dtype: str = "float32") -> dict[st
 
 # Sizes of the inputs the graphs are traced with, and of the run that verifies each exported graph:
 # all different from each other and from the fixed dims, so that a size the tracer baked in by
-# mistake shows up as a wrong result; verification also covers the empty past of a first step.
-TRACE_SIZES = {"batch": 2, "src_len": 5, "tgt_len": 4, "past_len": 3}
-VERIFY_SIZES = {"batch": 3, "src_len": 7, "tgt_len": 6, "past_len": 0}
+# mistake shows up as a wrong result; verification also covers the empty cache of a first step.
+TRACE_SIZES = {"batch": 2, "src_len": 5, "tgt_len": 4, "cache_len": 3}
+VERIFY_SIZES = {"batch": 3, "src_len": 7, "tgt_len": 6, "cache_len": 0}
 
 
 def example_inputs(
     cfg: TransformerConfig, spec: GraphSpec, sizes: dict[str, int], seed: int = 0
 ) -> dict[str, np.ndarray]:
-    """Random inputs that satisfy `spec` at `sizes` (batch, src_len, tgt_len, past_len).
+    """Random inputs that satisfy `spec` at `sizes` (batch, src_len, tgt_len, cache_len).
 
-    The last row (when batch > 1) is padded: its last source/target slot, or (self_mask) its
-    first cache slot when there is one. The new token, last in self_mask, is always real.
+    The last row (when batch > 1) is padded: its last source/target slot, and (self_mask) every
+    other cache slot from the first on, so that real and free slots alternate as in a cache whose
+    rows reuse freed slots; with one slot, that row's whole cache is masked (its new token alone
+    is attended). Masked cache slots hold random values like the real ones: they must not
+    matter. Each row's position is its number of real cache slots.
     """
-    sizes = {**sizes, "past_len + 1": sizes["past_len"] + 1}
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {}
     for t in spec.inputs:
         shape = tuple(sizes[d] if isinstance(d, str) else d for d in t.shape)
         if t.dtype == "bool":
             mask = np.ones(shape, dtype=bool)
-            if shape[0] > 1 and t.name != "self_mask":
+            if shape[0] > 1 and t.name == "self_mask":
+                mask[-1, ::2] = False
+            elif shape[0] > 1:
                 mask[-1, -1] = False
-            elif shape[0] > 1 and shape[1] > 1:
-                mask[-1, 0] = False
             out[t.name] = mask
         elif t.name == "positions":
-            out[t.name] = np.full(shape, sizes["past_len"], dtype=np.int64)
+            out[t.name] = np.zeros(shape, dtype=np.int64)  # set below, from self_mask
         elif t.dtype == "int64":
             ids = rng.integers(4, cfg.vocab_size, size=shape, dtype=np.int64)
             if t.name == "tgt_ids":
@@ -107,4 +110,6 @@ def example_inputs(
             out[t.name] = ids
         else:
             out[t.name] = rng.standard_normal(shape).astype(t.dtype)
+    if "positions" in out:
+        out["positions"] = out["self_mask"].sum(axis=1, dtype=np.int64)
     return out

@@ -8,10 +8,10 @@ Masks are boolean and True where attention is *allowed*; they broadcast to (B, H
 
 `encode` and `decode` are separate methods (as in the Annotated Transformer) because the
 export turns them into separate graphs: an encoder graph run once per request and a
-decoder-step graph run once per output token with a KV cache. The attention helpers
-(`MultiHeadAttention.project_kv`, `scaled_dot_product_attention`) are public for the
-same reason. The configuration, `TransformerConfig`, is plain data in export.model_config (no
-torch), imported here.
+decoder-step graph run once per output token with a KV cache (`DecoderLayer.step`). The
+attention helpers (`MultiHeadAttention.project_kv`, `scaled_dot_product_attention`,
+`cached_attention`) are public for the same reason. The configuration, `TransformerConfig`, is
+plain data in export.model_config (no torch), imported here.
 """
 
 from __future__ import annotations
@@ -56,6 +56,34 @@ def scaled_dot_product_attention(
     return probs @ v, probs
 
 
+def cached_attention(
+    q: Tensor, past_k: Tensor, past_v: Tensor, past_mask: Tensor, k_new: Tensor, v_new: Tensor
+) -> Tensor:
+    """One new query attending over a KV cache and over its own key/value: the same result as
+    `scaled_dot_product_attention` over the cache with the new K/V appended as a last, always
+    allowed slot, without building that concatenation.
+
+    Concatenating would copy the whole cache at every decoding step (and in an exported graph
+    make the caller copy it again); here only the (B, H, 1, T + 1) scores are concatenated, so
+    the caller can keep the cache in a buffer of its own and write the new K/V into it.
+
+    Args:
+        q, k_new, v_new: (B, H, 1, Dh) the new token's query, key and value.
+        past_k, past_v: (B, H, T, Dh) the cache; T may be 0.
+        past_mask: bool, broadcastable to (B, H, 1, T): True at the real cache slots, in any
+            pattern. The new token is always attended, so no row is ever fully masked.
+    Returns:
+        (B, H, 1, Dh)
+    """
+    scale = math.sqrt(q.size(-1))
+    past_scores = q @ past_k.transpose(-2, -1) / scale  # (B, H, 1, T)
+    past_scores = past_scores.masked_fill(~past_mask, torch.finfo(past_scores.dtype).min)
+    new_score = (q * k_new).sum(dim=-1, keepdim=True) / scale  # (B, H, 1, 1)
+    probs = torch.cat([past_scores, new_score], dim=-1).softmax(dim=-1)  # (B, H, 1, T + 1)
+    # Slices relative to the end rather than at T: no size of the cache enters the traced graph.
+    return probs[..., :-1] @ past_v + probs[..., -1:] * v_new
+
+
 class MultiHeadAttention(nn.Module):
     """MultiHead(Q, K, V) = Concat(head_1..head_h) W^O, head_i = Attention(Q W_i^Q, K W_i^K, V W_i^V)."""
 
@@ -91,6 +119,13 @@ class MultiHeadAttention(nn.Module):
         out, probs = scaled_dot_product_attention(q, k, v, mask)
         # Dropout on the output, not on the probabilities: the returned probabilities stay exact.
         return self.dropout(self.w_o(self.merge_heads(out))), probs
+
+    def attend_cached(
+        self, q: Tensor, past_k: Tensor, past_v: Tensor, past_mask: Tensor, k_new: Tensor, v_new: Tensor
+    ) -> Tensor:
+        """`attend` for one new token over a cache plus its own K/V (`cached_attention`). → (B, 1, D)"""
+        out = cached_attention(q, past_k, past_v, past_mask, k_new, v_new)
+        return self.dropout(self.w_o(self.merge_heads(out)))
 
     def forward(self, query: Tensor, key_value: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         k, v = self.project_kv(key_value)
@@ -176,13 +211,49 @@ class DecoderLayer(nn.Module):
         q = self.self_attn.project_q(h)
         attn_out, self_probs = self.self_attn.attend(q, self_k, self_v, self_mask)
         y = self.self_sublayer.residual(y, attn_out)
+        y, cross_probs = self.cross_and_ffn(y, cross_k, cross_v, src_mask)
+        return y, self_probs, cross_probs
+
+    def step(
+        self,
+        y: Tensor,
+        past_k: Tensor,
+        past_v: Tensor,
+        past_mask: Tensor,
+        cross_k: Tensor,
+        cross_v: Tensor,
+        src_mask: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The layer for one new token per row, its self-attention over a KV cache (`cached_attention`).
+
+        Equal to `forward` on the cache with the token's K/V appended as an always allowed last
+        slot, but the cache is only read: the token's K/V are returned for the caller to store.
+        y: (B, 1, D); past_k/v: (B, H, T, Dh), T may be 0; past_mask: (B, 1, 1, T) real slots;
+        cross_k/v: (B, H, S, Dh); src_mask: (B, 1, 1, S) → (y (B, 1, D), k_new, v_new (B, H, 1, Dh)).
+        """
+        h = self.self_sublayer.normed_input(y)  # = self_kv_input(y): one LayerNorm for Q, K and V
+        k_new, v_new = self.self_attn.project_kv(h)
+        q = self.self_attn.project_q(h)
+        attn_out = self.self_attn.attend_cached(q, past_k, past_v, past_mask, k_new, v_new)
+        y = self.self_sublayer.residual(y, attn_out)
+        y, _ = self.cross_and_ffn(y, cross_k, cross_v, src_mask)
+        return y, k_new, v_new
+
+    def cross_and_ffn(
+        self, y: Tensor, cross_k: Tensor, cross_v: Tensor, src_mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """The sublayers after self-attention, shared by `forward` and `step`: cross-attention
+        over the encoder's projected K/V, then the feed-forward network.
+
+        y: (B, T, D); cross_k/v: (B, H, S, Dh); src_mask: (B, 1, 1, S) → (y, cross probs (B, H, T, S)).
+        """
         h = self.cross_sublayer.normed_input(y)
         attn_out, cross_probs = self.cross_attn.attend(
             self.cross_attn.project_q(h), cross_k, cross_v, src_mask
         )
         y = self.cross_sublayer.residual(y, attn_out)
         y = self.ffn_sublayer.residual(y, self.ffn(self.ffn_sublayer.normed_input(y)))
-        return y, self_probs, cross_probs
+        return y, cross_probs
 
     def self_kv_input(self, y: Tensor) -> Tensor:
         """What the self-attention keys/values are projected from (LN(y) in pre-norm)."""

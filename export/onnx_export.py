@@ -1,17 +1,17 @@
 """Export a checkpoint to the three ONNX graphs of docs/model-directory.md.
 
     encoder.onnx       src_ids, src_mask → memory, cross_k, cross_v            (once per request)
-    decoder_step.onnx  newest token + KV cache → log_probs, present_k/v       (once per token)
+    decoder_step.onnx  newest token + KV cache per layer → log_probs, new_k/v (once per token)
     attention.onnx     teacher-forced pass → log_probs and every attention map (Attend RPC)
 
-The wrappers only arrange the model's own methods (`encode`, `cross_kv`, `embed`,
-`DecoderLayer.forward`, `project_kv`, `logits`); none of the math is written twice. After
+The wrappers only arrange the model's own methods (`encode`, `cross_kv`, `embed`, `decode`,
+`DecoderLayer.step`, `logits`); none of the math is written twice. After
 tracing, the graphs' weights are pointed into `model.safetensors` (see `export.onnx_weights`),
 so the weights exist once in a model directory. The graphs' signatures and example inputs (the
 contract every graph is traced and verified against) are export.graph_contract's.
 
 Exporter: the TorchScript one (`dynamo=False`), on purpose. Both work for these graphs (the
-dynamo one handles an empty past with `Dim(min=0)`), but on our 2-core machines the dynamo
+dynamo one handles an empty cache with `Dim(min=0)`), but on our 2-core machines the dynamo
 exporter needs ≈5.5 s per graph against ≈0.3 s, which decides whether the export tests run in
 seconds; it also needs `onnxscript`. The TorchScript exporter's known pitfall — it silently drops
 inputs the computation does not use — cannot bite unnoticed: every contract input feeds the
@@ -60,11 +60,19 @@ class EncoderGraph(nn.Module):
 
 
 class DecoderStepGraph(nn.Module):
-    """One decoder step for a running batch, with a self-attention KV cache.
+    """One decoder step for a running batch, over a self-attention KV cache the caller owns.
 
-    Each row's new token is embedded at its own position; each layer appends the token's K/V
-    after that layer's past, attends over the real slots (`self_mask`) and the real source
-    tokens (`src_mask`). past_len may be 0 (the first step).
+    Each row's new token is embedded at its own position; each layer (`DecoderLayer.step`)
+    attends over that layer's real cache slots (`self_mask`) plus the token itself, and over the
+    real source tokens (`src_mask`). The cache is only read: the token's K/V of every layer come
+    out as new_k/new_v for the caller to write into a free slot. The cache arrives one input per
+    layer and K/V (past_k_0, past_v_0, past_k_1, …), so a caller's (L, rows, H, slots, Dh) buffer
+    is fed as contiguous views, without the copy a stacked input's per-layer Gather would make.
+    cache_len may be 0.
+
+    forward(tokens (B, 1), positions (B,), self_mask (B, T), src_mask (B, S),
+            past_k_0, past_v_0, …  (B, H, T, Dh), cross_k_0, cross_v_0, …  (B, H, S, Dh))
+        → log_probs (B, V), new_k, new_v (L, B, H, Dh)
     """
 
     def __init__(self, model: Transformer) -> None:
@@ -72,30 +80,23 @@ class DecoderStepGraph(nn.Module):
         self.model = model
 
     def forward(
-        self,
-        tokens: Tensor,  # (B, 1) int64
-        positions: Tensor,  # (B,) int64
-        past_k: Tensor,  # (L, B, H, P, Dh)
-        past_v: Tensor,  # (L, B, H, P, Dh)
-        self_mask: Tensor,  # (B, P + 1) bool
-        cross_k: Tensor,  # (L, B, H, S, Dh)
-        cross_v: Tensor,  # (L, B, H, S, Dh)
-        src_mask: Tensor,  # (B, S) bool
+        self, tokens: Tensor, positions: Tensor, self_mask: Tensor, src_mask: Tensor, *kv: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
         model = self.model
+        layers = model.decoder_stack
+        past, cross = kv[: 2 * len(layers)], kv[2 * len(layers) :]
         y = model.embed(model.tgt_embed, tokens, positions[:, None])  # (B, 1, D)
-        self_mask_4d = self_mask[:, None, None, :]  # (B, 1, 1, P + 1)
+        self_mask_4d = self_mask[:, None, None, :]  # (B, 1, 1, T)
         src_mask_4d = src_mask[:, None, None, :]  # (B, 1, 1, S)
-        present_k, present_v = [], []
-        for i, layer in enumerate(model.decoder_stack):
-            k_new, v_new = layer.self_attn.project_kv(layer.self_kv_input(y))  # (B, H, 1, Dh)
-            k = torch.cat([past_k[i], k_new], dim=2)  # (B, H, P + 1, Dh)
-            v = torch.cat([past_v[i], v_new], dim=2)
-            present_k.append(k)
-            present_v.append(v)
-            y, _, _ = layer(y, k, v, self_mask_4d, cross_k[i], cross_v[i], src_mask_4d)
+        new_k, new_v = [], []
+        for i, layer in enumerate(layers):
+            y, k, v = layer.step(
+                y, past[2 * i], past[2 * i + 1], self_mask_4d, cross[2 * i], cross[2 * i + 1], src_mask_4d
+            )
+            new_k.append(k[:, :, 0])  # (B, H, Dh)
+            new_v.append(v[:, :, 0])
         logits = model.logits(model.decoder_norm(y)[:, 0])  # (B, V)
-        return F.log_softmax(logits, dim=-1), torch.stack(present_k), torch.stack(present_v)
+        return F.log_softmax(logits, dim=-1), torch.stack(new_k), torch.stack(new_v)
 
 
 class AttentionGraph(nn.Module):
@@ -239,7 +240,7 @@ def graph_differences(
 
 def verify_graph(model: Transformer, name: str, spec: GraphSpec, path: Path, atol: float = 1e-4) -> None:
     """Load `path` with onnxruntime, check its signature and compare one run with PyTorch, at
-    sizes other than the traced ones (and an empty past).
+    sizes other than the traced ones (and an empty cache).
 
     Raises:
         RuntimeError: the outputs differ from the PyTorch wrapper by more than `atol`.

@@ -114,7 +114,7 @@ def quality_against_fp32(
 
 def graph_parity(fp32: OnnxGraphs, graphs: OnnxGraphs) -> dict[str, dict[str, float]]:
     """Largest |difference| of every output of every graph from fp32's, on the contract's random
-    example inputs (export.graph_contract) at two sizes, one with an empty past and padded rows.
+    example inputs (export.graph_contract) at two sizes, one with an empty cache and padded rows.
 
     Float inputs reach the variant in its own float type; outputs are compared in float32.
     """

@@ -5,8 +5,9 @@
 Checks, each printed with its figure; the exit status is 1 if any fails:
   manifest    every file's sha256 matches the manifest, and a tampered copy is refused;
   parity      onnxruntime (CPU) vs PyTorch, max abs difference ≤ 1e-4 on random padded batches,
-              for every output of every graph (first step with an empty past, and a later one);
-  cache       N cached decoder steps equal one teacher-forced pass over the same prefix;
+              for every output of every graph (first step with an empty cache, and a later one);
+  cache       N cached decoder steps, each writing its K/V into a pre-allocated cache buffer,
+              equal one teacher-forced pass over the same prefix;
   greedy/beam the KV-cached ONNX decoder gives exactly the tokens of the PyTorch reference
               (full recomputation, no cache) for every test sentence, greedy and beam 4;
   staggered   a sentence decoded alone equals it decoded while others join the running batch
@@ -71,7 +72,7 @@ def check_manifest(model_dir: Path) -> Check:
 def check_parity(model: Transformer, model_dir: Path) -> Check:
     worst: dict[str, float] = {}
     for name, spec in graph_specs(model.cfg).items():
-        for sizes in (VERIFY_SIZES, {"batch": 5, "src_len": 11, "tgt_len": 9, "past_len": 6}):
+        for sizes in (VERIFY_SIZES, {"batch": 5, "src_len": 11, "tgt_len": 9, "cache_len": 6}):
             for output, diff in graph_differences(model, name, spec, model_dir / spec.file, sizes).items():
                 key = f"{name}.{output}"
                 worst[key] = max(worst.get(key, 0.0), diff)
@@ -82,7 +83,11 @@ def check_parity(model: Transformer, model_dir: Path) -> Check:
 
 def check_cache(model: Transformer, graphs: OnnxGraphs, sources: list[list[int]]) -> Check:
     """Feed the reference's own greedy outputs step by step through the cache and compare each
-    step's log-probs with one teacher-forced pass over the whole prefix."""
+    step's log-probs with one teacher-forced pass over the whole prefix.
+
+    The cache is a buffer allocated once with a slot per step, as a server keeps it: every step
+    sees all its slots, the free ones masked, and its new K/V are written into the step's slot.
+    """
     cfg = model.cfg
     src = pad(sources, cfg.pad_id)
     targets = [h.tokens for h in greedy_decode(model, src, 40)]
@@ -95,17 +100,19 @@ def check_cache(model: Transformer, graphs: OnnxGraphs, sources: list[list[int]]
         )
     src_ids = src.numpy()
     encoded = graphs.encode(src_ids, src_ids != cfg.pad_id)
-    dims = graphs.dims
-    past_k = np.zeros((dims.decoder_layers, len(sources), dims.heads, 0, dims.head_dim), np.float32)
-    past_v = past_k
     tgt_ids = tgt.numpy()
+    batch, steps = tgt_ids.shape
+    dims = graphs.dims
+    past_k: np.ndarray = np.zeros(
+        (dims.decoder_layers, batch, dims.heads, steps, dims.head_dim), graphs.float_dtype
+    )
+    past_v = np.zeros_like(past_k)
+    self_mask = np.zeros((batch, steps), dtype=bool)
     worst = 0.0
-    for step in range(tgt_ids.shape[1]):
-        self_mask = tgt_ids[:, : step + 1] != cfg.pad_id
-        self_mask[:, step] = True  # the new token is always a real slot
+    for step in range(steps):
         out = graphs.step(
             tgt_ids[:, step : step + 1],
-            np.full(len(sources), step, np.int64),
+            np.full(batch, step, np.int64),
             past_k,
             past_v,
             self_mask,
@@ -113,10 +120,12 @@ def check_cache(model: Transformer, graphs: OnnxGraphs, sources: list[list[int]]
             encoded.cross_v,
             src_ids != cfg.pad_id,
         )
-        past_k, past_v = out.present_k, out.present_v
+        past_k[:, :, :, step] = out.new_k
+        past_v[:, :, :, step] = out.new_v
         real = tgt_ids[:, step] != cfg.pad_id  # rows whose prefix is still running
+        self_mask[:, step] = real
         worst = max(worst, float(np.abs(out.log_probs[real] - full[real, step].numpy()).max()))
-    detail = f"{tgt_ids.shape[1]} cached steps vs one full pass: max diff {worst:.1e}"
+    detail = f"{steps} cached steps vs one full pass: max diff {worst:.1e}"
     return Check("cache", worst <= ATOL, detail)
 
 

@@ -1,4 +1,4 @@
-"""Decoding math, pure: next-token selection, beam-search bookkeeping, KV-cache rows.
+"""Decoding math, pure: next-token selection and beam-search bookkeeping.
 
 Numpy in, numpy out; no onnxruntime, no torch. The semantics are those of `docs/model-directory.md`
 and reproduce `export/generate.py` token for token:
@@ -16,11 +16,8 @@ Scores are summed in float32, as the reference does, so that rankings tie the sa
 A sentence's search is a `SearchState` (frozen); `advance` takes the log-probabilities of its live
 rows and returns the next state plus, for each new live beam, its parent row and the token it
 feeds next. Rows of many sentences (of different requests) can therefore share one decoder step:
-the caller slices the step's log-probs per sentence and reorders the cache with the parents.
-
-The cache helpers work on `KV` (keys, values and a slot mask for a batch of rows), which serves
-both the decoder self-attention cache (slots = past tokens) and the encoder's cross-attention
-keys/values (slots = source tokens).
+the caller slices the step's log-probs per sentence and reorders the cache with the parents
+(`service.kv_cache.KVCache.keep`).
 """
 
 from __future__ import annotations
@@ -409,95 +406,3 @@ def _moved(state: SearchState, parents: Sequence[int]) -> Advance:
         parents = []
     tokens = [b.tokens[-1] for b in state.live]
     return Advance(state, np.asarray(parents, dtype=np.int64), np.asarray(tokens, dtype=np.int64))
-
-
-# --- KV caches -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, eq=False)
-class KV:
-    """Keys and values of a batch of rows with the mask of their slots.
-
-    Either a decoder self-attention cache (slots: past tokens; `self_mask` of the step graph is
-    `step_mask(kv)`) or the encoder's cross-attention keys/values (slots: source tokens; the mask
-    is `src_mask`). Padded slots hold zeros and are masked.
-    """
-
-    k: np.ndarray  # (L, B, H, T, Dh)
-    v: np.ndarray  # (L, B, H, T, Dh)
-    mask: np.ndarray  # (B, T) bool, True at real slots
-
-    def __post_init__(self) -> None:
-        assert self.k.shape == self.v.shape and self.k.ndim == 5, (self.k.shape, self.v.shape)
-        assert self.mask.shape == (self.k.shape[1], self.k.shape[3]), (self.mask.shape, self.k.shape)
-
-    @property
-    def rows(self) -> int:
-        return int(self.k.shape[1])
-
-    @property
-    def slots(self) -> int:
-        return int(self.k.shape[3])
-
-
-def empty_kv(layers: int, rows: int, heads: int, head_dim: int, dtype: np.dtype | type) -> KV:
-    """A cache with no slots (the first decoder step): (L, rows, H, 0, Dh)."""
-    shape = (layers, rows, heads, 0, head_dim)
-    return KV(np.zeros(shape, dtype), np.zeros(shape, dtype), np.zeros((rows, 0), dtype=bool))
-
-
-def select_rows(kv: KV, rows: np.ndarray | Sequence[int]) -> KV:
-    """Rows `rows` of `kv`, in that order (repeats allowed): beam back-pointers, removal of finished rows.
-
-    Args:
-        rows: (R,) indices into kv's rows.
-    Returns:
-        KV with R rows: (L, R, H, T, Dh), mask (R, T).
-    """
-    index = np.asarray(rows, dtype=np.int64)
-    return KV(np.take(kv.k, index, axis=1), np.take(kv.v, index, axis=1), kv.mask[index])
-
-
-def concat_rows(parts: Sequence[KV]) -> KV:
-    """One batch from several: the shorter parts are padded at the end with zero, masked slots.
-
-    Args:
-        parts: KV blocks with the same L, H, Dh and dtype; slot counts may differ.
-    Returns:
-        KV with sum(rows) rows and max(slots) slots; each row keeps its real slots and mask.
-    """
-    assert parts, "concat_rows() of nothing"
-    slots = max(p.slots for p in parts)
-    first = parts[0]
-    layers, _, heads, _, head_dim = first.k.shape
-    rows = sum(p.rows for p in parts)
-    # One zeroed buffer filled part by part: a single copy of every part (np.pad then concatenate
-    # copied the padded parts twice and cost more than the decoder step at batch 64).
-    k = np.zeros((layers, rows, heads, slots, head_dim), dtype=first.k.dtype)
-    v = np.zeros_like(k)
-    mask = np.zeros((rows, slots), dtype=bool)
-    row = 0
-    for p in parts:
-        k[:, row : row + p.rows, :, : p.slots] = p.k
-        v[:, row : row + p.rows, :, : p.slots] = p.v
-        mask[row : row + p.rows, : p.slots] = p.mask
-        row += p.rows
-    return KV(k, v, mask)
-
-
-def trim_slots(kv: KV) -> KV:
-    """Drop the slots that no row uses (padding left behind once the rows that needed it are gone)."""
-    used = kv.mask.any(axis=0)  # (T,)
-    if used.all():
-        return kv
-    return KV(kv.k[:, :, :, used], kv.v[:, :, :, used], kv.mask[:, used])
-
-
-def step_mask(kv: KV) -> np.ndarray:
-    """The decoder step's `self_mask` (B, T + 1): the cache slots, then the new token (always real)."""
-    return np.concatenate([kv.mask, np.ones((kv.rows, 1), dtype=bool)], axis=1)
-
-
-def extend(kv: KV, present_k: np.ndarray, present_v: np.ndarray) -> KV:
-    """The cache after a decoder step: its `present_k/v` (L, B, H, T + 1, Dh) with the new slot real."""
-    return KV(present_k, present_v, step_mask(kv))

@@ -6,15 +6,17 @@ manifest by `OnnxGraphs`), on the execution provider and in the variant the conf
 sub-directory is built and current, else fp32). Its typed step-level methods are what a
 continuous-batching scheduler drives, one iteration at a time:
 
-    cross = engine.encode(model, new_sources)            # the new arrivals together
-    cache = engine.empty_cache(model, rows)              # their (empty) self-attention cache
-    log_probs, cache = engine.step(model, tokens, positions, cache, cross)   # every running row
+    cache = engine.new_cache(model)                      # a batch's KV cache, empty
+    cache.append(engine.encode(model, new_sources))      # the new arrivals, encoded together
+    log_probs = engine.step(model, tokens, cache)        # every running row; the cache grows in place
+    cache.keep(parents)                                  # finished rows leave, beams branch
 
-Rows may have different positions and past lengths (masked padding), so the scheduler merges
-newcomers with `service.decoding.concat_rows` and drops or reorders rows with `select_rows`.
-On CPU the arrays are numpy and pass straight into onnxruntime. On CUDA (`_CudaRunner`) the caches
-come back as `DeviceKV`: their K/V stay on the GPU between steps (IOBinding, OrtValues), and only
-the log-probabilities come to the host. No grpc here: the servicer maps this module's errors.
+Rows may have different positions and past lengths: the cache (`service.kv_cache.KVCache`) is
+pre-allocated, each row's slots are its own and masked beyond its length, and a step writes one
+slot per row. The arrays are numpy and pass straight into onnxruntime as views. On CUDA the
+provider copies them to the device at each step: a device-resident cache would need the row edits
+(`append`, `keep`, the new slot) done on the device, which is not written yet. No grpc here: the
+servicer maps this module's errors.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ import numpy as np
 import onnxruntime as ort
 
 from service.config import EngineConfig
-from service.decoding import KV, Hypothesis, empty_kv, extend, step_mask
+from service.decoding import Hypothesis
 from service.graphs import Attention, ModelDims, OnnxGraphs
+from service.kv_cache import KV, KVCache
 from service.manifest import MANIFEST_FILE, Languages, Limits, ModelDirectoryError, derived_from_current
 from service.reference_decoder import pad_ids, translate_ids
 
@@ -72,26 +75,6 @@ class ModelInfo:
     limits: Limits  # max source / target tokens
     languages: Languages  # source and target language codes
     dims: ModelDims  # vocabulary, layers, heads, special ids
-
-
-@dataclass(frozen=True)
-class DeviceKV:
-    """A `KV` whose keys and values live on the GPU (onnxruntime OrtValues); the mask stays on the host."""
-
-    k: Any  # ort.OrtValue (L, B, H, T, Dh) on the device
-    v: Any  # ort.OrtValue (L, B, H, T, Dh)
-    mask: np.ndarray  # (B, T) bool
-
-    @property
-    def rows(self) -> int:
-        return int(self.mask.shape[0])
-
-    @property
-    def slots(self) -> int:
-        return int(self.mask.shape[1])
-
-
-Cache = KV | DeviceKV  # numpy on CPU; DeviceKV after a CUDA step or encode
 
 
 # --- choosing the provider and the variant (pure) ---------------------------------------------------
@@ -197,8 +180,7 @@ class Engine:
         log.info(
             "loaded %s %s (%s) from %s on %s", info.name, info.version, variant, directory, info.provider
         )
-        runner_class = _CudaRunner if info.provider == CUDA else _Runner
-        return runner_class(info, graphs, self.metrics)
+        return _Runner(info, graphs, self.metrics)
 
     def model(self, name: str | None = None) -> ModelInfo:
         """The model served as `name` (None: the default one); ModelNotFoundError if none."""
@@ -217,7 +199,7 @@ class Engine:
 
     # The step-level calls of a scheduler iteration.
 
-    def encode(self, model: str | None, sources: Sequence[Sequence[int]]) -> Cache:
+    def encode(self, model: str | None, sources: Sequence[Sequence[int]]) -> KV:
         """Cross-attention K/V of new sentences, encoded together.
 
         Args:
@@ -227,36 +209,25 @@ class Engine:
         """
         return self._runner(model).encode(sources)
 
-    def empty_cache(self, model: str | None, rows: int) -> KV:
-        """A self-attention cache with no slots for `rows` new rows (their first step)."""
-        dims = self._runner(model).info.dims
-        return empty_kv(dims.decoder_layers, rows, dims.heads, dims.head_dim, self.graphs(model).float_dtype)
+    def new_cache(self, model: str | None) -> KVCache:
+        """An empty KV cache for a batch of the model's rows."""
+        return self.graphs(model).new_cache()
 
-    def step(
-        self, model: str | None, tokens: np.ndarray, positions: np.ndarray, cache: Cache, cross: Cache
-    ) -> tuple[np.ndarray, Cache]:
-        """One decoder step for every running row.
+    def step(self, model: str | None, tokens: np.ndarray, cache: KVCache) -> np.ndarray:
+        """One decoder step for every row of `cache`, which gains each row's new slot.
 
         Args:
-            tokens: (R,) each row's newest token; positions: (R,) its position in its own row.
-            cache: the rows' self-attention cache (R rows, masked padding allowed).
-            cross: the rows' cross K/V from `encode` (R rows, in the same order).
+            tokens: (R,) each row's newest token, in the cache's row order.
         Returns:
-            log_probs (R, V) float32 on the host, and the cache grown by one (real) slot.
+            log_probs (R, V) float32, same order.
         """
-        return self._runner(model).step(tokens, positions, cache, cross)
+        return self._runner(model).step(tokens, cache)
 
     def attention(
         self, model: str | None, sources: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]
     ) -> Attention:
         """Teacher-forced pass for Attend: sources and targets (start token + target ids), unpadded."""
         return self._runner(model).attention(sources, targets)
-
-    def to_host(self, cache: Cache) -> KV:
-        """A cache as numpy, for row edits (concat_rows, select_rows, trim_slots); a no-op on CPU."""
-        if isinstance(cache, KV):
-            return cache
-        return KV(cache.k.numpy(), cache.v.numpy(), cache.mask)
 
     def translate_ids(
         self, model: str | None, sources: Sequence[Sequence[int]], **options: Any
@@ -268,12 +239,11 @@ class Engine:
         """One short encode and a few decoder steps per model, so that the first request is not slow."""
         for name, info in self.models.items():
             dims = info.dims
-            cross = self.encode(name, [[dims.bos_id, dims.eos_id]])
-            cache: Cache = self.empty_cache(name, 1)
+            cache = self.new_cache(name)
+            cache.append(self.encode(name, [[dims.bos_id, dims.eos_id]]))
             tokens = np.array([dims.bos_id], dtype=np.int64)
-            for position in range(steps):
-                log_probs, cache = self.step(name, tokens, np.array([position], dtype=np.int64), cache, cross)
-                tokens = np.argmax(log_probs, axis=-1).astype(np.int64)
+            for _ in range(steps):
+                tokens = np.argmax(self.step(name, tokens, cache), axis=-1).astype(np.int64)
             self.attention(name, [[dims.bos_id, dims.eos_id]], [[dims.bos_id]])
 
 
@@ -281,7 +251,7 @@ class Engine:
 
 
 class _Runner:
-    """One model's graphs on CPU: numpy in, numpy out, each run timed."""
+    """One model's graphs: numpy in, numpy out, each run timed."""
 
     def __init__(self, info: ModelInfo, graphs: OnnxGraphs, metrics: Metrics | None) -> None:
         self.info, self.graphs, self.metrics = info, graphs, metrics
@@ -293,21 +263,15 @@ class _Runner:
         if self.metrics is not None:
             self.metrics.observe_graph_run(graph, time.perf_counter() - start)
 
-    def encode(self, sources: Sequence[Sequence[int]]) -> Cache:
+    def encode(self, sources: Sequence[Sequence[int]]) -> KV:
         src_ids, src_mask = pad_ids(sources, self.info.dims.pad_id)
         with self._timed("encoder"):
             out = self.graphs.encode(src_ids, src_mask)
         return KV(out.cross_k, out.cross_v, src_mask)
 
-    def step(
-        self, tokens: np.ndarray, positions: np.ndarray, cache: Cache, cross: Cache
-    ) -> tuple[np.ndarray, Cache]:
-        assert isinstance(cache, KV) and isinstance(cross, KV), "device caches on a CPU model"
+    def step(self, tokens: np.ndarray, cache: KVCache) -> np.ndarray:
         with self._timed("decoder_step"):
-            out = self.graphs.step(
-                tokens[:, None], positions, cache.k, cache.v, step_mask(cache), cross.k, cross.v, cross.mask
-            )
-        return out.log_probs, extend(cache, out.present_k, out.present_v)
+            return self.graphs.step_cache(tokens, cache)
 
     def attention(self, sources: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]) -> Attention:
         pad = self.info.dims.pad_id
@@ -315,57 +279,3 @@ class _Runner:
         tgt_ids, tgt_mask = pad_ids(targets, pad)
         with self._timed("attention"):
             return self.graphs.attention(src_ids, src_mask, tgt_ids, tgt_mask)
-
-
-class _CudaRunner(_Runner):
-    """The CUDA path: K/V bound as OrtValues on the GPU so that caches stay there between steps.
-
-    UNTESTED: written against onnxruntime's IOBinding API without a GPU to run it on (the test
-    suite runs on CPU). Only the step and the encoder are bound; attention (off the fast path) runs
-    as on CPU. Row edits still go through the host (`Engine.to_host`); a small gather graph on the
-    device is the next step when batches change often.
-    """
-
-    def _device(self, x: Any) -> Any:
-        """An OrtValue on the GPU: uploaded once if it is numpy, as it is if already there."""
-        if isinstance(x, np.ndarray):
-            return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x), "cuda", 0)
-        return x
-
-    def encode(self, sources: Sequence[Sequence[int]]) -> Cache:
-        src_ids, src_mask = pad_ids(sources, self.info.dims.pad_id)
-        binding = self.graphs.encoder.io_binding()
-        binding.bind_cpu_input("src_ids", src_ids)
-        binding.bind_cpu_input("src_mask", src_mask)
-        for name in ("memory", "cross_k", "cross_v"):
-            binding.bind_output(name, "cuda")
-        with self._timed("encoder"):
-            self.graphs.encoder.run_with_iobinding(binding)
-        _memory, cross_k, cross_v = binding.get_outputs()
-        return DeviceKV(cross_k, cross_v, src_mask)
-
-    def step(
-        self, tokens: np.ndarray, positions: np.ndarray, cache: Cache, cross: Cache
-    ) -> tuple[np.ndarray, Cache]:
-        session = self.graphs.decoder_step
-        binding = session.io_binding()
-        binding.bind_cpu_input("tokens", np.ascontiguousarray(tokens[:, None], dtype=np.int64))
-        binding.bind_cpu_input("positions", np.ascontiguousarray(positions, dtype=np.int64))
-        # The cache's slots, then the new token (always real): `step_mask` for either kind of cache.
-        self_mask = np.concatenate([cache.mask, np.ones((cache.rows, 1), dtype=bool)], axis=1)
-        binding.bind_cpu_input("self_mask", self_mask)
-        binding.bind_cpu_input("src_mask", np.ascontiguousarray(cross.mask, dtype=bool))
-        for name, value in (
-            ("past_k", cache.k),
-            ("past_v", cache.v),
-            ("cross_k", cross.k),
-            ("cross_v", cross.v),
-        ):
-            binding.bind_ortvalue_input(name, self._device(value))
-        binding.bind_output("log_probs", "cpu")
-        binding.bind_output("present_k", "cuda")
-        binding.bind_output("present_v", "cuda")
-        with self._timed("decoder_step"):
-            session.run_with_iobinding(binding)
-        log_probs, present_k, present_v = binding.get_outputs()
-        return log_probs.numpy(), DeviceKV(present_k, present_v, self_mask)

@@ -3,7 +3,8 @@
 A thin onnxruntime wrapper: one `InferenceSession` per graph, inputs and outputs named as in
 `docs/model-directory.md`. Loading verifies the directory against its `manifest.json` (checksums)
 and each session against the manifest's signature of its graph. Each call feeds only the inputs
-its session lists.
+its session lists. `step_cache` runs a decoder step on the rows of a `service.kv_cache.KVCache`,
+which is how every decoder here (engine, reference decoder, benchmarks) steps.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import onnxruntime as ort
 
+from service.kv_cache import KVCache
 from service.manifest import Manifest, check_graph, load_manifest
 
 _FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -57,8 +59,8 @@ class Encoded(NamedTuple):
 
 class StepOutput(NamedTuple):
     log_probs: np.ndarray  # (B, V) float32
-    present_k: np.ndarray  # (L, B, H, P + 1, Dh): the cache with the new token's K appended last
-    present_v: np.ndarray  # (L, B, H, P + 1, Dh)
+    new_k: np.ndarray  # (L, B, H, Dh): the new token's self-attention keys, for the caller's cache
+    new_v: np.ndarray  # (L, B, H, Dh)
 
 
 class Attention(NamedTuple):
@@ -103,7 +105,7 @@ class OnnxGraphs:
         self.encoder = self._session("encoder", options, chosen)
         self.decoder_step = self._session("decoder_step", options, chosen)
         self.attention_graph = self._session("attention", options, chosen)
-        past_type = _input_types(self.decoder_step)["past_k"]
+        past_type = _input_types(self.decoder_step)["past_k_0"]
         self.float_dtype: type = _FLOAT_TYPES[past_type]  # of the caches: float32, or float16 (fp16)
 
     def _session(self, graph: str, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
@@ -119,37 +121,67 @@ class OnnxGraphs:
         feeds = {"src_ids": _ids(src_ids), "src_mask": _mask(src_mask)}
         return Encoded(*_run(self.encoder, feeds, Encoded._fields))
 
+    def new_cache(self) -> KVCache:
+        """An empty cache for this model's decoder (rows join with `KVCache.append`)."""
+        d = self.dims
+        return KVCache(d.decoder_layers, d.heads, d.head_dim, self.float_dtype)
+
     def step(
         self,
         tokens: np.ndarray,
         positions: np.ndarray,
-        past_k: np.ndarray,
-        past_v: np.ndarray,
+        past_k: Any,
+        past_v: Any,
         self_mask: np.ndarray,
-        cross_k: np.ndarray,
-        cross_v: np.ndarray,
+        cross_k: Any,
+        cross_v: Any,
         src_mask: np.ndarray,
     ) -> StepOutput:
         """One decoder step for every row.
 
         Args:
             tokens: (B, 1) the newest token of each row; positions: (B,) its position in its row.
-            past_k, past_v: (L, B, H, P, Dh), P may be 0; self_mask: (B, P + 1) real slots, new last.
-            cross_k, cross_v: (L, B, H, S, Dh) from `encode`; src_mask: (B, S).
+            past_k, past_v: per layer l, past_k[l] is (B, H, T, Dh), T may be 0 (a stacked
+                (L, B, H, T, Dh) array, or a view of a larger buffer whose [l] is contiguous).
+            self_mask: (B, T) the real past slots (the new token is always attended).
+            cross_k, cross_v: per layer (B, H, S, Dh), as past_k; src_mask: (B, S).
         Returns:
-            log_probs (B, V) and present_k/v (L, B, H, P + 1, Dh).
+            log_probs (B, V) and the new token's keys/values new_k, new_v (L, B, H, Dh).
         """
         feeds = {
             "tokens": _ids(tokens),
             "positions": _ids(positions),
-            "past_k": past_k,
-            "past_v": past_v,
             "self_mask": _mask(self_mask),
-            "cross_k": cross_k,
-            "cross_v": cross_v,
             "src_mask": _mask(src_mask),
         }
+        for layer in range(self.dims.decoder_layers):
+            feeds[f"past_k_{layer}"] = np.ascontiguousarray(past_k[layer])
+            feeds[f"past_v_{layer}"] = np.ascontiguousarray(past_v[layer])
+            feeds[f"cross_k_{layer}"] = np.ascontiguousarray(cross_k[layer])
+            feeds[f"cross_v_{layer}"] = np.ascontiguousarray(cross_v[layer])
         return StepOutput(*_run(self.decoder_step, feeds, StepOutput._fields))
+
+    def step_cache(self, tokens: np.ndarray, cache: KVCache) -> np.ndarray:
+        """One decoder step for the rows of `cache`, which gains their new slot.
+
+        Args:
+            tokens: (R,) each row's newest token, in the cache's (logical) row order.
+        Returns:
+            log_probs (R, V) float32, same order.
+        """
+        inputs = cache.step_inputs()
+        out = self.step(
+            cache.to_physical(tokens)[:, None],
+            inputs.positions,
+            inputs.past_k,
+            inputs.past_v,
+            inputs.self_mask,
+            inputs.cross_k,
+            inputs.cross_v,
+            inputs.src_mask,
+        )
+        cache.record(out.new_k, out.new_v)
+        return cache.to_logical(out.log_probs)
 
     def attention(
         self, src_ids: np.ndarray, src_mask: np.ndarray, tgt_ids: np.ndarray, tgt_mask: np.ndarray

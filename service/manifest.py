@@ -21,12 +21,15 @@ from typing import Any, Literal, Protocol, TypeVar, cast, get_args
 
 from service.tokenizer import SpecialIds
 
-FORMAT_VERSION = 1  # the only manifest format this code reads and writes
+FORMAT_VERSION = 2  # the only manifest format this code reads and writes
+# Format 1: the decoder step took and returned the whole stacked cache (past_k → present_k);
+# format 2 takes it per layer and returns only the new token's K/V (docs/model-directory.md).
+_OLD_STEP_CONTRACT = 1
 MANIFEST_FILE = "manifest.json"
 GRAPH_NAMES = ("encoder", "decoder_step", "attention")
 
 Variant = Literal["fp32", "fp16", "int8"]
-Dim = int | str  # a fixed size, or a symbolic one ("batch", "past_len + 1")
+Dim = int | str  # a fixed size, or a symbolic one ("batch", "cache_len")
 
 # Element types as the manifest spells them (numpy names) → as onnxruntime reports them.
 ORT_TYPES = {
@@ -125,8 +128,8 @@ def to_json(manifest: Manifest) -> str:
     """Deterministic JSON text of the manifest (sorted keys, indent 2, trailing newline)."""
     data = asdict(manifest)
     if data["derivation"] is None:
-        # Absent rather than null: exported (fp32) manifests stay byte-identical to those written
-        # before variants existed, and a reader of format_version 1 never needs the key.
+        # Absent rather than null: an exported (fp32) manifest has no derivation, and its
+        # readers never need the key.
         del data["derivation"]
     # asdict keeps tuples; JSON has only lists. Mappings become plain dicts for json.dumps.
     return json.dumps(_plain(data), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
@@ -172,6 +175,11 @@ def load_manifest(model_dir: Path | str) -> Manifest:
     if not isinstance(data, dict):
         raise ModelDirectoryError(f"{path}: a manifest is a JSON object, got {type(data).__name__}")
     version = data.get("format_version")
+    if version == _OLD_STEP_CONTRACT:
+        raise ModelDirectoryError(
+            f"{path}: format_version 1 was exported for the old decoder-step contract; "
+            "re-export the model (make export)"
+        )
     if version != FORMAT_VERSION:
         raise ModelDirectoryError(
             f"{path}: unsupported format_version {version!r} (this code reads {FORMAT_VERSION})"

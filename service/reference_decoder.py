@@ -19,21 +19,9 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from service.decoding import (
-    KV,
-    Hypothesis,
-    SearchOptions,
-    SearchState,
-    advance_rows,
-    concat_rows,
-    empty_kv,
-    extend,
-    select_rows,
-    start_search,
-    step_mask,
-    trim_slots,
-)
+from service.decoding import Hypothesis, SearchOptions, SearchState, advance_rows, start_search
 from service.graphs import ModelDims, OnnxGraphs
+from service.kv_cache import KV
 from service.tokenizer import Tokenizer, translate_in_batches
 
 __all__ = [  # the decoding entry points, and the pieces of the loop for decoders built on it
@@ -124,10 +112,10 @@ def translate_ids_staggered(
 ) -> list[list[Hypothesis]]:
     """`translate_ids` with sentence i joining the running batch at decoder step `arrivals[i]`.
 
-    What a continuous-batching scheduler does, in its plainest form: a newcomer is encoded alone,
-    its cross K/V and empty cache are merged into the running batch with masked padding, its rows
-    carry their own positions, finished rows leave at once and padding no row needs is trimmed.
-    Every output must equal the sentence decoded alone.
+    What a continuous-batching scheduler does, in its plainest form: a newcomer is encoded alone
+    and its row joins the running batch's cache, each row has its own positions and slots (masked
+    beyond its length), finished rows leave at once. Every output must equal the sentence decoded
+    alone.
     """
     if len(arrivals) != len(sources):
         raise ValueError(f"{len(arrivals)} arrival steps for {len(sources)} sources")
@@ -135,27 +123,19 @@ def translate_ids_staggered(
     states = start_states(dims, sources, beam_size, length_penalty, max_output_tokens, n_best)
     sentences = np.zeros(0, dtype=np.int64)  # (R,) the sentence of each row
     tokens = np.zeros(0, dtype=np.int64)  # (R,) each row's newest token
-    cache = cross = None
+    cache = graphs.new_cache()
     tick, last_arrival = 0, max(arrivals, default=-1)
     while tick <= last_arrival or len(sentences):
         for i in (i for i, t in enumerate(arrivals) if t == tick and not states[i].done):
-            new_cross = _encode(graphs, [sources[i]])
-            new_cache = _empty_cache(graphs, len(states[i].live))
-            cross = new_cross if cross is None else concat_rows([cross, new_cross])
-            cache = new_cache if cache is None else concat_rows([cache, new_cache])
+            cache.append(_encode(graphs, [sources[i]]))
             sentences, tokens = np.r_[sentences, i], np.r_[tokens, dims.bos_id]
         tick += 1
         if not len(sentences):
             continue
-        assert cache is not None and cross is not None
-        positions = np.array([states[int(i)].step for i in sentences], dtype=np.int64)  # per row
-        out = graphs.step(
-            tokens[:, None], positions, cache.k, cache.v, step_mask(cache), cross.k, cross.v, cross.mask
-        )
-        cache = extend(cache, out.present_k, out.present_v)
-        rows, tokens = _advance(states, sentences, out.log_probs)
+        log_probs = graphs.step_cache(tokens, cache)
+        rows, tokens = _advance(states, sentences, log_probs)
         sentences = sentences[rows]
-        cache, cross = trim_slots(select_rows(cache, rows)), trim_slots(select_rows(cross, rows))
+        cache.keep(rows)
     return [s.hypotheses() for s in states]
 
 
@@ -287,47 +267,21 @@ def _encode(graphs: OnnxGraphs, sources: Sequence[Sequence[int]]) -> KV:
     return KV(encoded.cross_k, encoded.cross_v, src_mask)
 
 
-def _empty_cache(graphs: OnnxGraphs, rows: int) -> KV:
-    dims = graphs.dims
-    return empty_kv(dims.decoder_layers, rows, dims.heads, dims.head_dim, graphs.float_dtype)
-
-
-def _step(
-    graphs: OnnxGraphs, tokens: np.ndarray, position: int, cache: KV, cross: KV
-) -> tuple[np.ndarray, KV]:
-    """One decoder step of rows in lockstep (every row's new token at `position`).
-
-    Returns (log_probs (R, V), the cache grown by one slot).
-    """
-    positions = np.full(len(tokens), position, dtype=np.int64)
-    out = graphs.step(
-        tokens[:, None], positions, cache.k, cache.v, step_mask(cache), cross.k, cross.v, cross.mask
-    )
-    return out.log_probs, extend(cache, out.present_k, out.present_v)
-
-
 class _CachedSteps:
     """Encoder once; each step feeds the newest tokens and keeps the self-attention cache."""
 
     def __init__(self, graphs: OnnxGraphs, sources: Sequence[Sequence[int]]) -> None:
         self.graphs = graphs
         self.source = _encode(graphs, sources)
-        self.cache: KV | None = None  # rows of the last step
-        self.cross, self.cross_sentences = self.source, np.zeros(0, dtype=np.int64)  # rows of the last step
-        self.position = 0
+        self.cache = graphs.new_cache()
 
     def run(self, sentences: np.ndarray, parents: np.ndarray | None, tokens: np.ndarray) -> np.ndarray:
-        if self.cache is None or parents is None:
-            cache = _empty_cache(self.graphs, len(sentences))
-        elif np.array_equal(parents, np.arange(self.cache.rows)):
-            cache = self.cache  # nobody finished or reordered (greedy, mostly): no copy
+        if parents is None:
+            self.cache = self.graphs.new_cache()
+            self.cache.append(self.source.take(sentences))
         else:
-            cache = select_rows(self.cache, parents)
-        if not np.array_equal(sentences, self.cross_sentences):  # only when a sentence's row count changed
-            self.cross, self.cross_sentences = select_rows(self.source, sentences), sentences
-        log_probs, self.cache = _step(self.graphs, tokens, self.position, cache, self.cross)
-        self.position += 1
-        return log_probs
+            self.cache.keep(parents)
+        return self.graphs.step_cache(tokens, self.cache)
 
 
 class Prefixes:
@@ -353,10 +307,10 @@ class _ReplaySteps:
 
     def run(self, sentences: np.ndarray, parents: np.ndarray | None, tokens: np.ndarray) -> np.ndarray:
         prefixes = self.prefixes.grow(parents, tokens)  # (R, t)
-        cross = select_rows(self.source, sentences)
-        cache = _empty_cache(self.graphs, len(sentences))
+        cache = self.graphs.new_cache()
+        cache.append(self.source.take(sentences))
         for position in range(prefixes.shape[1]):
-            log_probs, cache = _step(self.graphs, prefixes[:, position], position, cache, cross)
+            log_probs = self.graphs.step_cache(prefixes[:, position], cache)
         return log_probs
 
 

@@ -5,8 +5,10 @@ beams of its requests, request by request (a request's beams are contiguous and 
 together). An iteration is: `retire` (cancelled / past deadline), `admit` (encode the newcomers
 together and merge them), `step` (one decoder step for every row with each row's own position,
 then `advance` each request's search, reorder the cache by the beams' parents and drop what
-finished). Every output equals the sentence decoded alone: rows never see each other (masked
-padding, per-row positions), which `tests/service/test_scheduler.py` checks against the reference.
+finished). The cache is a `service.kv_cache.KVCache`: rows join and leave it without the others
+being copied. Every output equals the sentence decoded alone: rows never see each other (each
+row's own slots, masked beyond its length), which `tests/service/test_scheduler.py` checks
+against the reference.
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
-from service.decoding import SearchState, advance_rows, concat_rows, select_rows, start_search, trim_slots
+from service.decoding import SearchState, advance_rows, start_search
+from service.kv_cache import KVCache
 from service.scheduler_types import (
     DeadlineExceededError,
     FinishReason,
@@ -91,8 +93,7 @@ class RunningBatch:
         self.entries: list[_Entry] = []
         self.steps_since_admit = 0  # decoder steps since newcomers last joined
         self.tokens = np.zeros(0, dtype=np.int64)  # (R,) the token each row feeds next
-        self.cache: Any = None  # self-attention cache of the R rows
-        self.cross: Any = None  # cross-attention K/V of the R rows
+        self.cache: KVCache | None = None  # self- and cross-attention K/V of the R rows
 
     # --- accounting ----------------------------------------------------------------------------------
 
@@ -111,8 +112,8 @@ class RunningBatch:
 
     @property
     def kv_tokens(self) -> int:
-        """Self-attention cache slots held now: rows × padded slots."""
-        return 0 if self.cache is None else self.rows * int(self.cache.mask.shape[1])
+        """Self-attention cache slots held now: rows × the cache's slot capacity."""
+        return 0 if self.cache is None else self.cache.kv_tokens
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -145,15 +146,14 @@ class RunningBatch:
         return gone
 
     def _keep(self, entries: list[_Entry], rows: np.ndarray, tokens: np.ndarray) -> None:
-        """Keep `entries`, whose rows are `rows` of the current caches (in order, repeats for
-        beams that branch), feeding `tokens` next. Rows are copied only when they change."""
+        """Keep `entries`, whose rows are `rows` of the current cache (in order, repeats for
+        beams that branch), feeding `tokens` next."""
         if not entries:
             self._clear()
             return
+        assert self.cache is not None
         self.entries, self.tokens = entries, tokens
-        if not np.array_equal(rows, np.arange(int(self.cache.mask.shape[0]))):
-            self.cache = trim_slots(select_rows(self.engine.to_host(self.cache), rows))
-            self.cross = trim_slots(select_rows(self.engine.to_host(self.cross), rows))
+        self.cache.keep(rows)
 
     # --- admit ---------------------------------------------------------------------------------------
 
@@ -178,19 +178,14 @@ class RunningBatch:
         if not joining:
             return done
         try:
-            cross = self.engine.to_host(
-                self.engine.encode(self.model, [e.ticket.request.source for e in joining])
-            )
-            cache = self.engine.empty_cache(self.model, len(joining))
+            cross = self.engine.encode(self.model, [e.ticket.request.source for e in joining])
         except Exception as err:
             log.exception("encoder failed for %d request(s) of model %s", len(joining), self.model)
             failure = StepFailedError(f"the encoder failed: {type(err).__name__}: {err}")
             return done + [Retired(e.ticket, failure, "error") for e in joining]
         if self.cache is None:
-            self.cache, self.cross = cache, cross
-        else:
-            self.cache = concat_rows([self.engine.to_host(self.cache), cache])
-            self.cross = concat_rows([self.engine.to_host(self.cross), cross])
+            self.cache = self.engine.new_cache(self.model)
+        self.cache.append(cross)
         self.entries = self.entries + joining
         self.tokens = np.r_[self.tokens, np.full(len(joining), self.bos_id, dtype=np.int64)]
         return done
@@ -206,9 +201,9 @@ class RunningBatch:
         assert self.entries, "step() of an empty batch"
         self.steps_since_admit += 1
         try:
+            assert self.cache is not None
             states = [e.state for e in self.entries]
-            positions = np.repeat([s.step for s in states], [len(s.live) for s in states])
-            log_probs, cache = self.engine.step(self.model, self.tokens, positions, self.cache, self.cross)
+            log_probs = self.engine.step(self.model, self.tokens, self.cache)
             now = self.clock()
             moved = advance_rows(states, log_probs)
             for e, state in zip(self.entries, moved.states, strict=True):
@@ -219,7 +214,6 @@ class RunningBatch:
             failed = [Retired(e.ticket, failure, "error") for e in self.entries]
             self._clear()
             return failed
-        self.cache = cache
         gone: list[Retired] = []
         for e in self.entries:
             if e.ticket.first_token_at is None:

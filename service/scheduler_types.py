@@ -11,11 +11,12 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
-from service.decoding import KV, Hypothesis, SearchOptions
+from service.decoding import Hypothesis, SearchOptions
+from service.kv_cache import KV, KVCache
 
 # --- requests and results ----------------------------------------------------------------------------
 
@@ -108,20 +109,13 @@ class ModelLike(Protocol):
 
 
 class StepEngine(Protocol):
-    """The step-level calls of `service.engine.Engine` that one scheduler iteration makes.
-
-    Caches are opaque (numpy `KV` on CPU, device-resident on CUDA) except through `to_host`.
-    """
+    """The step-level calls of `service.engine.Engine` that one scheduler iteration makes."""
 
     @property
     def models(self) -> Mapping[str, ModelLike]: ...
 
-    def encode(self, model: str | None, sources: Sequence[Sequence[int]]) -> Any: ...
+    def encode(self, model: str | None, sources: Sequence[Sequence[int]]) -> KV: ...
 
-    def empty_cache(self, model: str | None, rows: int) -> KV: ...
+    def new_cache(self, model: str | None) -> KVCache: ...
 
-    def step(
-        self, model: str | None, tokens: np.ndarray, positions: np.ndarray, cache: Any, cross: Any
-    ) -> tuple[np.ndarray, Any]: ...
-
-    def to_host(self, cache: Any) -> KV: ...
+    def step(self, model: str | None, tokens: np.ndarray, cache: KVCache) -> np.ndarray: ...

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from export.model import (
     MultiHeadAttention,
     TransformerConfig,
+    cached_attention,
     causal_mask,
     padding_mask,
     scaled_dot_product_attention,
@@ -114,6 +115,31 @@ def test_fully_masked_row_stays_finite() -> None:
     assert torch.isfinite(out).all() and torch.isfinite(probs).all()
     assert probs[0, 0, 0, 1] == 0.0
     assert probs[0, 0, 1].sum().item() == pytest.approx(1.0, abs=1e-6)
+
+
+def _scattered_mask(batch: int, slots: int) -> torch.Tensor:
+    """(B, 1, 1, T) real slots in no contiguous pattern; the last row has none at all."""
+    mask = torch.rand(batch, slots, generator=torch.Generator().manual_seed(1)) < 0.6
+    mask[-1] = False
+    return mask[:, None, None, :]
+
+
+@pytest.mark.parametrize("slots", [0, 1, 6])
+def test_cached_attention_equals_attention_over_the_appended_cache(slots: int) -> None:
+    """The new token's K/V kept apart from the cache give what appending them as an always
+    allowed last slot gives, whatever the cache's real slots (none, scattered, all masked)."""
+    torch.manual_seed(0)
+    q, k_new, v_new = (torch.randn(3, 2, 1, 4) for _ in range(3))
+    past_k, past_v = torch.randn(3, 2, slots, 4), torch.randn(3, 2, slots, 4)
+    mask = _scattered_mask(3, slots)
+    got = cached_attention(q, past_k, past_v, mask, k_new, v_new)
+    grown = torch.cat([mask, torch.ones(3, 1, 1, 1, dtype=torch.bool)], dim=-1)
+    want, _ = scaled_dot_product_attention(
+        q, torch.cat([past_k, k_new], dim=2), torch.cat([past_v, v_new], dim=2), grown
+    )
+    assert got.shape == (3, 2, 1, 4)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert torch.allclose(got[-1], v_new[-1], atol=1e-6)  # nothing real in the cache: itself only
 
 
 # --- multi-head attention ----------------------------------------------------------------------
@@ -233,6 +259,35 @@ def test_padding_does_not_change_results(tiny_model, padded, norm_placement: str
     assert torch.allclose(memory_batch[0, : len(short_src)], memory_alone[0], atol=1e-5)
     assert torch.allclose(logits_batch[0, : len(short_tgt)], logits_alone[0], atol=1e-5)
     assert torch.allclose(logits_batch[1], logits_long[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("norm_placement", ["post", "pre"])
+def test_decoder_layer_step_equals_forward_over_the_grown_cache(tiny_model, norm_placement: str) -> None:
+    """`DecoderLayer.step` (the exported decoder step) computes what `forward` computes with the
+    new token's K/V appended to the cache, and returns those K/V."""
+    model = tiny_model(seed=3, norm_placement=norm_placement)
+    layer = model.decoder_stack[0]
+    torch.manual_seed(0)
+    batch, slots, src_len, d = 3, 5, 4, model.cfg.d_model
+    y = torch.randn(batch, 1, d)
+    past_k, past_v = layer.self_attn.project_kv(torch.randn(batch, slots, d))
+    cross_k, cross_v = layer.cross_attn.project_kv(torch.randn(batch, src_len, d))
+    mask, src_mask = _scattered_mask(batch, slots), torch.ones(batch, 1, 1, src_len, dtype=torch.bool)
+    with torch.no_grad():
+        got, k_new, v_new = layer.step(y, past_k, past_v, mask, cross_k, cross_v, src_mask)
+        want_k, want_v = layer.self_attn.project_kv(layer.self_kv_input(y))
+        grown = torch.cat([mask, torch.ones(batch, 1, 1, 1, dtype=torch.bool)], dim=-1)
+        want, _, _ = layer(
+            y,
+            torch.cat([past_k, want_k], dim=2),
+            torch.cat([past_v, want_v], dim=2),
+            grown,
+            cross_k,
+            cross_v,
+            src_mask,
+        )
+    assert torch.allclose(k_new, want_k) and torch.allclose(v_new, want_v)
+    assert torch.allclose(got, want, atol=1e-5)
 
 
 @pytest.mark.parametrize("scale_embeddings", [True, False])

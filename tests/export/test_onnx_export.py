@@ -1,8 +1,8 @@
 """The ONNX graphs against PyTorch: a tiny random checkpoint exported into a tmp directory.
 
 onnxruntime (CPU) must agree with the model within 1e-4 on padded batches, the cached decoder
-steps must reproduce a teacher-forced pass, the graph files must carry no weights of their own,
-and a re-export must be byte-identical.
+steps (each writing its K/V into a caller's buffer) must reproduce a teacher-forced pass, the
+graph files must carry no weights of their own, and a re-export must be byte-identical.
 """
 
 from __future__ import annotations
@@ -117,45 +117,74 @@ def _step_feed(
     cross: list[np.ndarray],
     src_mask: np.ndarray,
 ) -> dict[str, np.ndarray]:
-    return {
-        "tokens": tokens,
-        "positions": positions,
-        "past_k": past_k,
-        "past_v": past_v,
-        "self_mask": self_mask,
-        "cross_k": cross[1],
-        "cross_v": cross[2],
-        "src_mask": src_mask,
-    }
+    """The decoder step's inputs, its per-layer caches fed from (L, B, H, T, Dh) buffers."""
+    feed = {"tokens": tokens, "positions": positions, "self_mask": self_mask, "src_mask": src_mask}
+    for layer in range(past_k.shape[0]):
+        feed |= {f"past_k_{layer}": past_k[layer], f"past_v_{layer}": past_v[layer]}
+    for layer in range(past_k.shape[0]):
+        feed |= {f"cross_k_{layer}": cross[1][layer], f"cross_v_{layer}": cross[2][layer]}
+    return feed
+
+
+def _empty_cache(cfg: Any, batch: int, slots: int) -> np.ndarray:
+    return np.zeros((cfg.n_decoder_layers, batch, cfg.n_heads, slots, cfg.d_k), dtype=np.float32)
 
 
 @torch.no_grad()
-def test_first_step_with_empty_past(exported: tuple[Transformer, Path], padded: Callable) -> None:
+def test_decoder_step_signature(exported: tuple[Transformer, Path]) -> None:
+    model, model_dir = exported
+    cfg = model.cfg
+    session = _session(model_dir, "decoder_step")
+    layers = range(cfg.n_decoder_layers)
+    assert [i.name for i in session.get_inputs()] == [
+        "tokens",
+        "positions",
+        "self_mask",
+        "src_mask",
+        *(f"past_{kv}_{layer}" for layer in layers for kv in "kv"),
+        *(f"cross_{kv}_{layer}" for layer in layers for kv in "kv"),
+    ]
+    outputs = {o.name: o.shape for o in session.get_outputs()}
+    assert outputs == {
+        "log_probs": ["batch", VOCAB],
+        "new_k": [cfg.n_decoder_layers, "batch", cfg.n_heads, cfg.d_k],
+        "new_v": [cfg.n_decoder_layers, "batch", cfg.n_heads, cfg.d_k],
+    }
+    # The cache is only read: no node concatenates it with the new token's K/V (a copy per step).
+    graph = onnx.load(str(model_dir / GRAPH_FILES["decoder_step"]), load_external_data=False).graph
+    past = {i.name for i in graph.input if i.name.startswith("past_")}
+    assert not [n.name for n in graph.node if n.op_type == "Concat" and past & set(n.input)]
+
+
+@torch.no_grad()
+def test_first_step_with_empty_cache(exported: tuple[Transformer, Path], padded: Callable) -> None:
     model, model_dir = exported
     cfg = model.cfg
     src = _random_ids([6, 2, 4], padded, seed=1)
     batch = src.size(0)
-    empty = np.zeros((cfg.n_decoder_layers, batch, cfg.n_heads, 0, cfg.d_k), dtype=np.float32)
+    empty = _empty_cache(cfg, batch, 0)
     feed = _step_feed(
         np.full((batch, 1), cfg.bos_id),
         np.zeros(batch, dtype=np.int64),
         empty,
         empty,
-        np.ones((batch, 1), dtype=bool),
+        np.ones((batch, 0), dtype=bool),
         _encode(model_dir, src),
         (src != 0).numpy(),
     )
-    log_probs, present_k, present_v = _session(model_dir, "decoder_step").run(None, feed)
+    log_probs, new_k, new_v = _session(model_dir, "decoder_step").run(None, feed)
     bos = torch.full((batch, 1), cfg.bos_id)
     assert _max_diff(log_probs, _reference_next(model, src, bos)[:, 0]) <= ATOL
     want = DecoderStepGraph(model).eval()(*(torch.from_numpy(v) for v in feed.values()))
-    for got, expected in zip((log_probs, present_k, present_v), want, strict=True):
+    for got, expected in zip((log_probs, new_k, new_v), want, strict=True):
         assert _max_diff(got, expected) <= ATOL
-    assert present_k.shape[3] == 1
+    assert new_k.shape == (cfg.n_decoder_layers, batch, cfg.n_heads, cfg.d_k)
 
 
 @torch.no_grad()
 def test_cached_steps_equal_teacher_forced_pass(exported: tuple[Transformer, Path], padded: Callable) -> None:
+    """Steps over a buffer allocated once, each token's K/V written into a slot of its own, the
+    slots not in order (a slot's place in the buffer must not matter, only the mask)."""
     model, model_dir = exported
     cfg = model.cfg
     src = _random_ids([5, 8], padded, seed=2)
@@ -163,60 +192,66 @@ def test_cached_steps_equal_teacher_forced_pass(exported: tuple[Transformer, Pat
     want = _reference_next(model, src, prefix)  # (B, 7, V)
     cross, src_mask = _encode(model_dir, src), (src != 0).numpy()
     session = _session(model_dir, "decoder_step")
-    past_k = past_v = np.zeros((cfg.n_decoder_layers, 2, cfg.n_heads, 0, cfg.d_k), dtype=np.float32)
-    for t in range(prefix.size(1)):
+    steps = prefix.size(1)
+    past_k, past_v = _empty_cache(cfg, 2, steps + 1), _empty_cache(cfg, 2, steps + 1)
+    past_k[:] = past_v[:] = 1e3  # free slots hold garbage: only the mask keeps them out
+    self_mask = np.zeros((2, steps + 1), dtype=bool)
+    slots = np.random.default_rng(0).permutation(steps + 1)[:steps]
+    for t, slot in enumerate(slots):
         feed = _step_feed(
-            prefix[:, t : t + 1].numpy(),
-            np.full(2, t),
-            past_k,
-            past_v,
-            np.ones((2, t + 1), dtype=bool),
-            cross,
-            src_mask,
+            prefix[:, t : t + 1].numpy(), np.full(2, t), past_k, past_v, self_mask, cross, src_mask
         )
-        log_probs, past_k, past_v = session.run(None, feed)
+        log_probs, new_k, new_v = session.run(None, feed)
         assert _max_diff(log_probs, want[:, t]) <= ATOL, f"step {t}"
+        past_k[:, :, :, slot], past_v[:, :, :, slot] = new_k, new_v
+        self_mask[:, slot] = True
 
 
 @torch.no_grad()
 def test_step_with_rows_of_different_past_and_source_lengths(
     exported: tuple[Transformer, Path], padded: Callable
 ) -> None:
-    """A ragged batch: each row's cache is left-padded with garbage slots that self_mask hides,
-    sources are padded; every row must equal that row decoded alone."""
+    """A ragged batch: each row's real cache slots are scattered among garbage slots that
+    self_mask hides, sources are padded; every row must equal that row decoded alone."""
     model, model_dir = exported
     cfg = model.cfg
     lengths = [4, 2, 1]  # prefix tokens per row, start token included; the last one is the new token
     src = _random_ids([3, 7, 5], padded, seed=4)
     prefixes = [[cfg.bos_id, *_random_ids([n - 1], padded, seed=5 + n)[0].tolist()] for n in lengths]
     session = _session(model_dir, "decoder_step")
-    layers, heads, dk = cfg.n_decoder_layers, cfg.n_heads, cfg.d_k
 
-    def run_alone(row: int) -> list[np.ndarray]:
-        """The row's cache built step by step, batch 1, unpadded source."""
+    def run_alone(row: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The row decoded alone (batch 1, unpadded source) → its tokens' K and V (L, H, n, Dh) and
+        the log-probs after its last token."""
         row_src = src[row : row + 1, : int((src[row] != 0).sum())]
         cross, mask = _encode(model_dir, row_src), (row_src != 0).numpy()
-        k = v = np.zeros((layers, 1, heads, 0, dk), dtype=np.float32)
-        outputs: list[np.ndarray] = []
+        n = len(prefixes[row])
+        k, v = _empty_cache(cfg, 1, n), _empty_cache(cfg, 1, n)
         for t, token in enumerate(prefixes[row]):
-            self_mask = np.ones((1, t + 1), dtype=bool)
-            feed = _step_feed(np.array([[token]]), np.array([t]), k, v, self_mask, cross, mask)
-            outputs = session.run(None, feed)
-            _, k, v = outputs
-        return outputs
+            feed = _step_feed(
+                np.array([[token]]),
+                np.array([t]),
+                k[:, :, :, :t],
+                v[:, :, :, :t],
+                np.ones((1, t), dtype=bool),
+                cross,
+                mask,
+            )
+            log_probs, k[:, :, :, t], v[:, :, :, t] = session.run(None, feed)
+        return k[:, 0], v[:, 0], log_probs[0]
 
     alone = [run_alone(r) for r in range(len(lengths))]
-    past = max(lengths) - 1
+    slots = 2 * max(lengths)
     rng = np.random.default_rng(0)
-    past_k = rng.standard_normal((layers, len(lengths), heads, past, dk)).astype(np.float32)
+    past_k = rng.standard_normal((cfg.n_decoder_layers, len(lengths), cfg.n_heads, slots, cfg.d_k))
+    past_k = past_k.astype(np.float32)
     past_v = rng.standard_normal(past_k.shape).astype(np.float32)
-    self_mask = np.zeros((len(lengths), past + 1), dtype=bool)
+    self_mask = np.zeros((len(lengths), slots), dtype=bool)
     for r, n in enumerate(lengths):
-        real = n - 1  # cached tokens of this row, right-aligned; the slots before them are garbage
-        if real:
-            past_k[:, r, :, past - real :] = alone[r][1][:, 0, :, :real]
-            past_v[:, r, :, past - real :] = alone[r][2][:, 0, :, :real]
-        self_mask[r, past - real :] = True
+        # This row's cached tokens, in slots anywhere in the buffer and in no particular order.
+        for t, slot in enumerate(rng.choice(slots, size=n - 1, replace=False)):
+            past_k[:, r, :, slot], past_v[:, r, :, slot] = alone[r][0][:, :, t], alone[r][1][:, :, t]
+            self_mask[r, slot] = True
     feed = _step_feed(
         np.array([[p[-1]] for p in prefixes]),
         np.array([n - 1 for n in lengths]),
@@ -226,13 +261,14 @@ def test_step_with_rows_of_different_past_and_source_lengths(
         _encode(model_dir, src),
         (src != 0).numpy(),
     )
-    log_probs, present_k, _ = session.run(None, feed)
-    assert present_k.shape == (layers, len(lengths), heads, past + 1, dk)
+    log_probs, new_k, new_v = session.run(None, feed)
     for r, n in enumerate(lengths):
         row_src = src[r : r + 1, : int((src[r] != 0).sum())]
         want = _reference_next(model, row_src, torch.tensor([prefixes[r]]))[0, -1]
         assert _max_diff(log_probs[r], want) <= ATOL, f"row {r}"
-        assert np.abs(present_k[:, r, :, past + 1 - n :] - alone[r][1][:, 0]).max() <= ATOL
+        assert np.abs(log_probs[r] - alone[r][2]).max() <= ATOL, f"row {r}"
+        assert np.abs(new_k[:, r] - alone[r][0][:, :, n - 1]).max() <= ATOL, f"row {r}"
+        assert np.abs(new_v[:, r] - alone[r][1][:, :, n - 1]).max() <= ATOL, f"row {r}"
 
 
 @torch.no_grad()
@@ -304,5 +340,5 @@ def test_fp16_specs_keep_log_probs_in_float32(tiny_config: Callable[..., Any]) -
     specs = graph_specs(tiny_config(), "float16")
     dtypes = {t.name: t.dtype for g in specs.values() for t in (*g.inputs, *g.outputs)}
     assert dtypes["log_probs"] == "float32"
-    assert {dtypes[n] for n in ("memory", "past_k", "present_v", "cross_attention")} == {"float16"}
+    assert {dtypes[n] for n in ("memory", "past_k_0", "new_v", "cross_k_1", "cross_attention")} == {"float16"}
     assert dtypes["src_mask"] == "bool" and dtypes["tokens"] == "int64"

@@ -13,24 +13,17 @@ import torch.nn.functional as F
 from export.generate import beam_search, greedy_decode
 from export.model import Transformer
 from service.decoding import (
-    KV,
     Hypothesis,
     Sampling,
     SearchOptions,
     SearchState,
     advance,
     advance_rows,
-    concat_rows,
-    empty_kv,
-    extend,
     greedy_select,
     normalized_score,
     sample_select,
-    select_rows,
     start_search,
-    step_mask,
     top_candidates,
-    trim_slots,
 )
 
 PAD, BOS, EOS = 0, 1, 2
@@ -238,18 +231,7 @@ def test_search_matches_export_generate(
         assert_close(got, [Hypothesis(tuple(h.tokens), h.score, h.finished) for h in expected])
 
 
-# --- KV caches ---------------------------------------------------------------------------------------
-
-L, H, DH = 2, 3, 4
-
-
-def kv(rows: int, slots: int, first: float = 1.0, real: int | None = None) -> KV:
-    """A cache whose entries identify their row: k[:, r] == first + r; the first `real` slots real."""
-    values = (first + np.arange(rows, dtype=np.float32))[None, :, None, None, None]
-    k = np.broadcast_to(values, (L, rows, H, slots, DH)).copy()
-    mask = np.zeros((rows, slots), dtype=bool)
-    mask[:, : slots if real is None else real] = True
-    return KV(k, -k, mask)
+# --- several sentences in one step ----------------------------------------------------------------
 
 
 def test_advance_rows_equals_advance_sentence_by_sentence() -> None:
@@ -283,48 +265,6 @@ def test_advance_rows_equals_advance_sentence_by_sentence() -> None:
             together[i] = alone[i] = state
         assert list(moved.parents) == parents and list(moved.tokens) == tokens
     assert all(s.hypotheses() for s in together)
-
-
-def test_select_rows_follows_back_pointers() -> None:
-    cache = kv(4, 5)
-    picked = select_rows(cache, [2, 2, 0])
-    assert picked.k.shape == (L, 3, H, 5, DH) and picked.mask.shape == (3, 5)
-    assert picked.k[0, :, 0, 0, 0].tolist() == [3.0, 3.0, 1.0]
-    assert np.array_equal(picked.v, -picked.k)
-    assert select_rows(cache, []).rows == 0
-
-
-def test_concat_rows_pads_shorter_caches_with_masked_zeros() -> None:
-    merged = concat_rows([kv(2, 3), kv(1, 5, first=10.0), kv(1, 0, first=20.0)])
-    assert merged.k.shape == (L, 4, H, 5, DH) and merged.mask.shape == (4, 5)
-    assert merged.mask.tolist() == [[True] * 3 + [False] * 2] * 2 + [[True] * 5] + [[False] * 5]
-    assert np.all(merged.k[:, :2, :, 3:] == 0) and np.all(merged.v[:, :2, :, 3:] == 0)
-    assert merged.k[0, :, 0, 0, 0].tolist() == [1.0, 2.0, 10.0, 0.0]
-    assert step_mask(merged).tolist() == [[True] * 3 + [False] * 2 + [True]] * 2 + [[True] * 6] + [
-        [False] * 5 + [True]
-    ]
-
-
-def test_source_side_padding_keeps_the_src_mask() -> None:
-    # Cross K/V of sources of 3 and 6 tokens, the shorter one itself padded at 2 real tokens.
-    merged = concat_rows([kv(1, 3, real=2), kv(2, 6)])
-    assert merged.mask.tolist() == [[True, True] + [False] * 4] + [[True] * 6] * 2
-
-
-def test_trim_drops_slots_no_row_uses() -> None:
-    merged = concat_rows([kv(1, 2), kv(1, 5, first=7.0)])
-    trimmed = trim_slots(select_rows(merged, [0]))
-    assert trimmed.k.shape == (L, 1, H, 2, DH) and trimmed.mask.all()
-    assert trim_slots(merged) is merged
-
-
-def test_step_mask_and_extend() -> None:
-    cache = empty_kv(L, 3, H, DH, np.float32)
-    assert cache.k.shape == (L, 3, H, 0, DH) and step_mask(cache).tolist() == [[True]] * 3
-    present = np.ones((L, 3, H, 1, DH), np.float32)
-    grown = extend(cache, present, present)
-    assert grown.slots == 1 and grown.mask[:, 0].tolist() == [True, True, True]
-    assert step_mask(grown).shape == (3, 2)
 
 
 # --- sampling, minimum length, forced prefix -------------------------------------------------------

@@ -15,11 +15,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from service.config import EngineConfig
-from service.decoding import KV, concat_rows, empty_kv, extend, step_mask
 from service.engine import (
     CPU,
     CUDA,
-    Cache,
     Engine,
     ModelNotFoundError,
     ProviderUnavailableError,
@@ -130,9 +128,12 @@ def test_several_models_by_name(renamed_copy: Callable[[str], Path]) -> None:
     assert sorted(engine.models) == ["en-fr-small", "other"]
     assert engine.default_model == "other" and engine.model().directory == other
     cross = engine.encode("en-fr-small", SOURCES[:1])
-    log_probs, _ = engine.step("other", np.array([1]), np.array([0]), engine.empty_cache("other", 1), cross)
-    expected, _ = engine.step("en-fr-small", np.array([1]), np.array([0]), engine.empty_cache(None, 1), cross)
-    np.testing.assert_array_equal(log_probs, expected)  # the same weights under two names
+    steps = []
+    for name in ("other", "en-fr-small"):
+        cache = engine.new_cache(name)
+        cache.append(cross)
+        steps.append(engine.step(name, np.array([1]), cache))
+    np.testing.assert_array_equal(*steps)  # the same weights under two names
 
 
 def test_the_same_name_twice_or_an_unknown_default_is_refused(renamed_copy: Callable[[str], Path]) -> None:
@@ -155,46 +156,44 @@ def test_encode_and_step_equal_the_graphs_called_directly(fp32_engine: Engine) -
     src_ids, src_mask = pad_ids(SOURCES, dims.pad_id)
     direct = graphs.encode(src_ids, src_mask)
     cross = fp32_engine.encode(None, SOURCES)
-    assert isinstance(cross, KV)
     np.testing.assert_array_equal(cross.k, direct.cross_k)
     np.testing.assert_array_equal(cross.mask, src_mask)
 
-    rows = len(SOURCES)
-    cache: Cache = fp32_engine.empty_cache(None, rows)
-    direct_cache = empty_kv(dims.decoder_layers, rows, dims.heads, dims.head_dim, np.float32)
+    rows, steps = len(SOURCES), 3
+    cache = fp32_engine.new_cache(None)
+    cache.append(cross)
+    # The graph fed by hand: a buffer of `steps` slots, each step's new K/V written into it.
+    shape = (dims.decoder_layers, rows, dims.heads, steps, dims.head_dim)
+    past_k, past_v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    self_mask = np.zeros((rows, steps), dtype=bool)
     tokens = np.full(rows, dims.bos_id, dtype=np.int64)
-    for position in range(3):
-        positions = np.full(rows, position, dtype=np.int64)
-        log_probs, cache = fp32_engine.step(None, tokens, positions, cache, cross)
+    for position in range(steps):
+        log_probs = fp32_engine.step(None, tokens, cache)
         out = graphs.step(
-            tokens[:, None], positions, direct_cache.k, direct_cache.v, step_mask(direct_cache),
+            tokens[:, None], np.full(rows, position), past_k, past_v, self_mask,
             direct.cross_k, direct.cross_v, src_mask,
         )  # fmt: skip
-        direct_cache = extend(direct_cache, out.present_k, out.present_v)
-        np.testing.assert_array_equal(log_probs, out.log_probs)
-        assert isinstance(cache, KV)
-        np.testing.assert_array_equal(cache.k, direct_cache.k)
-        tokens = np.argmax(log_probs, axis=-1)
+        past_k[:, :, :, position], past_v[:, :, :, position] = out.new_k, out.new_v
+        self_mask[:, position] = True
+        # The engine's cache has more (masked) slots than the hand-fed one: equal up to rounding.
+        np.testing.assert_allclose(log_probs, out.log_probs, atol=1e-5)
+        tokens = np.argmax(out.log_probs, axis=-1)
+    inputs = cache.step_inputs()
+    np.testing.assert_allclose(inputs.past_k[:, :, :, :steps], past_k, atol=1e-5)
+    assert cache.lengths().tolist() == [steps] * rows
 
 
 def test_rows_joining_later_get_their_own_positions(fp32_engine: Engine) -> None:
-    """A newcomer merged into a running batch (masked padding, its own position) steps as if alone."""
+    """A newcomer joining a running batch (its own slots and position) steps as if alone."""
     bos = fp32_engine.model().dims.bos_id
-    cross_a = fp32_engine.encode(None, SOURCES[:1])
-    log_probs, cache_a = fp32_engine.step(
-        None, np.array([bos]), np.array([0]), fp32_engine.empty_cache(None, 1), cross_a
-    )
-    assert isinstance(cache_a, KV)
-    cross_b = fp32_engine.encode(None, SOURCES[1:2])
-    alone, _ = fp32_engine.step(
-        None, np.array([bos]), np.array([0]), fp32_engine.empty_cache(None, 1), cross_b
-    )
-    token_a = int(np.argmax(log_probs[0]))
-    merged_cache = concat_rows([cache_a, fp32_engine.empty_cache(None, 1)])
-    merged_cross = concat_rows([fp32_engine.to_host(cross_a), fp32_engine.to_host(cross_b)])
-    together, _ = fp32_engine.step(
-        None, np.array([token_a, bos]), np.array([1, 0]), merged_cache, merged_cross
-    )
+    cache = fp32_engine.new_cache(None)
+    cache.append(fp32_engine.encode(None, SOURCES[:1]))
+    token_a = int(np.argmax(fp32_engine.step(None, np.array([bos]), cache)[0]))
+    alone_cache = fp32_engine.new_cache(None)
+    alone_cache.append(fp32_engine.encode(None, SOURCES[1:2]))
+    alone = fp32_engine.step(None, np.array([bos]), alone_cache)
+    cache.append(fp32_engine.encode(None, SOURCES[1:2]))
+    together = fp32_engine.step(None, np.array([token_a, bos]), cache)
     np.testing.assert_allclose(together[1], alone[0], atol=1e-5)
 
 

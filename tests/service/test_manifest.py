@@ -67,18 +67,19 @@ def test_loads_what_the_exporter_wrote(exported_dir: Path) -> None:
         "model.safetensors",
         "tokenizer.json",
     ]
+    assert manifest.format_version == 2
     step = manifest.graphs["decoder_step"]
+    layers = range(manifest.architecture["n_decoder_layers"])
     assert [t.name for t in step.inputs] == [
         "tokens",
         "positions",
-        "past_k",
-        "past_v",
         "self_mask",
-        "cross_k",
-        "cross_v",
         "src_mask",
+        *(f"past_{kv}_{layer}" for layer in layers for kv in "kv"),
+        *(f"cross_{kv}_{layer}" for layer in layers for kv in "kv"),
     ]
-    assert step.outputs[1].shape[3] == "past_len + 1"
+    assert step.inputs[2].shape == ("batch", "cache_len")
+    assert [t.name for t in step.outputs] == ["log_probs", "new_k", "new_v"]
     # Reading and writing back gives the same bytes: the JSON is deterministic.
     assert to_json(manifest) == (exported_dir / MANIFEST_FILE).read_text()
 
@@ -110,9 +111,18 @@ def test_refuses_a_missing_file(model_dir: Path) -> None:
 
 
 def test_refuses_an_unsupported_format_version(model_dir: Path) -> None:
-    _edit_manifest(model_dir, lambda d: d.update(format_version=2))
-    with pytest.raises(ModelDirectoryError, match=r"manifest\.json: unsupported format_version 2"):
+    _edit_manifest(model_dir, lambda d: d.update(format_version=3))
+    with pytest.raises(ModelDirectoryError, match=r"manifest\.json: unsupported format_version 3"):
         load_manifest(model_dir)
+
+
+def test_refuses_a_directory_exported_for_the_old_decoder_step(model_dir: Path) -> None:
+    _edit_manifest(model_dir, lambda d: d.update(format_version=1))
+    with pytest.raises(
+        ModelDirectoryError, match=r"manifest\.json: format_version 1 .*old decoder-step"
+    ) as err:
+        load_manifest(model_dir)
+    assert "re-export" in str(err.value)
 
 
 def test_refuses_a_graph_without_checksum(model_dir: Path) -> None:

@@ -21,7 +21,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from service.config import SchedulerConfig
-from service.decoding import KV, Hypothesis, SearchOptions, empty_kv, extend, start_search
+from service.decoding import Hypothesis, SearchOptions, start_search
+from service.kv_cache import KV, KVCache
 from service.metrics import Metrics
 from service.reference_decoder import Prefixes, run_search
 from service.scheduler import (
@@ -84,31 +85,29 @@ class FakeEngine:
             k[0, row, 0, : len(source), 0], mask[row, : len(source)] = source, True
         return KV(k, k.copy(), mask)
 
-    def empty_cache(self, model: str | None, rows: int) -> KV:
-        return empty_kv(1, rows, 1, 1, np.float32)
+    def new_cache(self, model: str | None) -> KVCache:
+        return KVCache(1, 1, 1, np.float32, chunk=4)  # a small chunk: capacity changes often
 
-    def step(
-        self, model: str | None, tokens: np.ndarray, positions: np.ndarray, cache: Any, cross: Any
-    ) -> tuple[np.ndarray, KV]:
+    def step(self, model: str | None, tokens: np.ndarray, cache: KVCache) -> np.ndarray:
+        """What the decoder-step graph does with the cache, over fake_log_probs: each row's past
+        slots hold its earlier tokens, its cross slots its source."""
         self.steps.append((str(model), len(tokens)))
         if self.step_delay:
             time.sleep(self.step_delay)
         if self.fail_next_steps:
             self.fail_next_steps -= 1
             raise RuntimeError("injected step failure")
-        assert cache.rows == cross.rows == len(tokens) == len(positions)
+        assert cache.rows == len(tokens)
+        step, physical = cache.step_inputs(), cache.to_physical(tokens)
         out = np.zeros((len(tokens), VOCAB), np.float32)
         for row in range(len(tokens)):
-            prefix = [int(t) for t in cache.k[0, row, 0, cache.mask[row], 0]] + [int(tokens[row])]
-            assert len(prefix) - 1 == positions[row], (prefix, positions[row])
-            source = [int(t) for t in cross.k[0, row, 0, cross.mask[row], 0]]
+            prefix = [int(t) for t in step.past_k[0, row, 0, step.self_mask[row], 0]] + [int(physical[row])]
+            assert len(prefix) - 1 == step.positions[row], (prefix, step.positions[row])
+            source = [int(t) for t in step.cross_k[0, row, 0, step.src_mask[row], 0]]
             out[row] = fake_log_probs(source, prefix)
-        new = np.broadcast_to(tokens.astype(np.float32)[None, :, None, None, None], (1, len(tokens), 1, 1, 1))
-        present = np.concatenate([cache.k, new], axis=3)
-        return out, extend(cache, present, present.copy())
-
-    def to_host(self, cache: Any) -> KV:
-        return cache
+        new = physical.astype(np.float32)[None, :, None, None]  # (L, R, H, Dh)
+        cache.record(new, new.copy())
+        return cache.to_logical(out)
 
 
 class _PrefixSteps:
