@@ -83,16 +83,16 @@ class KVCache:
         self.layers, self.heads, self.head_dim, self.dtype, self.chunk = layers, heads, head_dim, dtype, chunk
         self._rows = 0
         self._order = np.zeros(0, dtype=np.int64)  # logical row → physical row
-        self._allocate(0, 0, 0)
+        self._release()
 
-    def _allocate(self, rows: int, slots: int, sources: int) -> None:
-        shape = (self.layers, rows, self.heads)
-        self._k = np.zeros((*shape, slots, self.head_dim), self.dtype)
-        self._v = np.zeros_like(self._k)
-        self._length = np.zeros(rows, dtype=np.int64)  # real self-attention slots per physical row
-        self._cross_k = np.zeros((*shape, sources, self.head_dim), self.dtype)
-        self._cross_v = np.zeros_like(self._cross_k)
-        self._src_mask = np.zeros((rows, sources), dtype=bool)
+    def _release(self) -> None:
+        """Empty buffers. Zeros, never garbage, in the slots a row has not written: a masked slot
+        gets probability 0, and 0 × NaN would still be NaN."""
+        empty = (self.layers, 0, self.heads, 0, self.head_dim)
+        self._k, self._v = np.zeros(empty, self.dtype), np.zeros(empty, self.dtype)
+        self._length = np.zeros(0, dtype=np.int64)  # real self-attention slots per physical row
+        self._cross_k, self._cross_v = np.zeros(empty, self.dtype), np.zeros(empty, self.dtype)
+        self._src_mask = np.zeros((0, 0), dtype=bool)
 
     # --- sizes ---------------------------------------------------------------------------------------
 
@@ -232,7 +232,7 @@ class KVCache:
         that a batch hovering around a size does not reallocate at every step)."""
         n = self._rows
         if n == 0:
-            self._allocate(0, 0, 0)
+            self._release()
             return
         slots = _round_up(int(self._length[:n].max()) + 1, self.chunk)
         used = np.flatnonzero(self._src_mask[:n].any(axis=0))
@@ -241,17 +241,27 @@ class KVCache:
             self._resize(self._k.shape[1], min(slots, self.slots), min(sources, self.source_slots))
 
     def _resize(self, rows: int, slots: int, sources: int) -> None:
-        n = self._rows
-        keep_slots, keep_sources = min(slots, self.slots), min(sources, self.source_slots)
-        k, v, length = self._k, self._v, self._length
-        cross_k, cross_v, src_mask = self._cross_k, self._cross_v, self._src_mask
-        self._allocate(rows, slots, sources)
-        self._k[:, :n, :, :keep_slots] = k[:, :n, :, :keep_slots]
-        self._v[:, :n, :, :keep_slots] = v[:, :n, :, :keep_slots]
-        self._length[:n] = length[:n]
-        self._cross_k[:, :n, :, :keep_sources] = cross_k[:, :n, :, :keep_sources]
-        self._cross_v[:, :n, :, :keep_sources] = cross_v[:, :n, :, :keep_sources]
-        self._src_mask[:n, :keep_sources] = src_mask[:n, :keep_sources]
+        """New buffers where a capacity changes (the self- and cross-attention sides apart: the
+        slots grow as rows decode, the sources only when a longer one joins), live rows copied."""
+        n, cap_rows = self._rows, self._k.shape[1]
+        if rows != cap_rows or slots != self.slots:
+            keep = min(slots, self.slots)
+            k, v, length = self._k, self._v, self._length
+            self._k = np.zeros((self.layers, rows, self.heads, slots, self.head_dim), self.dtype)
+            self._v = np.zeros_like(self._k)
+            self._length = np.zeros(rows, dtype=np.int64)
+            self._k[:, :n, :, :keep] = k[:, :n, :, :keep]
+            self._v[:, :n, :, :keep] = v[:, :n, :, :keep]
+            self._length[:n] = length[:n]
+        if rows != cap_rows or sources != self.source_slots:
+            keep = min(sources, self.source_slots)
+            cross_k, cross_v, src_mask = self._cross_k, self._cross_v, self._src_mask
+            self._cross_k = np.zeros((self.layers, rows, self.heads, sources, self.head_dim), self.dtype)
+            self._cross_v = np.zeros_like(self._cross_k)
+            self._src_mask = np.zeros((rows, sources), dtype=bool)
+            self._cross_k[:, :n, :, :keep] = cross_k[:, :n, :, :keep]
+            self._cross_v[:, :n, :, :keep] = cross_v[:, :n, :, :keep]
+            self._src_mask[:n, :keep] = src_mask[:n, :keep]
 
 
 def _round_up(n: int, chunk: int) -> int:
