@@ -18,6 +18,7 @@ the client from just before the call to the full result (for a stream: the final
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import random
 import time
@@ -81,6 +82,8 @@ class PhaseResult:
     ttft: Percentiles | None  # seconds, client side, streamed requests
     server_ttft: Percentiles | None  # seconds, server side, all succeeded requests
     server_cores: float | None = None  # the server process's CPU seconds per second of the phase
+    client_cores: float | None = None  # the load generator's, likewise
+    repeat: int = 0  # open loop: which run at this rate (they alternate between the modes)
 
 
 class Caller:
@@ -261,4 +264,10 @@ def run_phase(
                 return await closed_loop(caller, mode, clients, duration_s)
             return await open_loop(caller, mode, rate, duration_s, seed=seed)
 
-    return asyncio.run(run())
+    cpu, wall = time.process_time(), time.perf_counter()
+    result = asyncio.run(run())
+    if result is None:
+        return None
+    return dataclasses.replace(
+        result, client_cores=(time.process_time() - cpu) / (time.perf_counter() - wall)
+    )

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.load import MODE_LABELS, BenchResult
+from bench.load import MODE_LABELS, BenchResult, open_loop_p99_ratios
 from bench.load_client import Percentiles, PhaseResult
 from bench.report import machine_table
 
@@ -33,9 +34,10 @@ def render(r: BenchResult) -> str:
             "Poisson arrivals at "
             + " and ".join(f"{f:.0%}" for f in r.open_fractions)
             + " of continuous batching's saturated closed-loop capacity (the better of its two closed "
-            f"loops; the target is read at {r.open_fractions[0]:.0%}), the same arrival sequence for "
-            f"both modes, for {r.duration_s:g} s; the stragglers then get up to 30 s more (unfinished: "
-            "cancelled then)."
+            f"loops; the target is read at {r.open_fractions[0]:.0%}), for {r.duration_s:g} s; the "
+            "stragglers then get up to 30 s more (unfinished: cancelled then). Both modes' servers are up "
+            f"together and the runs alternate between them, {r.open_repeats} per rate and mode; the two "
+            "runs of a pair get the same arrival sequence."
             "\n\n" + _phases(r.open)
             if r.open
             else "Not measured in this run (it needs the continuous mode's closed-loop capacity)."
@@ -71,16 +73,27 @@ def _limits(r: BenchResult) -> str:
     batchers = (
         "The two batchers did about as well as each other."
         if abs(collect.output_tokens_per_s / best - 1) <= 0.15
-        else "Collect-then-run, whose steps copy less padded cache (below), did "
-        + ("better." if collect.output_tokens_per_s > best else "worse.")
+        else "Collect-then-run did " + ("better." if collect.output_tokens_per_s > best else "worse.")
     )
+    saturated = max(runs, key=lambda p: p.output_tokens_per_s)
+    ceiling = max(r.engine, key=lambda e: e.output_tokens_per_s, default=None)
+    per_core = ""
+    if ceiling is not None and saturated.server_cores and saturated.client_cores is not None:
+        service_per_core = saturated.output_tokens_per_s / saturated.server_cores
+        engine_per_core = ceiling.output_tokens_per_s / r.machine.usable_cores
+        per_core = (
+            f" The load generator itself used {saturated.client_cores:.2f} cores of the same "
+            f"{r.machine.usable_cores}, which the engine alone had to itself: per core the server used, "
+            f"the service made {service_per_core:,.0f} output tok/s against the engine's "
+            f"{engine_per_core:,.0f} per core (×{service_per_core / engine_per_core:.2f})."
+        )
     return (
         "\n\nWhat bounds the service here: under the closed loop the server process used "
         f"{few.server_cores:.2f} of the {r.machine.usable_cores} cores; with {many.clients} clients "
         f"instead of {few.clients} it served {many.output_tokens_per_s:,.0f} output tok/s instead of "
         f"{few.output_tokens_per_s:,.0f} (p50 latency {_ms(many.latency)[0]} ms instead of "
         f"{_ms(few.latency)[0]}), and collect-then-run reached {collect.output_tokens_per_s:,.0f}. "
-        f"Saturated, though not short of cores. {batchers} The limit is not onnxruntime but the "
+        f"Saturated, though not short of cores. {batchers}{per_core} The rest of the gap is the "
         "server's Python, which holds the GIL — the gRPC event loop (grpc.aio's per-call work and the "
         "servicer's) and the decode loops' bookkeeping between graph runs take turns on one "
         "interpreter, while the engine alone spends nearly all its time inside onnxruntime with the "
@@ -92,31 +105,32 @@ def _open_loop_note(r: BenchResult) -> str:
     rates = sorted({p.offered_rate for p in r.open})
     pairs = []
     for rate in rates:
-        by_mode = {p.mode: p for p in r.open if p.offered_rate == rate}
-        cont, coll = by_mode.get("continuous"), by_mode.get("collect")
-        if cont is not None and coll is not None and cont.latency is not None and coll.latency is not None:
-            pairs.append((rate, cont.latency, coll.latency))
+        runs = [p for p in r.open if p.offered_rate == rate and p.latency is not None]
+        cont = [p.latency.p50 for p in runs if p.mode == "continuous" and p.latency]
+        coll = [p.latency.p50 for p in runs if p.mode == "collect" and p.latency]
+        ratios = open_loop_p99_ratios(r.open, rate)
+        if cont and coll and ratios:
+            pairs.append(
+                f"at {rate:.0f} requests/s p50 {_median_ms(cont)} against {_median_ms(coll)} ms, p99 ×"
+                + ", ×".join(f"{x:.2f}" for x in ratios)
+            )
     if not pairs:
         return ""
-    loads = "; ".join(
-        f"at {rate:.0f} requests/s p50 {_ms(c)[0]} against {_ms(k)[0]} ms, p99 {_ms(c)[2]} against "
-        f"{_ms(k)[2]} ms (×{c.p99 / k.p99:.2f})"
-        for rate, c, k in pairs
-    )
     return (
-        f"\n\nIn the open loop, continuous batching against collect-then-run: {loads}. On a CPU a "
-        "decoder step costs about in proportion to its rows and to its cache's length (the tables "
-        "below: batch 1 against batch 32, and the step as its cache grows). In a continuous batch "
-        "every row carries as many slots as the longest row running, which is nearly always a long "
-        "one, and the step graph copies that padded cache at every step; the long sentences that make "
-        "the p99 also pay for every row that joins while they decode. A collect-then-run batch starts "
-        "its rows together, pads little, and its steps shrink as rows end; with several instances and "
-        "a short wait, a new request rarely waits for a whole batch. Near saturation that difference "
-        "in work per token becomes a difference in capacity. Pre-allocated caches written in place "
-        "(no copy per step; a change of the decoder-step graph) are the remedy on the engine's side; "
-        "steps whose cost hardly depends on the batch, as on a GPU, are the setting where continuous "
-        "batching's tail-latency advantage is expected."
+        f"\n\nIn the open loop, continuous batching against collect-then-run (medians of the runs; the "
+        f"p99 ratio of each pair): {'; '.join(pairs)}. A collect-then-run request waits for the batch "
+        "in progress to end — at its longest sentence — and then decodes at the pace of its own batch "
+        "until that batch's longest sentence ends; a continuous-batching request joins the running "
+        "batch at the next step and leaves at its own end token. On a CPU a decoder step costs about "
+        "in proportion to its rows (batch 1 against batch 32 below), so continuous batching's bigger "
+        "steps are slower than a small batch's, which limits what it saves; steps whose cost hardly "
+        "depends on the batch, as on a GPU, are where its tail-latency advantage is expected to be "
+        "largest. The spread of the pairs is the machine's noise."
     )
+
+
+def _median_ms(values: Sequence[float]) -> str:
+    return f"{statistics.median(values) * 1e3:,.0f}"
 
 
 def _ms(p: Percentiles | None) -> list[str]:
@@ -135,10 +149,15 @@ def _phases(phases: Sequence[PhaseResult]) -> str:
         "TTFT p50 / p90 / p99 (ms, streamed)",
         "server TTFT p50 / p99 (ms)",
         "server CPU (cores)",
+        "client CPU (cores)",
     ]
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for p in phases:
-        load = f"{p.clients} clients" if p.load == "closed" else f"{p.offered_rate:.1f} req/s offered"
+        load = (
+            f"{p.clients} clients"
+            if p.load == "closed"
+            else f"{p.offered_rate:.1f} req/s offered, run {p.repeat + 1}"
+        )
         errors = f"{p.errors}" + (f" (+{p.unfinished} unfinished)" if p.unfinished else "")
         server = _ms(p.server_ttft)
         row = [
@@ -152,6 +171,7 @@ def _phases(phases: Sequence[PhaseResult]) -> str:
             " / ".join(_ms(p.ttft)),
             f"{server[0]} / {server[2]}",
             "-" if p.server_cores is None else f"{p.server_cores:.2f}",
+            "-" if p.client_cores is None else f"{p.client_cores:.2f}",
         ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
