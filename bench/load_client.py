@@ -6,7 +6,9 @@ the same event loop, the client half of every call cost the server a third of it
 
 Every request is one text, greedy, with `return_timings`. Most are unary `Translate` calls; every
 `stream_every`-th request (by arrival index) is a `TranslateStream` call instead, and only those give
-the client-side time to first token (the first delta that carries token ids). Latency is measured by
+the client-side time to first token (the first delta that carries token ids). With
+`texts_per_call` > 1 every request is a unary `Translate` of that many consecutive texts (a client
+translating a paragraph): it shows what the per-call work of gRPC costs. Latency is measured by
 the client from just before the call to the full result (for a stream: the final message).
 
 - Closed loop (`closed_loop`): N clients, each sending its next request as soon as its previous one
@@ -18,6 +20,7 @@ the client from just before the call to the full result (for a stream: the final
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import itertools
 import random
@@ -41,11 +44,12 @@ class Sample:
 
     sent: float  # seconds since the phase began
     latency: float  # seconds, call to full result
-    output_tokens: int  # Translation.output_tokens (end token included)
+    output_tokens: int  # Translation.output_tokens (end token included), summed over the call's texts
     streamed: bool
     ttft: float | None  # client-side time to the first token, streamed requests only
     server_ttft: float | None  # Timings.time_to_first_token_seconds (server clock, from arrival)
     error: str | None  # the gRPC status name of a failed call
+    texts: int = 1  # texts the call carried
 
 
 @dataclass(frozen=True)
@@ -81,29 +85,43 @@ class PhaseResult:
     latency: Percentiles | None  # seconds, all succeeded requests
     ttft: Percentiles | None  # seconds, client side, streamed requests
     server_ttft: Percentiles | None  # seconds, server side, all succeeded requests
+    texts_per_call: int = 1
+    error_codes: dict[str, int] = dataclasses.field(default_factory=dict)  # failed calls by status
     server_cores: float | None = None  # the server process's CPU seconds per second of the phase
     client_cores: float | None = None  # the load generator's, likewise
+    # closed loops of continuous batching: the engine alone's output tok/s at its best setting,
+    # measured right after the loop (the machine's speed drifts; this pair saw about the same one)
+    engine_after: float | None = None
     repeat: int = 0  # open loop: which run at this rate (they alternate between the modes)
 
 
 class Caller:
-    """Sends request number i: text i (cycling over `texts`), streamed when i % stream_every == 0."""
+    """Sends request number i: text i (cycling over `texts`), streamed when i % stream_every == 0;
+    with `texts_per_call` k > 1, texts k·i … k·i + k − 1 in one unary call."""
 
     def __init__(
-        self, channel: grpc.aio.Channel, texts: Sequence[str], stream_every: int, timeout_s: float = 120.0
+        self,
+        channel: grpc.aio.Channel,
+        texts: Sequence[str],
+        stream_every: int,
+        timeout_s: float = 120.0,
+        texts_per_call: int = 1,
     ) -> None:
         if not texts:
             raise ValueError("no texts to send")
         self._stub = pb_grpc.TranslatorStub(channel)
         self._texts, self._stream_every, self._timeout = texts, stream_every, timeout_s
+        self.texts_per_call = texts_per_call
         self._origin = time.perf_counter()
 
     def restart_clock(self) -> None:
         self._origin = time.perf_counter()
 
     async def call(self, index: int) -> Sample:
-        text = self._texts[index % len(self._texts)]
-        streamed = self._stream_every > 0 and index % self._stream_every == 0
+        k = self.texts_per_call
+        texts = [self._texts[(index * k + j) % len(self._texts)] for j in range(k)]
+        text = texts[0]
+        streamed = k == 1 and self._stream_every > 0 and index % self._stream_every == 0
         start = time.perf_counter()
         ttft: float | None = None
         try:
@@ -122,20 +140,17 @@ class Caller:
                 response = final
             else:
                 response = await self._stub.Translate(
-                    pb.TranslateRequest(texts=[text], options=_OPTIONS), timeout=self._timeout
+                    pb.TranslateRequest(texts=texts, options=_OPTIONS), timeout=self._timeout
                 )
         except grpc.aio.AioRpcError as err:
             return Sample(
-                start - self._origin, time.perf_counter() - start, 0, streamed, None, None, err.code().name
+                start - self._origin, time.perf_counter() - start, 0, streamed, None, None, err.code().name, k
             )
         latency = time.perf_counter() - start
-        (translation,) = response.translations
-        server_ttft = (
-            translation.timings.time_to_first_token_seconds if translation.HasField("timings") else None
-        )
-        return Sample(
-            start - self._origin, latency, translation.output_tokens, streamed, ttft, server_ttft, None
-        )
+        first = response.translations[0]
+        server_ttft = first.timings.time_to_first_token_seconds if first.HasField("timings") else None
+        tokens = sum(t.output_tokens for t in response.translations)
+        return Sample(start - self._origin, latency, tokens, streamed, ttft, server_ttft, None, k)
 
 
 async def warm_up(caller: Caller, requests: int, concurrency: int) -> None:
@@ -215,6 +230,7 @@ def summarize(
 ) -> PhaseResult:
     ok = [s for s in samples if s.error is None]
     tokens = sum(s.output_tokens for s in ok)
+    texts = sum(s.texts for s in ok)
     seconds = max(seconds, 1e-9)
     return PhaseResult(
         mode=mode,
@@ -226,12 +242,13 @@ def summarize(
         errors=len(samples) - len(ok),
         unfinished=unfinished,
         streamed=sum(s.streamed for s in ok),
-        sentences_per_s=len(ok) / seconds,
+        sentences_per_s=texts / seconds,
         output_tokens_per_s=tokens / seconds,
-        mean_output_tokens=tokens / len(ok) if ok else 0.0,
+        mean_output_tokens=tokens / texts if texts else 0.0,
         latency=Percentiles.of([s.latency for s in ok]),
         ttft=Percentiles.of([s.ttft for s in ok if s.ttft is not None]),
         server_ttft=Percentiles.of([s.server_ttft for s in ok if s.server_ttft is not None]),
+        error_codes=dict(collections.Counter(s.error for s in samples if s.error is not None)),
     )
 
 
@@ -250,13 +267,14 @@ def run_phase(
     duration_s: float = 0.0,
     requests: int = 0,
     seed: int = 0,
+    texts_per_call: int = 1,
 ) -> PhaseResult | None:
     """One phase against the server at `target`, on a fresh channel and event loop (a child process's
     entry point): `warm` sends `requests` untimed calls `clients` at a time and returns None."""
 
     async def run() -> PhaseResult | None:
         async with grpc.aio.insecure_channel(target) as channel:
-            caller = Caller(channel, texts, stream_every)
+            caller = Caller(channel, texts, stream_every, texts_per_call=texts_per_call)
             if phase == "warm":
                 await warm_up(caller, requests, clients)
                 return None
@@ -268,6 +286,5 @@ def run_phase(
     result = asyncio.run(run())
     if result is None:
         return None
-    return dataclasses.replace(
-        result, client_cores=(time.process_time() - cpu) / (time.perf_counter() - wall)
-    )
+    cores = (time.process_time() - cpu) / (time.perf_counter() - wall)
+    return dataclasses.replace(result, client_cores=cores, texts_per_call=texts_per_call)

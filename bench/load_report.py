@@ -27,7 +27,8 @@ def render(r: BenchResult) -> str:
         "## Targets\n\n" + _targets(r) + _limits(r),
         "## Service, closed loop\n\n"
         f"{r.concurrency} concurrent clients, each sending its next request as soon as the previous one "
-        f"returned, for {r.duration_s:g} s per mode (the requests in flight at the end finish and count).\n\n"
+        f"returned, for {r.duration_s:g} s per mode (the requests in flight at the end finish and count); "
+        "continuous batching also with twice the clients, and with several texts per call.\n\n"
         + _phases(r.closed),
         "## Service, open loop\n\n"
         + (
@@ -64,7 +65,14 @@ def _targets(r: BenchResult) -> str:
 
 def _limits(r: BenchResult) -> str:
     """What bounds the service in this run, from the run's own figures (when it has them)."""
-    runs = sorted((p for p in r.closed if p.mode == "continuous"), key=lambda p: p.clients)
+    runs = sorted(
+        (p for p in r.closed if p.mode == "continuous" and p.texts_per_call == 1), key=lambda p: p.clients
+    )
+    batched = max(
+        (p for p in r.closed if p.mode == "continuous" and p.texts_per_call > 1),
+        key=lambda p: p.output_tokens_per_s,
+        default=None,
+    )
     collect = next((p for p in r.closed if p.mode == "collect"), None)
     if len(runs) < 2 or collect is None or runs[0].server_cores is None:
         return ""
@@ -93,11 +101,24 @@ def _limits(r: BenchResult) -> str:
         f"instead of {few.clients} it served {many.output_tokens_per_s:,.0f} output tok/s instead of "
         f"{few.output_tokens_per_s:,.0f} (p50 latency {_ms(many.latency)[0]} ms instead of "
         f"{_ms(few.latency)[0]}), and collect-then-run reached {collect.output_tokens_per_s:,.0f}. "
-        f"Saturated, though not short of cores. {batchers}{per_core} The rest of the gap is the "
+        f"Saturated, though not short of cores. {batchers}{per_core}{_per_call(batched, saturated)} The "
+        "rest of the gap is the "
         "server's Python, which holds the GIL — the gRPC event loop (grpc.aio's per-call work and the "
         "servicer's) and the decode loops' bookkeeping between graph runs take turns on one "
         "interpreter, while the engine alone spends nearly all its time inside onnxruntime with the "
         "GIL released." + _open_loop_note(r)
+    )
+
+
+def _per_call(batched: PhaseResult | None, single: PhaseResult) -> str:
+    if batched is None:
+        return ""
+    return (
+        f" With {batched.texts_per_call} texts per call ({batched.clients} clients, as many texts in "
+        f"flight as the larger loop) it served {batched.output_tokens_per_s:,.0f} output tok/s "
+        f"(×{batched.output_tokens_per_s / single.output_tokens_per_s:.2f}) on "
+        f"{batched.server_cores or 0:.2f} cores: that much of the cost is per call (gRPC and the "
+        "servicer), not per sentence."
     )
 
 
@@ -150,6 +171,7 @@ def _phases(phases: Sequence[PhaseResult]) -> str:
         "server TTFT p50 / p99 (ms)",
         "server CPU (cores)",
         "client CPU (cores)",
+        "engine alone right after (tok/s)",
     ]
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for p in phases:
@@ -158,7 +180,11 @@ def _phases(phases: Sequence[PhaseResult]) -> str:
             if p.load == "closed"
             else f"{p.offered_rate:.1f} req/s offered, run {p.repeat + 1}"
         )
+        if p.texts_per_call > 1:
+            load += f" × {p.texts_per_call} texts per call"
         errors = f"{p.errors}" + (f" (+{p.unfinished} unfinished)" if p.unfinished else "")
+        if p.error_codes:
+            errors += " (" + ", ".join(f"{n} {code}" for code, n in sorted(p.error_codes.items())) + ")"
         server = _ms(p.server_ttft)
         row = [
             MODE_LABELS.get(p.mode, p.mode),
@@ -172,6 +198,7 @@ def _phases(phases: Sequence[PhaseResult]) -> str:
             f"{server[0]} / {server[2]}",
             "-" if p.server_cores is None else f"{p.server_cores:.2f}",
             "-" if p.client_cores is None else f"{p.client_cores:.2f}",
+            "-" if p.engine_after is None else f"{p.engine_after:,.0f}",
         ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
@@ -193,7 +220,9 @@ def _engine(r: BenchResult) -> str:
         f"the same {r.sentences} sentences in consecutive batches of B (a batch runs until its longest "
         "sentence ends), with nothing else running: by one caller; by as many callers as the service "
         "has instances, each decoding its share of the sentences in its own thread at the same time; "
-        "and by one caller whose onnxruntime runs use every core. The best row is the ceiling. Median "
+        "and by one caller whose onnxruntime runs use every core. The best row is the ceiling; its "
+        "setting is measured again right after each closed loop of continuous batching, the figure "
+        "that loop is compared with (the closed-loop table's last column). Median "
         "of the timed passes after one untimed pass per batch size; the batch sizes take turns, in an "
         "order rotated every repeat.\n\n" + "\n".join(lines)
     )

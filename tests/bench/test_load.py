@@ -22,6 +22,7 @@ def test_the_benchmark_runs_end_to_end_and_writes_its_results(tmp_path: Path) ->
         "--stream-every", "2",
         "--open-fraction", "0.5",
         "--open-repeats", "2",
+        "--texts-per-call", "2",
         "--modes", "continuous", "collect",
         "--engine-batches", "1", "4",
         "--threads", "1",
@@ -34,8 +35,11 @@ def test_the_benchmark_runs_end_to_end_and_writes_its_results(tmp_path: Path) ->
     assert main(argv) == 0
 
     result = json.loads(js.read_text())
-    closed, more, collect = result["closed"]  # continuous with the clients asked, twice as many; collect
+    # continuous with the clients asked, twice as many, then 2 texts per call; collect
+    closed, more, paired, collect = result["closed"]
     assert collect["mode"] == "collect" and collect["clients"] == 2
+    assert paired["texts_per_call"] == 2 and paired["clients"] == 2 and paired["streamed"] == 0
+    assert paired["sentences_per_s"] > 0 and paired["requests"] > 0
     assert more["mode"] == "continuous" and more["clients"] == 4
     assert closed["mode"] == "continuous" and closed["load"] == "closed" and closed["clients"] == 2
     assert closed["requests"] > 0 and closed["errors"] == 0
@@ -59,9 +63,10 @@ def test_the_benchmark_runs_end_to_end_and_writes_its_results(tmp_path: Path) ->
     assert all(e["output_tokens"] >= e["sentences"] == 16 for e in result["engine"])
     assert result["model"]["instances"] == 2 and "--instances 2" in result["modes"]["continuous"]
     assert result["kv"] is None
-    # the KV cache was not measured; the p99 target is the median of the two pairs' ratios
-    assert [t["met"] is None for t in result["targets"]] == [False, False, True]
-    assert "median of 2 pairs" in result["targets"][1]["measured"]
+    # throughput with 1 and 2 texts per call, the p99 (the median of the two pairs' ratios); no KV
+    assert [t["met"] is None for t in result["targets"]] == [False, False, False, True]
+    assert "2 texts per call" in result["targets"][1]["name"]
+    assert "median of 2 pairs" in result["targets"][2]["measured"]
     assert result["machine"]["cpu"] and result["model"]["variant"]
 
     page = out.read_text()
