@@ -84,7 +84,7 @@ verify: $(SETUP_DONE)
 bench-kv: $(SETUP_DONE) $(CORPUS_DIR)/test.tsv
 	$(PY) -m bench.kv_cache --model-dir $(MODEL_DIR) --corpus $(CORPUS_DIR)/test.tsv --out docs/kv-cache-benchmark.md
 
-# The service benchmark (a measurement, not a test; ≈2 min on 2 cores): the in-process gRPC server under
+# The service benchmark (a measurement, not a test; ≈7 min on 2 cores): the in-process gRPC server under
 # closed- and open-loop load (continuous, collect-then-run, batch 1), the engine alone at batch 1/8/32/64
 # and the KV cache at batch 64 × 64 tokens → docs/benchmarks.md and docs/benchmarks.json.
 bench: $(SETUP_DONE) $(CORPUS_DIR)/test.tsv

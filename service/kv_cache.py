@@ -141,13 +141,18 @@ class KVCache:
         if n_new == n_old and np.array_equal(parents, np.arange(n_old)):
             return
         source = self._order[parents]  # the physical row each new row continues
-        first = np.zeros(n_new, dtype=bool)
-        first[np.unique(source, return_index=True)[1]] = True
+        if n_new < 2 or bool(np.all(parents[1:] > parents[:-1])):  # no repeats: rows only leave
+            first = np.ones(n_new, dtype=bool)
+        else:
+            first = np.zeros(n_new, dtype=bool)
+            first[np.unique(source, return_index=True)[1]] = True
         physical = np.where(first, source, -1)
         # A branching beam gets a copy of its parent: in a row that was left, else past the old rows.
         repeats = np.flatnonzero(~first)
         if len(repeats):
-            free = np.setdiff1d(np.arange(n_old), source[first])
+            taken = np.zeros(n_old, dtype=bool)
+            taken[source[first]] = True
+            free = np.flatnonzero(~taken)
             extra = max(0, len(repeats) - len(free))
             spare = np.concatenate([free, np.arange(n_old, n_old + extra, dtype=np.int64)])[: len(repeats)]
             self._reserve(n_old + extra, self.slots, self.source_slots)
@@ -156,7 +161,9 @@ class KVCache:
         # Live rows back to 0 … n_new − 1: the ones past it move into the holes.
         outside = np.flatnonzero(physical >= n_new)
         if len(outside):
-            holes = np.setdiff1d(np.arange(n_new), physical)
+            used = np.zeros(n_new, dtype=bool)
+            used[physical[physical < n_new]] = True
+            holes = np.flatnonzero(~used)
             self._copy(holes, physical[outside])
             physical[outside] = holes
         self._order, self._rows = physical, n_new

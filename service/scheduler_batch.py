@@ -123,7 +123,7 @@ class RunningBatch:
     def retire(self, now: float) -> list[Retired]:
         """Drop the cancelled requests and those past their deadline; their rows leave at once."""
         gone: list[Retired] = []
-        keep_rows: list[np.ndarray] = []
+        keep_rows: list[int] = []
         kept: list[_Entry] = []
         first = 0
         for e in self.entries:
@@ -138,10 +138,10 @@ class RunningBatch:
                 gone.append(Retired(e.ticket, err, "deadline"))
             else:
                 kept.append(e)
-                keep_rows.append(np.arange(first, first + n))
+                keep_rows.extend(range(first, first + n))
             first += n
         if gone:
-            rows = np.concatenate(keep_rows) if keep_rows else np.zeros(0, dtype=np.int64)
+            rows = np.asarray(keep_rows, dtype=np.int64)
             self._keep(kept, rows, self.tokens[rows])
         return gone
 
