@@ -101,12 +101,22 @@ def _limits(r: BenchResult) -> str:
         f"instead of {few.clients} it served {many.output_tokens_per_s:,.0f} output tok/s instead of "
         f"{few.output_tokens_per_s:,.0f} (p50 latency {_ms(many.latency)[0]} ms instead of "
         f"{_ms(few.latency)[0]}), and collect-then-run reached {collect.output_tokens_per_s:,.0f}. "
-        f"Saturated, though not short of cores. {batchers}{per_core}{_per_call(batched, saturated)} The "
+        f"{_saturation(few, many)} {batchers}{per_core}{_per_call(batched, saturated)} The "
         "rest of the gap is the "
         "server's Python, which holds the GIL — the gRPC event loop (grpc.aio's per-call work and the "
         "servicer's) and the decode loops' bookkeeping between graph runs take turns on one "
         "interpreter, while the engine alone spends nearly all its time inside onnxruntime with the "
         "GIL released." + _open_loop_note(r)
+    )
+
+
+def _saturation(few: PhaseResult, many: PhaseResult) -> str:
+    gain = many.output_tokens_per_s / few.output_tokens_per_s - 1
+    if gain <= 0.1:
+        return "Saturated: twice the clients did not raise the throughput, though cores were left."
+    return (
+        f"Twice the clients still raised the throughput by {gain:.0%}: {few.clients} did not saturate "
+        "the server, and the larger loop is the one the target reads."
     )
 
 
@@ -271,11 +281,16 @@ def _method(r: BenchResult) -> str:
             "- Requests: greedy, one text each, `return_timings` on. Every "
             f"{r.stream_every}th request is a `TranslateStream` call, the others unary `Translate`; the "
             "client-side TTFT is measured on the streamed ones only (call to the first delta carrying "
-            "tokens), the server-side TTFT (`Timings.time_to_first_token_seconds`, from arrival) on all.",
+            "tokens), the server-side TTFT (`Timings.time_to_first_token_seconds`, from arrival) on all. "
+            "The several-texts loop sends unary calls of consecutive texts only (its server TTFT: the "
+            "first text's).",
             "- Latency: client side, from the call to the whole result. sentences/s and output tok/s: "
-            "succeeded requests (and their `output_tokens`, end token included) / the phase's wall time, "
+            "succeeded texts (and their `output_tokens`, end token included) / the phase's wall time, "
             "from its first request sent to its last returned. Percentiles: numpy's linear interpolation.",
-            "- Before each mode's closed loop, untimed warm-up requests (twice the client count).",
+            "- CPU: the server's and the load generator's own processes, CPU seconds per second of the "
+            "phase (`time.process_time`, every thread of the process).",
+            "- Before each mode's closed loop, and before the open loops, untimed warm-up requests "
+            "(twice the client count).",
             "- Output tokens are counted the same way everywhere: generated tokens plus the end token "
             "when produced.",
         ]
