@@ -121,7 +121,7 @@ class RunningServer:
 
 
 async def start_server(config: Config, *, engine: Engine | None = None) -> RunningServer:
-    """Start listening (health NOT_SERVING), warm the engine up, then report SERVING.
+    """Start listening (health NOT_SERVING), load and warm the engine up, then report SERVING.
 
     Args:
         engine: an already loaded engine to serve (tests share one); None loads `config.engine`.
@@ -136,19 +136,9 @@ async def start_server(config: Config, *, engine: Engine | None = None) -> Runni
     else:  # already loaded, its threads set
         device = "cuda" if engine.model().provider == CUDA else "cpu"
     config = resolve_parallelism(config, device, usable_cores())
-    if engine is None:
-        engine = await asyncio.to_thread(Engine, config.engine, metrics)
-    log.info(
-        "%d scheduler instance(s), %s intra-op thread(s) per graph run",
-        config.scheduler.instances,
-        engine.config.intra_op_threads or "onnxruntime's default",
-    )
-    default, served = engine.model(), [engine.model(name) for name in engine.models]
-    labels = [ServedModel(m.name, m.version, m.variant, m.provider) for m in served]
-    metrics.set_model_info(labels, build_version=_build_version())
-    scheduler = SchedulerPool(engine, config.scheduler, metrics)
-    servicer = TranslatorServicer(config, engine, scheduler, metrics)
-
+    # Listen first, NOT_SERVING, so that health checks and early calls get an answer (UNAVAILABLE,
+    # "starting") rather than a refused connection while the model loads and warms up.
+    servicer = TranslatorServicer(config, metrics)
     server = grpc.aio.server(options=_channel_options(config.server))
     pb_grpc.add_TranslatorServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
@@ -158,8 +148,24 @@ async def start_server(config: Config, *, engine: Engine | None = None) -> Runni
     for name in ("", SERVICE):
         await health_servicer.set(name, NOT_SERVING)
     await server.start()
-
-    await asyncio.to_thread(engine.warm_up)
+    try:
+        if engine is None:
+            engine = await asyncio.to_thread(Engine, config.engine, metrics)
+        log.info(
+            "%d scheduler instance(s), %s intra-op thread(s) per graph run",
+            config.scheduler.instances,
+            engine.config.intra_op_threads or "onnxruntime's default",
+        )
+        default, served = engine.model(), [engine.model(name) for name in engine.models]
+        labels = [ServedModel(m.name, m.version, m.variant, m.provider) for m in served]
+        metrics.set_model_info(labels, build_version=_build_version())
+        scheduler = SchedulerPool(engine, config.scheduler, metrics)
+        servicer.attach(engine, scheduler)
+        await asyncio.to_thread(engine.warm_up)
+    except BaseException:
+        await server.stop(0)
+        metrics_server.close()
+        raise
     scheduler.start()
     servicer.ready = True
     for name in ("", SERVICE):

@@ -118,6 +118,7 @@ def _request_id(context: grpc.aio.ServicerContext) -> str:
 # more than all the rest of the id handling.
 _ID_PREFIX = secrets.token_hex(4)
 _ID_COUNTER = itertools.count()
+_STARTING = "the server is starting (loading and warming up the model); retry shortly"
 
 
 # --- pure helpers: domain → proto -------------------------------------------------------------------
@@ -126,13 +127,44 @@ _ID_COUNTER = itertools.count()
 class TranslatorServicer(pb_grpc.TranslatorServicer):
     """translator.v1.Translator over an engine (models, attention) and a scheduler (decoding)."""
 
-    def __init__(self, config: Config, engine: Engine, scheduler: SchedulerPool, metrics: Metrics) -> None:
-        self.config, self.engine, self.scheduler, self.metrics = config, engine, scheduler, metrics
-        self.ready = False  # set by the server once the engine is warm
-        self.tokenizers = {
+    def __init__(self, config: Config, metrics: Metrics) -> None:
+        self.config, self.metrics = config, metrics
+        # The server listens while the model loads (health NOT_SERVING): until `attach`, every call
+        # is refused with UNAVAILABLE, and decoding until `ready` (set once the engine is warm).
+        self._engine: Engine | None = None
+        self._scheduler: SchedulerPool | None = None
+        self._tokenizers: dict[str, Tokenizer] = {}
+        self.ready = False
+
+    def attach(self, engine: Engine, scheduler: SchedulerPool) -> None:
+        """The loaded engine and its scheduler: calls that need no decoding are answered from now on."""
+        self._tokenizers = {
             name: Tokenizer.from_file(engine.graphs(name).model_dir / engine.graphs(name).manifest.tokenizer)
             for name in engine.models
         }
+        self._engine, self._scheduler = engine, scheduler
+
+    @property
+    def engine(self) -> Engine:
+        self._refuse_while_loading()
+        assert self._engine is not None
+        return self._engine
+
+    @property
+    def scheduler(self) -> SchedulerPool:
+        self._refuse_while_loading()
+        assert self._scheduler is not None
+        return self._scheduler
+
+    @property
+    def tokenizers(self) -> dict[str, Tokenizer]:
+        self._refuse_while_loading()
+        return self._tokenizers
+
+    def _refuse_while_loading(self) -> None:
+        if self._engine is None:
+            self.metrics.request_rejected("not_ready")
+            raise NotReadyError(_STARTING)
 
     @contextlib.asynccontextmanager
     async def _handled(self, rpc: str, context: grpc.aio.ServicerContext) -> AsyncIterator[CallRecord]:
@@ -182,7 +214,7 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
     ) -> tuple[ModelInfo, list[TextJob]]:
         if not self.ready:
             self.metrics.request_rejected("not_ready")
-            raise NotReadyError("the server is starting (warming up the model); retry shortly")
+            raise NotReadyError(_STARTING)
         name, info = self._model(options.model)
         call.model = name
         jobs = translate_jobs(
@@ -283,7 +315,7 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
                     )
             else:
                 if not self.ready:
-                    raise NotReadyError("the server is starting (warming up the model); retry shortly")
+                    raise NotReadyError(_STARTING)
                 (job,) = translate_jobs(
                     [request.source], pb.TranslateOptions(), tokenizer, limits, new_seed=int
                 )

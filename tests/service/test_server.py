@@ -12,8 +12,10 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -267,6 +269,49 @@ def test_health_reports_serving_and_reflection_lists_the_services(
         assert status == health_pb2.HealthCheckResponse.SERVING
     services = ProtoReflectionDescriptorDatabase(channel).get_services()
     assert {SERVICE, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= set(services)
+
+
+def test_the_port_answers_not_serving_while_the_model_loads(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server listens before it loads the model: health says NOT_SERVING and calls are refused
+    with UNAVAILABLE (retryable) rather than with a refused connection, until it is warm."""
+    loading = threading.Event()
+
+    def slow_load(config: EngineConfig, metrics: object = None) -> Engine:
+        loading.wait(30)
+        return engine
+
+    monkeypatch.setattr("service.server.Engine", slow_load)
+    with socket.socket() as probe:  # a free port, known before the server starts
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = loopback_config()
+    server = ServerThread(replace(config, server=replace(config.server, port=port)))
+    with ThreadPoolExecutor(1) as pool, grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        started = pool.submit(server.__enter__)
+        health = health_pb2_grpc.HealthStub(channel)
+        check = health_pb2.HealthCheckRequest(service=SERVICE)
+        assert (
+            health.Check(check, timeout=20, wait_for_ready=True).status
+            == health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        stub = pb_grpc.TranslatorStub(channel)
+        for call in (
+            lambda: stub.Translate(pb.TranslateRequest(texts=["Hello."]), timeout=10),
+            lambda: stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10),
+        ):
+            with pytest.raises(grpc.RpcError) as err:
+                call()
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "the server is starting" in err.value.details()
+        loading.set()
+        started.result(60)
+        try:
+            assert health.Check(check, timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+            assert stub.Translate(pb.TranslateRequest(texts=["Hello."]), timeout=30).translations[0].text
+        finally:
+            server.__exit__(None, None, None)
 
 
 def test_metrics_count_requests(server: ServerThread, stub: pb_grpc.TranslatorStub) -> None:
