@@ -482,6 +482,45 @@ def test_real_engine_staggered_arrivals_equal_decoding_alone(engine: Any, mode: 
     run(main)
 
 
+def test_real_engine_mixed_beams_and_cancellations_share_steps_as_if_alone(engine: Any) -> None:
+    """Greedy and beam requests of many lengths join a running batch every few steps while others
+    finish or are cancelled: rows leave, branch and move in the cache, its capacity grows and
+    shrinks, and every output still equals the sentence decoded alone."""
+    from service.reference_decoder import start_states, translate_ids
+    from service.tokenizer import Tokenizer
+
+    info = engine.model()
+    graphs = engine.graphs(info.name)
+    tokenizer = Tokenizer.from_file(MODEL_DIR / "tokenizer.json")
+    texts = [line.split("\t")[0] for line in Path("data/corpus/test.tsv").read_text().splitlines()[:24]]
+    sources = [tokenizer.encode_source(text, 128) for text in texts]
+    beams = [(1, 3, 1, 2)[i % 4] for i in range(len(sources))]
+    # the two longest (so still decoding when cancelled, two arrivals after their own)
+    cancelled = set(sorted(range(len(sources) - 2), key=lambda i: -len(sources[i]))[:2])
+    want = [translate_ids(graphs, [s], beam_size=b, n_best=b)[0] for s, b in zip(sources, beams, strict=True)]
+
+    async def main() -> None:
+        scheduler = Scheduler(engine, config(mode="continuous", max_sequences=24))
+        scheduler.start()
+        handles: list[Handle] = []
+        for i, (source, beam) in enumerate(zip(sources, beams, strict=True)):
+            (state,) = start_states(info.dims, [source], beam, 1.0, None, beam)
+            handles.append(scheduler.submit(Request(info.name, tuple(source), state.options)))
+            if i - 2 in cancelled:  # two arrivals later: decoding by then, not finished
+                handles[i - 2].cancel()
+            await wait_for_steps(scheduler, scheduler.stats().steps + 1 + i % 3)
+        for i, (handle, hyps) in enumerate(zip(handles, want, strict=True)):
+            if i in cancelled:
+                with pytest.raises(RequestCancelledError):
+                    await handle.result()
+            else:
+                assert_same((await handle.result()).hypotheses, hyps)
+        assert scheduler.stats().rows == 0 and scheduler.stats().kv_tokens == 0
+        scheduler.stop()
+
+    run(main)
+
+
 def test_the_decode_loop_does_not_block_the_event_loop(engine: Any) -> None:
     from service.reference_decoder import start_states
     from service.tokenizer import Tokenizer
