@@ -15,7 +15,9 @@ one slot, and rows leaving or joining copied it again). Callers see the rows in 
 (a request's beams together); physically, a row that leaves is filled by the last row (one row
 copied, not the tail), so `to_physical` / `to_logical` translate per-row arrays. Capacities grow
 in chunks when a row or a source needs more; the slot capacity shrinks again once the long rows
-have gone, because every step attends over all of it (masked) and costs in proportion.
+have gone, because every step attends over all of it (masked) and costs in proportion. (The
+scheduler's KV budget counts rows × their longest length limit; what is held can exceed that by
+the rounding to a chunk, at most chunk − 1 slots per row.)
 
 Host memory (numpy); onnxruntime's CUDA provider copies the views to the device at each step.
 """
