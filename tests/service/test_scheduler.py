@@ -482,6 +482,34 @@ def test_real_engine_staggered_arrivals_equal_decoding_alone(engine: Any, mode: 
     run(main)
 
 
+MIXED_SENTENCES = [  # the first 24 of the test split: 5 to 16 words
+    "I give this page to Olivia.",
+    "She builds the wall.",
+    "An angry writer does not go to the dangerous schools.",
+    "Marie invites their woman.",
+    "I am in the seas.",
+    "Is the useless bed in the lake?",
+    "Zoé comes from Stockholm.",
+    "This ugly pillow is in Detroit and their bakers sell the oil to Krogar.",
+    "I call Gredi and fifty-three uncles paint.",
+    "The women are silent.",
+    "Sophie lives in the famous car.",
+    "Four mothers do not throw this blanket and you choose the poem.",
+    "Do I judge Félix?",
+    "The doctor goes to our beach.",
+    "The deaf father and the tired actor call the insect.",
+    "Does the busy musician study the calm recipes?",
+    "The silent nephew does not lift the bowls.",
+    "We catch our ball.",
+    "An ugly visitor offers interesting butter and these natural cookies to Amélie.",
+    "His bee drinks this beer.",
+    "Foubla does not study the purple song.",
+    "You jump in Istanbul.",
+    "They build ten houses and a baby does not drive the truck.",
+    "You send simple messages to my soldier.",
+]
+
+
 def test_real_engine_mixed_beams_and_cancellations_share_steps_as_if_alone(engine: Any) -> None:
     """Greedy and beam requests of many lengths join a running batch every few steps while others
     finish or are cancelled: rows leave, branch and move in the cache, its capacity grows and
@@ -492,8 +520,7 @@ def test_real_engine_mixed_beams_and_cancellations_share_steps_as_if_alone(engin
     info = engine.model()
     graphs = engine.graphs(info.name)
     tokenizer = Tokenizer.from_file(MODEL_DIR / "tokenizer.json")
-    texts = [line.split("\t")[0] for line in Path("data/corpus/test.tsv").read_text().splitlines()[:24]]
-    sources = [tokenizer.encode_source(text, 128) for text in texts]
+    sources = [tokenizer.encode_source(text, 128) for text in MIXED_SENTENCES]
     beams = [(1, 3, 1, 2)[i % 4] for i in range(len(sources))]
     # the two longest (so still decoding when cancelled, two arrivals after their own)
     cancelled = set(sorted(range(len(sources) - 2), key=lambda i: -len(sources[i]))[:2])
