@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import onnxruntime as ort
 
-from service.kv_cache import KVCache
+from service.kv_cache import KVCache, StepInputs
 from service.manifest import Manifest, check_graph, load_manifest
 
 _FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -169,9 +169,15 @@ class OnnxGraphs:
         Returns:
             log_probs (R, V) float32, same order.
         """
-        inputs = cache.step_inputs()
-        out = self.step(
-            cache.to_physical(tokens)[:, None],
+        out = self.run_step(cache.to_physical(tokens), cache.step_inputs())
+        cache.record(out.new_k, out.new_v)
+        return cache.to_logical(out.log_probs)
+
+    def run_step(self, tokens: np.ndarray, inputs: StepInputs) -> StepOutput:
+        """`step` on a cache's `StepInputs`; tokens (R,) in the same (physical) row order. The cache
+        is not written: `step_cache` records the new slot, a benchmark may run the same step again."""
+        return self.step(
+            tokens[:, None],
             inputs.positions,
             inputs.past_k,
             inputs.past_v,
@@ -180,8 +186,6 @@ class OnnxGraphs:
             inputs.cross_v,
             inputs.src_mask,
         )
-        cache.record(out.new_k, out.new_v)
-        return cache.to_logical(out.log_probs)
 
     def attention(
         self, src_ids: np.ndarray, src_mask: np.ndarray, tgt_ids: np.ndarray, tgt_mask: np.ndarray

@@ -82,7 +82,7 @@ class _Entry:
 
 
 class RunningBatch:
-    """The running rows of one model and their caches (host or device)."""
+    """The running rows of one model and their KV cache."""
 
     def __init__(self, engine: StepEngine, model: str, clock: Callable[[], float] = time.monotonic) -> None:
         self.engine, self.model, self.clock = engine, model, clock
@@ -93,7 +93,9 @@ class RunningBatch:
         self.entries: list[_Entry] = []
         self.steps_since_admit = 0  # decoder steps since newcomers last joined
         self.tokens = np.zeros(0, dtype=np.int64)  # (R,) the token each row feeds next
-        self.cache: KVCache | None = None  # self- and cross-attention K/V of the R rows
+        # Self- and cross-attention K/V of the R rows. A fresh one, not an emptied one: after a failed
+        # step the old cache may hold a slot the rows never got.
+        self.cache: KVCache = self.engine.new_cache(self.model)
 
     # --- accounting ----------------------------------------------------------------------------------
 
@@ -113,7 +115,7 @@ class RunningBatch:
     @property
     def kv_tokens(self) -> int:
         """Self-attention cache slots held now: rows × the cache's slot capacity."""
-        return 0 if self.cache is None else self.cache.kv_tokens
+        return self.cache.kv_tokens
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -151,7 +153,6 @@ class RunningBatch:
         if not entries:
             self._clear()
             return
-        assert self.cache is not None
         self.entries, self.tokens = entries, tokens
         self.cache.keep(rows)
 
@@ -183,8 +184,6 @@ class RunningBatch:
             log.exception("encoder failed for %d request(s) of model %s", len(joining), self.model)
             failure = StepFailedError(f"the encoder failed: {type(err).__name__}: {err}")
             return done + [Retired(e.ticket, failure, "error") for e in joining]
-        if self.cache is None:
-            self.cache = self.engine.new_cache(self.model)
         self.cache.append(cross)
         self.entries = self.entries + joining
         self.tokens = np.r_[self.tokens, np.full(len(joining), self.bos_id, dtype=np.int64)]
@@ -201,7 +200,6 @@ class RunningBatch:
         assert self.entries, "step() of an empty batch"
         self.steps_since_admit += 1
         try:
-            assert self.cache is not None
             states = [e.state for e in self.entries]
             log_probs = self.engine.step(self.model, self.tokens, self.cache)
             now = self.clock()
