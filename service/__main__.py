@@ -17,6 +17,10 @@ def main() -> int:
         print(f"python -m service: {err}", file=sys.stderr)
         return 2
     setup_logging(config.server)
+    if config.server.workers > 1:
+        from service.workers import run_workers
+
+        return run_workers(config)
     asyncio.run(serve(config))
     return 0
 

@@ -79,6 +79,11 @@ class ServerConfig:
     max_beam_size: int = 8  # largest beam a request may ask for
     log_level: LogLevel = "INFO"  # DEBUG, INFO, WARNING or ERROR
     log_format: LogFormat = "text"  # text for people, json for log collectors
+    # Server processes sharing the port (SO_REUSEPORT; service/workers.py), each a whole server
+    # with its own interpreter: gRPC's Python per-call work runs on one event loop per process, so
+    # one process serves at most ~1,000-2,000 calls/s whatever its cores. The cores and the
+    # scheduler limits are split evenly between the workers. A connection stays on one worker.
+    workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -99,7 +104,8 @@ def usable_cores() -> int:
 
 
 def resolve_parallelism(config: Config, device: str, usable_cores: int) -> Config:
-    """The config with `instances` and `intra_op_threads` decided where they are 0 (auto).
+    """The config with `instances` and `intra_op_threads` decided where they are 0 (auto), for one
+    worker process: the usable cores are split evenly between `server.workers` first.
 
     On CPU: one instance per usable core (at most MAX_AUTO_INSTANCES, and fewer when the threads
     per run are set), and the cores shared out between the instances' graph runs — on 2 cores, two
@@ -107,7 +113,7 @@ def resolve_parallelism(config: Config, device: str, usable_cores: int) -> Confi
     (docs/benchmarks.md). On CUDA: one instance, onnxruntime's default threads.
     """
     instances, threads = config.scheduler.instances, config.engine.intra_op_threads
-    cores = max(1, usable_cores)
+    cores = max(1, usable_cores // max(1, config.server.workers))
     if device == "cuda":
         instances = instances or 1
     else:
@@ -304,6 +310,13 @@ SETTINGS = (
         "server", "log_level", "--log-level", "DEBUG, INFO, WARNING or ERROR", _choice(LogLevel, upper=True)
     ),
     _Setting("server", "log_format", "--log-format", "logs as text or json", _choice(LogFormat)),
+    _Setting(
+        "server",
+        "workers",
+        "--workers",
+        "server processes sharing the port, cores and limits split between them",
+        _int_at_least(1, 64),
+    ),
 )
 
 

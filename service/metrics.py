@@ -18,6 +18,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -26,6 +27,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from service.manifest import GRAPH_NAMES
 
 PREFIX = "translator_"
+
+_AcrossWorkers = Literal["livesum", "livemax"]
 
 RPCS = ("Translate", "TranslateStream", "Attend", "GetModelInfo")
 # The codes the servicer returns by design; their series exist at 0 from start-up so that a rate()
@@ -67,13 +70,18 @@ class Metrics:
         self.registry = registry
         self._instances_lock = threading.Lock()
         self._instance_values: dict[int, dict[int, float]] = {}  # id(gauge) → instance → value
+        self._model_info_set = False
 
         def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
             # prometheus-client appends `_total` to a counter's samples itself.
             return Counter(PREFIX + name, doc, labels, registry=registry)
 
-        def gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
-            return Gauge(PREFIX + name, doc, labels, registry=registry)
+        def gauge(
+            name: str, doc: str, labels: tuple[str, ...] = (), *, across_workers: _AcrossWorkers = "livesum"
+        ) -> Gauge:
+            # How prometheus-client's multiprocess mode (several worker processes, service/workers.py)
+            # combines the workers' values: sums of the live ones; ignored in a lone process.
+            return Gauge(PREFIX + name, doc, labels, registry=registry, multiprocess_mode=across_workers)
 
         def histogram(
             name: str, doc: str, buckets: tuple[float, ...], labels: tuple[str, ...] = ()
@@ -144,6 +152,7 @@ class Metrics:
             "model_info",
             "Always 1; the labels describe the model being served and the server build.",
             ("model", "model_version", "variant", "execution_provider", "build_version"),
+            across_workers="livemax",  # every worker serves the same models: 1, not the worker count
         )
 
         for rpc in RPCS:
@@ -240,7 +249,9 @@ class Metrics:
         """Describe what is being served: one series per model (from its manifest and session),
         all with the package version. Replaces any earlier description, so that a reload leaves
         exactly the models served now."""
-        self._model_info.clear()
+        if self._model_info_set:  # (prometheus-client cannot clear series in multiprocess mode,
+            self._model_info.clear()  # which worker processes use: they describe theirs once)
+        self._model_info_set = bool(served)
         for m in served:
             self._model_info.labels(
                 m.model, m.model_version, m.variant, m.execution_provider, build_version

@@ -9,8 +9,9 @@ GIL while they run, so one instance's graph runs overlap the others' Python book
 runs: on a 2-core CPU two instances with one intra-op thread each decode faster than one instance
 with two threads (docs/benchmarks.md). A request goes to the instance with the fewest requests
 outstanding (queued or decoding) and stays there. The configured limits (max_sequences,
-max_kv_cache_tokens, max_queue_size) are the process's, split evenly between the instances; the
-gauges each instance sets are summed into the process's figure.
+max_kv_cache_tokens, max_queue_size) are the server's, split evenly between its worker processes
+(--workers, service/workers.py) and then between each worker's instances; the gauges each
+instance sets are summed into the process's figure, and the workers' into the server's.
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ if TYPE_CHECKING:
     from service.metrics import Metrics
 
 
-def instance_config(config: SchedulerConfig) -> SchedulerConfig:
-    """One instance's share of the limits (at least 1 of each)."""
-    n = config.instances
+def instance_config(config: SchedulerConfig, workers: int = 1) -> SchedulerConfig:
+    """One instance's share of the server's limits, `workers` processes of `config.instances`
+    instances each splitting them (at least 1 of each)."""
+    n = config.instances * workers
     return dataclasses.replace(
         config,
         instances=1,
@@ -59,14 +61,15 @@ class SchedulerPool:
         config: SchedulerConfig,
         metrics: Metrics | None = None,
         *,
+        workers: int = 1,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if config.instances < 1:
             raise ValueError(
                 f"instances {config.instances}: resolve the auto setting first (config.resolve_parallelism)"
             )
-        self.config = config
-        each = instance_config(config)
+        self.config, self._workers = config, workers
+        each = instance_config(config, workers)
         self.instances = [
             Scheduler(engine, each, metrics, clock=clock, instance=i) for i in range(config.instances)
         ]
@@ -79,7 +82,7 @@ class SchedulerPool:
 
     def submit(self, request: Request) -> Handle:
         """Queue `request` on the least loaded instance; raises what `Scheduler.submit` raises, with
-        the limits named as configured for the process rather than as one instance's share."""
+        the limits named as configured for the server rather than as one instance's share."""
         with self._lock:
             index = min(range(len(self.instances)), key=self._outstanding.__getitem__)
             self._outstanding[index] += 1
@@ -90,11 +93,17 @@ class SchedulerPool:
             raise QueueFullError(self.config.max_queue_size) from None
         except RequestTooLargeError as err:
             self._ended(index)
-            if len(self.instances) == 1:
+            parts = len(self.instances) * self._workers
+            if parts == 1:
                 raise
-            raise RequestTooLargeError(
-                f"{err}: that is one scheduler instance's share of the limits, which "
+            split = (
                 f"{len(self.instances)} instances split (--instances)"
+                if self._workers == 1
+                else f"{self._workers} worker processes × {len(self.instances)} instances split "
+                "(--workers, --instances)"
+            )
+            raise RequestTooLargeError(
+                f"{err}: that is one scheduler instance's share of the limits, which {split}"
             ) from None
         except BaseException:
             self._ended(index)

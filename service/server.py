@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
@@ -53,7 +54,7 @@ class _TextFormatter(logging.Formatter):
 
 
 class _JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message and the structured fields."""
+    """One JSON object per line: time, level, logger, message, the worker and the structured fields."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -61,20 +62,31 @@ class _JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
-            **getattr(record, "fields", {}),
         }
+        if hasattr(record, "worker"):
+            entry["worker"] = record.worker
+        entry.update(getattr(record, "fields", {}))
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
 
 
-def setup_logging(config: ServerConfig) -> None:
-    """Root logging to stderr at the configured level, as text or JSON lines."""
+def setup_logging(config: ServerConfig, *, worker: int | None = None) -> None:
+    """Root logging to stderr at the configured level, as text or JSON lines; a worker process's
+    lines carry its index (`worker-1`, or `"worker": 1`)."""
     handler = logging.StreamHandler()
+    if worker is not None:
+
+        def label(record: logging.LogRecord) -> bool:
+            record.worker = worker
+            return True
+
+        handler.addFilter(label)
     if config.log_format == "json":
         handler.setFormatter(_JsonFormatter())
     else:
-        handler.setFormatter(_TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        who = "" if worker is None else "worker-%(worker)d "
+        handler.setFormatter(_TextFormatter(f"%(asctime)s %(levelname)s {who}%(name)s: %(message)s"))
     logging.basicConfig(level=config.log_level, handlers=[handler], force=True)
 
 
@@ -95,7 +107,7 @@ class RunningServer:
     config: Config
     server: grpc.aio.Server
     port: int  # the bound gRPC port (the real one when the config asked for 0)
-    metrics_server: MetricsServer
+    metrics_server: MetricsServer | None  # None in a worker process: its supervisor serves /metrics
     health: health.aio.HealthServicer
     servicer: TranslatorServicer
     scheduler: SchedulerPool
@@ -103,8 +115,8 @@ class RunningServer:
     metrics: Metrics
 
     @property
-    def metrics_port(self) -> int:
-        return self.metrics_server.port
+    def metrics_port(self) -> int | None:
+        return None if self.metrics_server is None else self.metrics_server.port
 
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING, refuse new work, let in-flight calls finish within `grace` (default: config)."""
@@ -116,21 +128,31 @@ class RunningServer:
             log.warning("the grace period ended with requests still decoding; they are cancelled")
         await self.server.stop(grace)
         self.scheduler.stop()
-        self.metrics_server.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         log.info("stopped")
 
 
-async def start_server(config: Config, *, engine: Engine | None = None) -> RunningServer:
+async def start_server(
+    config: Config, *, engine: Engine | None = None, worker: int | None = None
+) -> RunningServer:
     """Start listening (health NOT_SERVING), load and warm the engine up, then report SERVING.
 
     Args:
         engine: an already loaded engine to serve (tests share one); None loads `config.engine`.
+        worker: this process's index among `config.server.workers` worker processes
+            (service/workers.py): then it serves no /metrics of its own (its supervisor serves
+            every worker's) and takes its share of the scheduler limits; None: a lone server.
     Returns:
         The running server with its bound ports.
     """
     registry = CollectorRegistry()
     metrics = Metrics(registry)
-    metrics_server = serve_metrics(registry, config.server.host.strip("[]"), config.server.metrics_port)
+    metrics_server = (
+        None
+        if worker is not None
+        else serve_metrics(registry, config.server.host.strip("[]"), config.server.metrics_port)
+    )
     if engine is None:
         device = choose_device(config.engine.provider, ort.get_available_providers())
     else:  # already loaded, its threads set
@@ -159,43 +181,69 @@ async def start_server(config: Config, *, engine: Engine | None = None) -> Runni
         default, served = engine.model(), [engine.model(name) for name in engine.models]
         labels = [ServedModel(m.name, m.version, m.variant, m.provider) for m in served]
         metrics.set_model_info(labels, build_version=_build_version())
-        scheduler = SchedulerPool(engine, config.scheduler, metrics)
+        workers = 1 if worker is None else config.server.workers
+        scheduler = SchedulerPool(engine, config.scheduler, metrics, workers=workers)
         servicer.attach(engine, scheduler)
         await asyncio.to_thread(engine.warm_up)
     except BaseException:
         await server.stop(0)
-        metrics_server.close()
+        if metrics_server is not None:
+            metrics_server.close()
         raise
     scheduler.start()
     servicer.ready = True
     for name in ("", SERVICE):
         await health_servicer.set(name, SERVING)
-    log.info(
-        "serving %s on %s port=%d metrics_port=%d (model %s %s, %s on %s)",
-        SERVICE,
-        config.server.host,
-        port,
-        metrics_server.port,
-        default.name,
-        default.version,
-        default.variant,
-        default.provider,
-    )
+    model = f"model {default.name} {default.version}, {default.variant} on {default.provider}"
+    if metrics_server is None:  # a worker: its supervisor logs the line with both ports
+        log.info("worker %d of %d serving on port=%d (%s)", worker, config.server.workers, port, model)
+    else:
+        log.info(
+            "serving %s on %s port=%d metrics_port=%d (%s)",
+            SERVICE,
+            config.server.host,
+            port,
+            metrics_server.port,
+            model,
+        )
     return RunningServer(
         config, server, port, metrics_server, health_servicer, servicer, scheduler, engine, metrics
     )
 
 
-async def serve(config: Config) -> None:
-    """Serve until SIGTERM or SIGINT, then stop gracefully (see `RunningServer.stop`) and return."""
-    running = await start_server(config)
+async def serve(
+    config: Config,
+    *,
+    worker: int | None = None,
+    started: Callable[[RunningServer], None] = lambda _: None,
+    orphaned: Callable[[], bool] = lambda: False,
+) -> None:
+    """Serve until SIGTERM or SIGINT, then stop gracefully (see `RunningServer.stop`) and return.
+
+    Args:
+        worker: this process's index when it is one of several worker processes (service/workers.py).
+        started: called once the server is SERVING.
+        orphaned: polled every half second; True stops the server as a signal would (a worker
+            whose supervisor is gone).
+    """
+    running = await start_server(config, worker=worker)
+    started(running)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+
+    async def watch() -> None:
+        while not orphaned():
+            await asyncio.sleep(0.5)
+        log.warning("the supervisor is gone: shutting down")
+        stop.set()
+
+    watcher = asyncio.create_task(watch())
     try:
         await stop.wait()
     finally:
+        watcher.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         await running.stop()
@@ -204,6 +252,8 @@ async def serve(config: Config) -> None:
 def _channel_options(server: ServerConfig) -> list[tuple[str, int]]:
     size = server.max_message_bytes
     options = [("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size)]
+    if server.workers > 1:  # the workers share one port; the kernel spreads connections over them
+        options.append(("grpc.so_reuseport", 1))
     if server.max_connection_age_s > 0:
         # then calls still in flight get the drain grace period before the connection closes
         age_ms, grace_ms = int(server.max_connection_age_s * 1000), int(server.grace_period_s * 1000)

@@ -13,6 +13,7 @@ from service.config import (
     ConfigError,
     EngineConfig,
     SchedulerConfig,
+    ServerConfig,
     config_table,
     parse_config,
 )
@@ -113,9 +114,13 @@ def test_readme_lists_every_setting() -> None:
 def test_auto_parallelism_shares_the_cores_out_between_instances() -> None:
     from service.config import MAX_AUTO_INSTANCES, resolve_parallelism
 
-    def resolved(device: str, cores: int, instances: int = 0, threads: int = 0) -> tuple[int, int]:
+    def resolved(
+        device: str, cores: int, instances: int = 0, threads: int = 0, workers: int = 1
+    ) -> tuple[int, int]:
         config = Config(
-            engine=EngineConfig(intra_op_threads=threads), scheduler=SchedulerConfig(instances=instances)
+            engine=EngineConfig(intra_op_threads=threads),
+            scheduler=SchedulerConfig(instances=instances),
+            server=ServerConfig(workers=workers),
         )
         out = resolve_parallelism(config, device, cores)
         return out.scheduler.instances, out.engine.intra_op_threads
@@ -127,3 +132,7 @@ def test_auto_parallelism_shares_the_cores_out_between_instances() -> None:
     assert resolved("cpu", 8, instances=1) == (1, 8)
     assert resolved("cpu", 2, instances=3, threads=2) == (3, 2)  # both given: as given
     assert resolved("cuda", 16) == (1, 0)  # onnxruntime's default threads on CUDA
+    # worker processes split the cores first: each resolves its own share
+    assert resolved("cpu", 2, workers=2) == (1, 1)
+    assert resolved("cpu", 8, workers=2) == (MAX_AUTO_INSTANCES, 1)
+    assert resolved("cpu", 2, workers=4) == (1, 1)  # never less than one core's worth

@@ -33,6 +33,9 @@ def test_the_limits_are_split_between_the_instances() -> None:
         300,
         86,
     )
+    # worker processes split the server's limits before their instances do
+    each = instance_config(SchedulerConfig(instances=2, max_sequences=64, max_queue_size=9), workers=2)
+    assert (each.max_sequences, each.max_queue_size) == (16, 3)
 
 
 class _ThreadRecordingEngine(FakeEngine):
@@ -113,6 +116,18 @@ def test_refusals_name_the_process_limits() -> None:
         for handle in running + waiting:
             handle.cancel()
         await asyncio.gather(*(h.result() for h in running + waiting), return_exceptions=True)
+        pool.stop()
+
+    run(main)
+
+
+def test_a_worker_names_the_workers_splitting_the_limits() -> None:
+    async def main() -> None:
+        # a worker of 2: 2 instances of 10 KV-cache slots each out of the server's 40
+        pool = SchedulerPool(FakeEngine(), config(instances=2, max_kv_cache_tokens=40), workers=2)
+        pool.start()
+        with pytest.raises(RequestTooLargeError, match=r"2 worker processes × 2 instances split"):
+            pool.submit(Request("fake", (4, 2), options(max_out=15)))
         pool.stop()
 
     run(main)
