@@ -7,7 +7,7 @@ import os
 import sys
 
 from service.config import ConfigError, parse_config
-from service.server import serve, setup_logging
+from service.server import ListenError, serve, setup_logging
 
 
 def main() -> int:
@@ -17,11 +17,15 @@ def main() -> int:
         print(f"python -m service: {err}", file=sys.stderr)
         return 2
     setup_logging(config.server)
-    if config.server.workers > 1:
-        from service.workers import run_workers
+    try:
+        if config.server.workers > 1:
+            from service.workers import run_workers
 
-        return run_workers(config)
-    asyncio.run(serve(config))
+            return run_workers(config)
+        asyncio.run(serve(config))
+    except ListenError as err:
+        print(f"python -m service: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

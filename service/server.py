@@ -93,6 +93,20 @@ def setup_logging(config: ServerConfig, *, worker: int | None = None) -> None:
 # --- the running server -----------------------------------------------------------------------------
 
 
+class ListenError(OSError):
+    """A port cannot be bound (gRPC or metrics); the message names the address."""
+
+
+def listen_for_metrics(registry: CollectorRegistry, server: ServerConfig) -> MetricsServer:
+    """`registry` served on the metrics port (service.metrics.serve_metrics)."""
+    host = server.host.strip("[]")
+    try:
+        return serve_metrics(registry, host, server.metrics_port)
+    except OSError as err:
+        address = f"{server.host}:{server.metrics_port}"
+        raise ListenError(f"cannot serve metrics on {address}: {err.strerror}") from err
+
+
 def _build_version() -> str:
     try:
         return metadata.version("translator")
@@ -148,11 +162,7 @@ async def start_server(
     """
     registry = CollectorRegistry()
     metrics = Metrics(registry)
-    metrics_server = (
-        None
-        if worker is not None
-        else serve_metrics(registry, config.server.host.strip("[]"), config.server.metrics_port)
-    )
+    metrics_server = None if worker is not None else listen_for_metrics(registry, config.server)
     if engine is None:
         device = choose_device(config.engine.provider, ort.get_available_providers())
     else:  # already loaded, its threads set
@@ -166,7 +176,13 @@ async def start_server(
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{config.server.host}:{config.server.port}")
+    address = f"{config.server.host}:{config.server.port}"
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as err:  # grpc's "Failed to bind": the reason is only in its debug log
+        if metrics_server is not None:
+            metrics_server.close()
+        raise ListenError(f"cannot listen on {address}: in use, or not an address of this host") from err
     for name in ("", SERVICE):
         await health_servicer.set(name, NOT_SERVING)
     await server.start()
@@ -252,8 +268,9 @@ async def serve(
 def _channel_options(server: ServerConfig) -> list[tuple[str, int]]:
     size = server.max_message_bytes
     options = [("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size)]
-    if server.workers > 1:  # the workers share one port; the kernel spreads connections over them
-        options.append(("grpc.so_reuseport", 1))
+    # Workers share one port, and the kernel spreads connections over them; a lone server refuses a
+    # port that another one holds, rather than silently splitting its connections with it.
+    options.append(("grpc.so_reuseport", 1 if server.workers > 1 else 0))
     if server.max_connection_age_s > 0:
         # then calls still in flight get the drain grace period before the connection closes
         age_ms, grace_ms = int(server.max_connection_age_s * 1000), int(server.grace_period_s * 1000)

@@ -48,8 +48,7 @@ from types import FrameType
 from prometheus_client import CollectorRegistry, multiprocess
 
 from service.config import Config
-from service.metrics import serve_metrics
-from service.server import SERVICE, RunningServer, serve, setup_logging
+from service.server import SERVICE, ListenError, RunningServer, listen_for_metrics, serve, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +70,7 @@ def run_workers(config: Config) -> int:
         os.environ[MULTIPROC_DIR_ENV] = metrics_dir  # inherited by the workers spawned below
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=metrics_dir)
-        metrics_server = serve_metrics(registry, server.host.strip("[]"), server.metrics_port)
+        metrics_server = listen_for_metrics(registry, server)
         try:
             worker_config = replace(config, server=replace(server, port=port))
             return _Supervisor(worker_config, metrics_dir, metrics_server.port).run()
@@ -200,11 +199,14 @@ def _reserved_port(host: str, port: int) -> Iterator[int]:
     """A socket bound to (host, port) with SO_REUSEPORT for the workers' lifetime; yields the port
     (the free one chosen when `port` is 0). It never listens, so it takes no connections."""
     if not hasattr(socket, "SO_REUSEPORT"):
-        raise OSError("--workers > 1 needs SO_REUSEPORT (Linux, the BSDs, macOS)")
+        raise ListenError("--workers > 1 needs SO_REUSEPORT (Linux, the BSDs, macOS)")
     family, kind, proto, _, address = socket.getaddrinfo(
         host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
     with socket.socket(family, kind, proto) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(address)
+        try:
+            sock.bind(address)
+        except OSError as err:
+            raise ListenError(f"cannot listen on {host}:{port}: {err.strerror}") from err
         yield int(sock.getsockname()[1])

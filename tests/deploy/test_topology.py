@@ -1,7 +1,8 @@
 """The compose topology, for real but without Docker: replicas, nginx and Prometheus as local processes.
 
-Three `python -m service` processes on loopback ports, nginx with the configuration rendered from
-deploy/nginx/nginx.conf.template (the template of the compose file's) pointed at them, and Prometheus
+Three `python -m service` servers on loopback ports (one of them 2 worker processes, `--workers 2`),
+nginx with the configuration rendered from deploy/nginx/nginx.conf.template (the template of the
+compose file's) pointed at them, and Prometheus
 with deploy/prometheus/prometheus.yml.template rendered for them (1 s scrapes) and the repository's
 alert rules. The tests then run in order on that one topology (module-scoped: starting it is most of
 the time): traffic reaches every replica through nginx; a replica killed (SIGKILL) or stopped
@@ -39,6 +40,9 @@ from service.client import TranslatorClient, TranslatorError
 from tests.deploy.tools import DEPLOY, REPO, free_port, require_binary
 
 REPLICAS = 3
+# This replica runs 2 worker processes (--workers) under their supervisor: the stopped one below,
+# so that a SIGTERM drains both workers behind nginx; its metrics are the workers' sum.
+WORKERS_REPLICA = 1
 STARTUP_TIMEOUT_S = 120.0  # three servers warming up at once on a busy 2-core machine
 SENTENCES = ("I love cats.", "The dog is small.", "We like the red house.", "She reads a book.")
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "translator.json"
@@ -167,6 +171,8 @@ def _start_replica(index: int, tmp: Path) -> Process:
     # Port 0: the server picks free ports and logs them (no race with other processes for them).
     argv = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"]
     argv += ["--intra-op-threads", "1", "--grace-period-s", "1"]
+    if index == WORKERS_REPLICA:
+        argv += ["--workers", "2"]
     return _start(f"replica {index}", argv, tmp / f"replica{index}.log")
 
 
@@ -272,7 +278,7 @@ def test_requests_land_on_every_replica(topology: Topology) -> None:
 
 @pytest.mark.parametrize(
     ("victim_index", "how"),
-    [(0, signal.SIGKILL), (1, signal.SIGTERM)],
+    [(0, signal.SIGKILL), (WORKERS_REPLICA, signal.SIGTERM)],
     ids=["killed", "stopped"],
 )
 def test_losing_a_replica_mid_load_loses_no_request(

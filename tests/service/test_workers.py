@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -173,3 +174,22 @@ def test_workers_of_a_killed_supervisor_stop_on_their_own(supervisor: Supervisor
     supervisor.process.kill()
     supervisor.process.wait()
     wait_for("the orphaned workers to exit", lambda: not any(alive(pid) for pid in workers) or None, 30)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_port_in_use_is_a_clear_error(workers: int) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for flags in (
+            ["--port", str(port), "--metrics-port", "0"],
+            ["--port", "0", "--metrics-port", str(port)],
+        ):
+            argv = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--workers", str(workers), *flags]
+            done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60)
+            assert done.returncode == 1
+            last = done.stderr.splitlines()[-1]  # (grpc logs its own line before it)
+            assert re.fullmatch(
+                rf"python -m service: cannot (listen|serve metrics) on 127.0.0.1:{port}: .+", last
+            )
