@@ -11,10 +11,14 @@ One run measures, on the committed test sentences and one loaded engine shared b
    batch of 1 and no wait). Each takes a closed loop (N concurrent clients for a fixed time);
    continuous batching also with 2N clients and with several texts per call, each of its closed
    loops followed at once by the ceiling's setting measured again (the machine's speed drifts, so
-   the throughput target compares a loop with the engine measured right after it). Then
-   continuous and collect take open loops of Poisson arrivals at fractions (70 %, 90 %) of the
-   continuous mode's closed-loop capacity, alternating between the two servers, a few pairs per
-   rate (`bench.load_client`).
+   the throughput target compares a loop with the engine measured right after it). Right after
+   continuous batching's loops, the same closed loops (2N clients, several texts per call) against
+   `python -m service --workers W` in a subprocess: W whole server processes on one port, each with
+   its own interpreter and its own copy of the model. Then continuous and collect take open loops
+   of Poisson arrivals at fractions (70 %, 90 %) of the continuous mode's closed-loop capacity,
+   alternating between the two servers, a few pairs per rate (`bench.load_client`). Every phase
+   spreads its clients over several connections (a worker-process server needs that to use its
+   workers, so the in-process servers get the same).
 3. The KV-cache speed-up at batch 64 and 64 output tokens (`bench.kv_cache`'s own measurement).
 
 Then it checks the targets as ratios within the run and writes JSON and a markdown page
@@ -30,17 +34,25 @@ import dataclasses
 import functools
 import json
 import multiprocessing
+import os
+import signal
+import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from bench.load_client import Phase, PhaseResult, run_phase
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bench.load_client import DEFAULT_CONNECTIONS, OWN_CONNECTION, Phase, PhaseResult, run_phase
 from bench.load_engine import (
     KV_BATCH,
     KV_TOKENS,
@@ -82,6 +94,9 @@ MODE_LABELS = {
     "batch1": "no batching (batch 1)",
 }
 OPEN_LOOP_MODES = ("continuous", "collect")
+# The worker-process server is ready once this many health checks in a row, each on a connection of
+# its own, said SERVING (see `wait_serving`).
+READY_CHECKS = 24
 
 
 @dataclass(frozen=True)
@@ -102,9 +117,11 @@ class BenchResult:
     duration_s: float
     concurrency: int
     stream_every: int
+    connections: int  # the channels (TCP connections) every phase spreads its requests over
     open_fractions: list[float]
     open_repeats: int
     modes: dict[str, str]  # mode → its scheduler settings in words
+    worker_server: str | None  # the worker-process server's command line in words; None: not run
     closed: list[PhaseResult]
     open: list[PhaseResult]
     engine: list[EngineResult]
@@ -131,30 +148,187 @@ def mode_config(mode: str, instances: int) -> SchedulerConfig:
     return dataclasses.replace(MODES[mode], instances=instances)
 
 
-def mode_settings(mode: str, instances: int, threads: int) -> str:
+def mode_flags(mode: str, instances: int, threads: int) -> list[str]:
+    """The `python -m service` flags of a mode's scheduler (the settings MODES changes)."""
     s = mode_config(mode, instances)
-    common = f"--instances {s.instances} --intra-op-threads {threads}"
+    common = ["--instances", str(s.instances), "--intra-op-threads", str(threads)]
     if s.mode == "continuous":
-        return f"`--scheduler continuous --max-sequences {s.max_sequences} {common}`"
-    return (
-        f"`--scheduler collect --max-batch-size {s.max_batch_size} --max-wait-ms {s.max_wait_ms:g} {common}`"
-    )
+        return ["--scheduler", "continuous", "--max-sequences", str(s.max_sequences), *common]
+    return [
+        "--scheduler",
+        "collect",
+        "--max-batch-size",
+        str(s.max_batch_size),
+        "--max-wait-ms",
+        f"{s.max_wait_ms:g}",
+        *common,
+    ]
+
+
+def mode_settings(mode: str, instances: int, threads: int) -> str:
+    return "`" + " ".join(mode_flags(mode, instances, threads)) + "`"
+
+
+def mode_label(mode: str, workers: int = 1) -> str:
+    """A mode in words, with the server's worker processes when it has several."""
+    label = MODE_LABELS.get(mode, mode)
+    return label if workers == 1 else f"{label}, {workers} worker processes"
 
 
 # --- the service ------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Server:
+    """A server under load: where it listens, its worker processes, and its CPU seconds so far."""
+
+    target: str
+    workers: int
+    cpu_seconds: Callable[[], float]
+
+
 @asynccontextmanager
-async def serving(engine: Engine, scheduler: SchedulerConfig) -> AsyncIterator[str]:
-    """The real server on 127.0.0.1 (free ports), on this event loop; yields its target."""
+async def serving(engine: Engine, scheduler: SchedulerConfig) -> AsyncIterator[Server]:
+    """The real server on 127.0.0.1 (free ports), on this event loop: its CPU is this process's."""
     server = ServerConfig(host="127.0.0.1", port=0, metrics_port=0, grace_period_s=2.0, log_level="WARNING")
     running = await start_server(
         Config(engine=engine.config, scheduler=scheduler, server=server), engine=engine
     )
     try:
-        yield f"127.0.0.1:{running.port}"
+        yield Server(f"127.0.0.1:{running.port}", 1, time.process_time)
     finally:
         await running.stop(grace=2.0)
+
+
+def worker_flags(engine: EngineConfig, workers: int) -> list[str]:
+    """`python -m service` flags of the worker-process server (but its port): continuous batching as
+    in MODES, the engine's model and threads, `--instances 0` (auto: the cores split between the
+    workers, then one instance per core), the in-process servers' grace period and log level."""
+    return [
+        "--workers",
+        str(workers),
+        "--host",
+        "127.0.0.1",
+        "--metrics-port",
+        "0",
+        "--log-level",
+        "WARNING",
+        "--grace-period-s",
+        "2",
+        "--model-dirs",
+        ",".join(str(d) for d in engine.model_dirs),
+        *mode_flags("continuous", 0, engine.intra_op_threads),
+    ]
+
+
+@contextlib.contextmanager
+def reserved_port() -> Iterator[int]:
+    """A free port on 127.0.0.1, held by a socket bound with SO_REUSEPORT (never listening) until the
+    block ends: no other program can take it meanwhile, while the worker server's supervisor, whose
+    own reservation also sets SO_REUSEPORT, and its workers can bind it too."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(("127.0.0.1", 0))
+        yield int(sock.getsockname()[1])
+
+
+@asynccontextmanager
+async def serving_workers(
+    engine: EngineConfig,
+    workers: int,
+    *,
+    ready_timeout_s: float = 120.0,
+    log: Callable[[str], None] = lambda _: None,
+) -> AsyncIterator[Server]:
+    """`python -m service --workers N` in a subprocess (`worker_flags`), yielded once every worker
+    serves; then SIGTERM (every worker drains) and a wait, killed after 60 s. Its CPU: the supervisor's
+    and every descendant's (the workers, multiprocessing's resource tracker)."""
+    with reserved_port() as port, tempfile.TemporaryFile() as output:
+        argv = [sys.executable, "-m", "service", *worker_flags(engine, workers), "--port", str(port)]
+        process = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT)
+        try:
+            target = f"127.0.0.1:{port}"
+            await wait_serving(target, process, output, ready_timeout_s)
+            yield Server(target, workers, functools.partial(process_tree_cpu_seconds, process.pid))
+        finally:
+            code = await asyncio.to_thread(stop_process, process, 60.0)
+            if code != 0:
+                log(f"the worker server exited with code {code}:\n{_tail(output)}")
+
+
+async def wait_serving(
+    target: str, process: subprocess.Popen[bytes], output: IO[bytes], timeout_s: float
+) -> None:
+    """Until READY_CHECKS health checks (`grpc.health.v1`, service "") in a row say SERVING; raises
+    RuntimeError with the server's last output if it exits or `timeout_s` passes first.
+
+    Health is each worker's own and the kernel hands each connection to one worker, so every check
+    opens a connection of its own: a worker not yet serving escapes READY_CHECKS of them with a
+    chance of ((W − 1)/W)^24 (2^-24 with 2 workers). The warm-up calls follow anyway."""
+    deadline = time.monotonic() + timeout_s
+    in_a_row = 0
+    while in_a_row < READY_CHECKS:
+        if process.poll() is not None:
+            raise RuntimeError(f"the worker server exited with code {process.returncode}:\n{_tail(output)}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the worker server was not serving after {timeout_s:g} s:\n{_tail(output)}")
+        if await _health_serving(target):
+            in_a_row += 1
+        else:
+            in_a_row = 0
+            await asyncio.sleep(0.2)
+
+
+async def _health_serving(target: str) -> bool:
+    async with grpc.aio.insecure_channel(target, options=OWN_CONNECTION) as channel:
+        try:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=5.0
+            )
+        except grpc.aio.AioRpcError:  # not listening yet (UNAVAILABLE), or slow to answer
+            return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout_s: float) -> int | None:
+    """SIGTERM, then its exit code; killed when it has not exited within `timeout_s`."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        return None
+
+
+def _tail(output: IO[bytes], chars: int = 4000) -> str:
+    """The last `chars` bytes written to `output`, read without moving its offset (the subprocess
+    writes through the same open file)."""
+    size = os.fstat(output.fileno()).st_size
+    start = max(0, size - chars)
+    return os.pread(output.fileno(), size - start, start).decode(errors="replace")
+
+
+def process_tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system, every thread) used so far by process `pid` and every descendant
+    alive now, from /proc (Linux): the worker server's CPU is spread over several processes."""
+    ticks, pending = 0, [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            stat = Path(f"/proc/{current}/stat").read_text()
+            tasks = list(Path(f"/proc/{current}/task").iterdir())
+        except (FileNotFoundError, ProcessLookupError):  # exited meanwhile
+            continue
+        # after the command name, in parentheses and free to hold spaces: field 3 onwards; utime and
+        # stime are fields 14 and 15
+        fields = stat.rpartition(")")[2].split()
+        ticks += int(fields[11]) + int(fields[12])
+        for task in tasks:  # a child is listed under the thread that started it
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                pending += [int(child) for child in (task / "children").read_text().split()]
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 async def measure_service(
@@ -169,6 +343,8 @@ async def measure_service(
     open_repeats: int = 1,
     texts_per_call: int = 1,
     instances: int = 1,
+    connections: int = DEFAULT_CONNECTIONS,
+    workers: int = 0,
     seed: int = 0,
     ceiling: Callable[[], float] | None = None,
     log: Callable[[str], None] = lambda _: None,
@@ -179,9 +355,11 @@ async def measure_service(
     sentences/s (the better of its two client counts), so continuous runs first; without it there
     is no open loop. The first fraction is the target's. `ceiling()`, when given, measures the engine
     alone right after each closed loop of continuous batching. With `texts_per_call` > 1 continuous
-    batching also takes a closed loop of calls carrying that many texts each. Both modes' servers
-    are up together for
-    the open loops, which alternate between them `open_repeats` times per rate: on a shared
+    batching also takes a closed loop of calls carrying that many texts each. With `workers` ≥ 2,
+    continuous batching's loops are followed by the same against `workers` worker processes
+    (`serving_workers`): the larger client count only, the one the throughput target reads. Every
+    phase spreads its requests over `connections` connections. Both modes' servers are up together
+    for the open loops, which alternate between them `open_repeats` times per rate: on a shared
     machine the speed drifts, and pairs run back to back see about the same machine.
     """
     order = sorted(modes, key=list(MODES).index)
@@ -191,15 +369,26 @@ async def measure_service(
     loop = asyncio.get_running_loop()
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as clients:
 
-        async def phase(target: str, kind: Phase, mode: str, **params: Any) -> PhaseResult | None:
-            call = functools.partial(run_phase, target, list(texts), stream_every, kind, mode, **params)
-            cpu, wall = time.process_time(), time.perf_counter()  # this process: the server alone
+        async def phase(server: Server, kind: Phase, mode: str, **params: Any) -> PhaseResult | None:
+            call = functools.partial(
+                run_phase,
+                server.target,
+                list(texts),
+                stream_every,
+                kind,
+                mode,
+                connections=connections,
+                **params,
+            )
+            cpu, wall = server.cpu_seconds(), time.perf_counter()  # the server alone: not the clients
             result = await loop.run_in_executor(clients, call)
-            cores = (time.process_time() - cpu) / (time.perf_counter() - wall)
-            return None if result is None else dataclasses.replace(result, server_cores=cores)
+            cores = (server.cpu_seconds() - cpu) / (time.perf_counter() - wall)
+            if result is None:
+                return None
+            return dataclasses.replace(result, server_cores=cores, workers=server.workers)
 
-        async def timed(target: str, kind: Phase, mode: str, **params: Any) -> PhaseResult:
-            result = await phase(target, kind, mode, **params)
+        async def timed(server: Server, kind: Phase, mode: str, **params: Any) -> PhaseResult:
+            result = await phase(server, kind, mode, **params)
             assert result is not None
             if kind == "closed" and mode == "continuous" and ceiling is not None:
                 # the server idle meanwhile: the engine alone has the machine
@@ -207,44 +396,60 @@ async def measure_service(
             log(_line(result))
             return result
 
-        for mode in order:
-            async with serving(engine, mode_config(mode, instances)) as target:
-                await phase(target, "warm", mode, requests=2 * concurrency, clients=concurrency)
-                closed.append(await timed(target, "closed", mode, clients=concurrency, duration_s=duration_s))
-                if mode == "continuous":
-                    # Twice the clients: saturated if the throughput does not rise with them.
-                    closed.append(
-                        await timed(target, "closed", mode, clients=2 * concurrency, duration_s=duration_s)
+        async def closed_loops(
+            server: Server, mode: str, client_counts: Sequence[int], several: bool
+        ) -> list[PhaseResult]:
+            """The warm-up, a closed loop of single-text calls per client count, then, with
+            `several`, one of calls carrying `texts_per_call` texts (when > 1): as many texts in
+            flight as the largest loop, fewer calls."""
+            await phase(server, "warm", mode, requests=2 * concurrency, clients=concurrency)
+            loops = [
+                await timed(server, "closed", mode, clients=n, duration_s=duration_s) for n in client_counts
+            ]
+            if several and texts_per_call > 1:
+                callers = max(1, max(client_counts) // texts_per_call)
+                loops.append(
+                    await timed(
+                        server,
+                        "closed",
+                        mode,
+                        clients=callers,
+                        duration_s=duration_s,
+                        texts_per_call=texts_per_call,
                     )
-                    capacity = max(r.sentences_per_s for r in closed[-2:])
-                    rates = [fraction * capacity for fraction in open_fractions]
-                    if texts_per_call > 1:  # as many texts in flight as the larger loop, fewer calls
-                        callers = max(1, 2 * concurrency // texts_per_call)
-                        closed.append(
-                            await timed(
-                                target,
-                                "closed",
-                                mode,
-                                clients=callers,
-                                duration_s=duration_s,
-                                texts_per_call=texts_per_call,
-                            )
-                        )
+                )
+            return loops
+
+        for mode in order:
+            continuous = mode == "continuous"
+            # continuous batching also with twice the clients: saturated if the throughput does not
+            # rise with them
+            client_counts = [concurrency, 2 * concurrency] if continuous else [concurrency]
+            async with serving(engine, mode_config(mode, instances)) as server:
+                loops = await closed_loops(server, mode, client_counts, several=continuous)
+            closed += loops
+            if continuous:
+                capacity = max(r.sentences_per_s for r in loops if r.texts_per_call == 1)
+                rates = [fraction * capacity for fraction in open_fractions]
+                if workers >= 2:  # the in-process server is stopped: the workers have the machine
+                    log(f"starting python -m service --workers {workers}")
+                    async with serving_workers(engine.config, workers, log=log) as server:
+                        closed += await closed_loops(server, mode, [2 * concurrency], several=True)
 
         open_modes = [m for m in OPEN_LOOP_MODES if m in order]
         if rates and open_modes:
             async with contextlib.AsyncExitStack() as stack:
-                targets = {
+                servers = {
                     m: await stack.enter_async_context(serving(engine, mode_config(m, instances)))
                     for m in open_modes
                 }
-                for mode, target in targets.items():
-                    await phase(target, "warm", mode, requests=2 * concurrency, clients=concurrency)
+                for mode, server in servers.items():
+                    await phase(server, "warm", mode, requests=2 * concurrency, clients=concurrency)
                 for rate in rates:
                     for repeat in range(open_repeats):
-                        for mode, target in targets.items():
+                        for mode, server in servers.items():
                             result = await timed(
-                                target, "open", mode, rate=rate, duration_s=duration_s, seed=seed + repeat
+                                server, "open", mode, rate=rate, duration_s=duration_s, seed=seed + repeat
                             )
                             opened.append(dataclasses.replace(result, repeat=repeat))
     return closed, opened
@@ -256,8 +461,9 @@ def _line(r: PhaseResult) -> str:
         load += f" × {r.texts_per_call} texts"
     lat = r.latency
     p = f"p50 {lat.p50 * 1e3:.0f} p90 {lat.p90 * 1e3:.0f} p99 {lat.p99 * 1e3:.0f} ms" if lat else "no latency"
+    mode = r.mode if r.workers == 1 else f"{r.mode} ({r.workers} workers)"
     return (
-        f"{r.mode:>10} {load}: {r.sentences_per_s:.1f} sent/s, {r.output_tokens_per_s:.0f} tok/s, {p}, "
+        f"{mode:>10} {load}: {r.sentences_per_s:.1f} sent/s, {r.output_tokens_per_s:.0f} tok/s, {p}, "
         f"{r.requests} ok, {r.errors} errors {r.error_codes or ''}, {r.unfinished} unfinished, "
         f"server {r.server_cores or 0:.2f} cores, clients {r.client_cores or 0:.2f}"
         + (f", engine alone right after {r.engine_after:.0f} tok/s" if r.engine_after else "")
@@ -283,6 +489,10 @@ def open_loop_p99_ratios(opened: Sequence[PhaseResult], rate: float | None = Non
     return ratios
 
 
+def server_in_words(workers: int) -> str:
+    return "one server process" if workers == 1 else f"{workers} worker processes"
+
+
 def check_targets(
     closed: Sequence[PhaseResult],
     opened: Sequence[PhaseResult],
@@ -297,6 +507,7 @@ def check_targets(
         if ceiling
         else ""
     )
+    # continuous batching in one process and in worker processes: the service is the better of them
     continuous = [r for r in closed if r.mode == "continuous"]
     for texts in sorted({1, *(r.texts_per_call for r in continuous)}):
         calls = "one text per call" if texts == 1 else f"{texts} texts per call"
@@ -307,12 +518,14 @@ def check_targets(
             default=None,
         )
         ratio: float | None = None
+        best = "continuous batching's best output tok/s under the closed loops"
+        if service is not None:
+            best += f" ({server_in_words(service.workers)})"
         if service is not None and service.engine_after:
             ratio = service.output_tokens_per_s / service.engine_after
             measured = (
-                f"continuous batching's best output tok/s under the closed loops, {calls} / the engine "
-                f"alone's output tok/s{against}, measured right after that loop "
-                f"({service.engine_after:,.0f})"
+                f"{best}, {calls} / the engine alone's output tok/s{against}, measured right after that "
+                f"loop ({service.engine_after:,.0f})"
             )
             if ceiling is not None:
                 swept = service.output_tokens_per_s / ceiling.output_tokens_per_s
@@ -322,10 +535,7 @@ def check_targets(
         else:
             if service is not None and ceiling is not None:
                 ratio = service.output_tokens_per_s / ceiling.output_tokens_per_s
-            measured = (
-                f"continuous batching's best output tok/s under the closed loops, {calls} / "
-                f"the engine alone's best output tok/s{against}"
-            )
+            measured = f"{best}, {calls} / the engine alone's best output tok/s{against}"
         targets.append(
             Target(
                 "service throughput vs the engine alone" + ("" if texts == 1 else f", {calls}"),
@@ -383,6 +593,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--concurrency", type=int, default=32, help="closed-loop clients")
     parser.add_argument("--stream-every", type=int, default=8, help="every Nth request is a TranslateStream")
     parser.add_argument(
+        "--connections",
+        type=int,
+        default=DEFAULT_CONNECTIONS,
+        help="TCP connections every phase spreads its clients over, round-robin",
+    )
+    parser.add_argument(
         "--open-fraction",
         type=float,
         nargs="+",
@@ -411,6 +627,13 @@ def _parser() -> argparse.ArgumentParser:
         default=0,
         help="the service's scheduler instances (0: the server's auto choice)",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=usable_cores(),
+        help="continuous batching also in `python -m service --workers N` (default: the usable cores; "
+        "< 2: not)",
+    )
     parser.add_argument("--engine-batches", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per engine batch and KV cell")
     parser.add_argument("--skip-kv", action="store_true", help="do not measure the KV-cache speed-up")
@@ -429,12 +652,14 @@ def _command(args: argparse.Namespace) -> str:
         f"--duration {args.duration:g}",
         f"--concurrency {args.concurrency}",
         f"--stream-every {args.stream_every}",
+        f"--connections {args.connections}",
         "--open-fraction " + " ".join(f"{f:g}" for f in args.open_fraction),
         f"--open-repeats {args.open_repeats}",
         f"--texts-per-call {args.texts_per_call}",
         "--modes " + " ".join(args.modes),
         f"--threads {args.threads}",
         f"--instances {args.instances}",
+        f"--workers {args.workers}",
         "--engine-batches " + " ".join(map(str, args.engine_batches)),
         f"--repeats {args.repeats}",
         *(["--skip-kv"] if args.skip_kv else []),
@@ -456,18 +681,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.repeats,
             args.open_repeats,
             args.texts_per_call,
+            args.connections,
             min(args.engine_batches),
         )
         < 1
         or args.duration <= 0
     ):
         raise SystemExit(
-            "--sentences, --concurrency, --repeats, --open-repeats, --texts-per-call, --engine-batches "
-            "and --duration must be positive"
+            "--sentences, --concurrency, --repeats, --open-repeats, --texts-per-call, --connections, "
+            "--engine-batches and --duration must be positive"
         )
-    if min(args.open_fraction) <= 0 or min(args.stream_every, args.threads, args.instances) < 0:
+    if min(args.open_fraction) <= 0 or min(args.stream_every, args.threads, args.instances, args.workers) < 0:
         raise SystemExit(
-            "--open-fraction must be positive, --stream-every, --threads, --instances at least 0"
+            "--open-fraction must be positive, --stream-every, --threads, --instances, --workers at least 0"
         )
     # 0: what the server itself would choose on this CPU with these threads
     wanted = Config(
@@ -527,6 +753,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             open_repeats=args.open_repeats,
             texts_per_call=args.texts_per_call,
             instances=instances,
+            connections=args.connections,
+            workers=args.workers,
             seed=args.seed,
             ceiling=ceiling,
             log=log,
@@ -559,9 +787,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         duration_s=args.duration,
         concurrency=args.concurrency,
         stream_every=args.stream_every,
+        connections=args.connections,
         open_fractions=args.open_fraction,
         open_repeats=args.open_repeats,
         modes={m: mode_settings(m, instances, args.threads) for m in args.modes},
+        worker_server=(
+            "`python -m service " + " ".join(worker_flags(engine.config, args.workers)) + " --port P`"
+            if any(r.workers > 1 for r in closed)
+            else None
+        ),
         closed=closed,
         open=opened,
         engine=engine_results,

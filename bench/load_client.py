@@ -11,6 +11,13 @@ the client-side time to first token (the first delta that carries token ids). Wi
 translating a paragraph): it shows what the per-call work of gRPC costs. Latency is measured by
 the client from just before the call to the full result (for a stream: the final message).
 
+A phase opens `connections` channels, each its own TCP connection, and spreads its requests over
+them round-robin: a closed loop's client i always uses channel i mod `connections`, an open loop's
+and a warm-up's request i goes on channel i mod `connections`. A server of several worker
+processes (`python -m service --workers N`) gets each connection on one worker (the kernel picks
+it), so one connection would load one worker only; every server gets the same spread, so that the
+comparisons stay like for like.
+
 - Closed loop (`closed_loop`): N clients, each sending its next request as soon as its previous one
   returns, until the duration has passed; the requests in flight then finish and count.
 - Open loop (`open_loop`): Poisson arrivals at a given rate (exponential gaps, seeded) for the
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import itertools
 import random
@@ -36,6 +44,14 @@ from service.api.translator.v1 import translator_pb2 as pb
 from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
 
 _OPTIONS = pb.TranslateOptions(greedy=pb.Greedy(), return_timings=True)
+# A channel's own TCP connection: channels to one target otherwise share one (gRPC's global
+# subchannel pool), and their calls would all land on one worker process.
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
+# As many as the largest closed loop has clients: each client then has a connection of its own, as
+# separate clients would, and a worker-process server gets about as many clients per worker as the
+# kernel's random choice allows (with 8 connections a 5:3 split left one worker a third more clients
+# than the other, queueing beyond its share of --max-sequences). Unused channels never connect.
+DEFAULT_CONNECTIONS = 64
 
 
 @dataclass(frozen=True)
@@ -93,15 +109,17 @@ class PhaseResult:
     # measured right after the loop (the machine's speed drifts; this pair saw about the same one)
     engine_after: float | None = None
     repeat: int = 0  # open loop: which run at this rate (they alternate between the modes)
+    workers: int = 1  # the server's worker processes (`python -m service --workers`); 1: one process
 
 
 class Caller:
     """Sends request number i: text i (cycling over `texts`), streamed when i % stream_every == 0;
-    with `texts_per_call` k > 1, texts k·i … k·i + k − 1 in one unary call."""
+    with `texts_per_call` k > 1, texts k·i … k·i + k − 1 in one unary call. It goes on channel
+    `connection` mod len(channels), by default i's: which channel never changes what is sent."""
 
     def __init__(
         self,
-        channel: grpc.aio.Channel,
+        channels: Sequence[grpc.aio.Channel],
         texts: Sequence[str],
         stream_every: int,
         timeout_s: float = 120.0,
@@ -109,7 +127,9 @@ class Caller:
     ) -> None:
         if not texts:
             raise ValueError("no texts to send")
-        self._stub = pb_grpc.TranslatorStub(channel)
+        if not channels:
+            raise ValueError("no channel to send on")
+        self._stubs = [pb_grpc.TranslatorStub(channel) for channel in channels]
         self._texts, self._stream_every, self._timeout = texts, stream_every, timeout_s
         self.texts_per_call = texts_per_call
         self._origin = time.perf_counter()
@@ -117,7 +137,8 @@ class Caller:
     def restart_clock(self) -> None:
         self._origin = time.perf_counter()
 
-    async def call(self, index: int) -> Sample:
+    async def call(self, index: int, connection: int | None = None) -> Sample:
+        stub = self._stubs[(index if connection is None else connection) % len(self._stubs)]
         k = self.texts_per_call
         texts = [self._texts[(index * k + j) % len(self._texts)] for j in range(k)]
         text = texts[0]
@@ -127,7 +148,7 @@ class Caller:
         try:
             if streamed:
                 final = None
-                stream = self._stub.TranslateStream(
+                stream = stub.TranslateStream(
                     pb.TranslateStreamRequest(text=text, options=_OPTIONS), timeout=self._timeout
                 )
                 async for message in stream:
@@ -139,7 +160,7 @@ class Caller:
                     raise RuntimeError("the stream ended without a final message")
                 response = final
             else:
-                response = await self._stub.Translate(
+                response = await stub.Translate(
                     pb.TranslateRequest(texts=texts, options=_OPTIONS), timeout=self._timeout
                 )
         except grpc.aio.AioRpcError as err:
@@ -154,7 +175,8 @@ class Caller:
 
 
 async def warm_up(caller: Caller, requests: int, concurrency: int) -> None:
-    """Untimed requests (streamed ones included), `concurrency` at a time, to fill caches and pools."""
+    """Untimed requests (streamed ones included), `concurrency` at a time, to fill caches and pools;
+    request i on channel i, so that every connection, and the worker it landed on, gets some."""
     counter = itertools.count()
 
     async def client() -> None:
@@ -165,18 +187,18 @@ async def warm_up(caller: Caller, requests: int, concurrency: int) -> None:
 
 
 async def closed_loop(caller: Caller, mode: str, clients: int, duration_s: float) -> PhaseResult:
-    """`clients` concurrent clients, back to back, for `duration_s`."""
+    """`clients` concurrent clients, back to back, for `duration_s`; client c always on channel c."""
     counter = itertools.count()
     samples: list[Sample] = []
     caller.restart_clock()
     start = time.perf_counter()
     deadline = start + duration_s
 
-    async def client() -> None:
+    async def client(number: int) -> None:
         while time.perf_counter() < deadline:
-            samples.append(await caller.call(next(counter)))
+            samples.append(await caller.call(next(counter), connection=number))
 
-    await asyncio.gather(*(client() for _ in range(clients)))
+    await asyncio.gather(*(client(number) for number in range(clients)))
     elapsed = time.perf_counter() - start
     return summarize(mode, "closed", samples, elapsed, clients=clients)
 
@@ -184,7 +206,8 @@ async def closed_loop(caller: Caller, mode: str, clients: int, duration_s: float
 async def open_loop(
     caller: Caller, mode: str, rate: float, duration_s: float, *, seed: int = 0, drain_s: float = 30.0
 ) -> PhaseResult:
-    """Poisson arrivals at `rate` per second for `duration_s`; stragglers get `drain_s` more."""
+    """Poisson arrivals at `rate` per second for `duration_s`; stragglers get `drain_s` more. Request i
+    goes on channel i: the arrivals are not tied to clients."""
     if rate <= 0:
         raise ValueError(f"the arrival rate must be positive, not {rate}")
     rng = random.Random(seed)
@@ -268,13 +291,21 @@ def run_phase(
     requests: int = 0,
     seed: int = 0,
     texts_per_call: int = 1,
+    connections: int = DEFAULT_CONNECTIONS,
 ) -> PhaseResult | None:
-    """One phase against the server at `target`, on a fresh channel and event loop (a child process's
-    entry point): `warm` sends `requests` untimed calls `clients` at a time and returns None."""
+    """One phase against the server at `target`, on `connections` fresh connections and a fresh event
+    loop (a child process's entry point): `warm` sends `requests` untimed calls `clients` at a time
+    and returns None."""
+    if connections < 1:
+        raise ValueError(f"a phase needs at least one connection, not {connections}")
 
     async def run() -> PhaseResult | None:
-        async with grpc.aio.insecure_channel(target) as channel:
-            caller = Caller(channel, texts, stream_every, texts_per_call=texts_per_call)
+        async with contextlib.AsyncExitStack() as stack:
+            channels = [
+                await stack.enter_async_context(grpc.aio.insecure_channel(target, options=OWN_CONNECTION))
+                for _ in range(connections)
+            ]
+            caller = Caller(channels, texts, stream_every, texts_per_call=texts_per_call)
             if phase == "warm":
                 await warm_up(caller, requests, clients)
                 return None

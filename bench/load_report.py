@@ -6,7 +6,7 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.load import MODE_LABELS, BenchResult, open_loop_p99_ratios
+from bench.load import MODE_LABELS, READY_CHECKS, BenchResult, mode_label, open_loop_p99_ratios
 from bench.load_client import Percentiles, PhaseResult
 from bench.report import machine_table
 
@@ -28,7 +28,9 @@ def render(r: BenchResult) -> str:
         "## Service, closed loop\n\n"
         f"{r.concurrency} concurrent clients, each sending its next request as soon as the previous one "
         f"returned, for {r.duration_s:g} s per mode (the requests in flight at the end finish and count); "
-        "continuous batching also with twice the clients, and with several texts per call.\n\n"
+        "continuous batching also with twice the clients, and with several texts per call"
+        + _worker_loops(r)
+        + ".\n\n"
         + _phases(r.closed),
         "## Service, open loop\n\n"
         + (
@@ -63,13 +65,34 @@ def _targets(r: BenchResult) -> str:
     return "\n".join(lines)
 
 
+def _worker_loops(r: BenchResult) -> str:
+    workers = sorted({p.workers for p in r.closed if p.workers > 1})
+    if not workers:
+        return ""
+    return (
+        "; then continuous batching in "
+        + " and ".join(f"{w} worker processes (`python -m service --workers {w}`)" for w in workers)
+        + " with twice the clients and with several texts per call"
+    )
+
+
+def _best(phases: Sequence[PhaseResult], *, workers: int, texts: int) -> PhaseResult | None:
+    """The best closed loop of continuous batching with this many worker processes and texts per call."""
+    return max(
+        (p for p in phases if p.mode == "continuous" and p.workers == workers and p.texts_per_call == texts),
+        key=lambda p: p.output_tokens_per_s,
+        default=None,
+    )
+
+
 def _limits(r: BenchResult) -> str:
     """What bounds the service in this run, from the run's own figures (when it has them)."""
     runs = sorted(
-        (p for p in r.closed if p.mode == "continuous" and p.texts_per_call == 1), key=lambda p: p.clients
+        (p for p in r.closed if p.mode == "continuous" and p.workers == 1 and p.texts_per_call == 1),
+        key=lambda p: p.clients,
     )
     batched = max(
-        (p for p in r.closed if p.mode == "continuous" and p.texts_per_call > 1),
+        (p for p in r.closed if p.mode == "continuous" and p.workers == 1 and p.texts_per_call > 1),
         key=lambda p: p.output_tokens_per_s,
         default=None,
     )
@@ -106,8 +129,32 @@ def _limits(r: BenchResult) -> str:
         "server's Python, which holds the GIL — the gRPC event loop (grpc.aio's per-call work and the "
         "servicer's) and the decode loops' bookkeeping between graph runs take turns on one "
         "interpreter, while the engine alone spends nearly all its time inside onnxruntime with the "
-        "GIL released." + _open_loop_note(r)
+        "GIL released." + _workers_note(r) + _open_loop_note(r)
     )
+
+
+def _workers_note(r: BenchResult) -> str:
+    """The worker-process server's best closed loops against the one-process server's."""
+    notes = []
+    for workers in sorted({p.workers for p in r.closed if p.workers > 1}):
+        pairs = []
+        for texts in sorted({p.texts_per_call for p in r.closed if p.workers == workers}):
+            many, one = _best(r.closed, workers=workers, texts=texts), _best(r.closed, workers=1, texts=texts)
+            if many is None or one is None:
+                continue
+            calls = "one text per call" if texts == 1 else f"{texts} texts per call"
+            gain = many.output_tokens_per_s / one.output_tokens_per_s
+            pairs.append(
+                f"with {calls}, {many.output_tokens_per_s:,.0f} output tok/s against one process's "
+                f"{one.output_tokens_per_s:,.0f} (×{gain:.2f}), "
+                f"on {many.server_cores or 0:.2f} server cores against {one.server_cores or 0:.2f}"
+            )
+        if pairs:
+            notes.append(
+                f" In {workers} worker processes (`--workers {workers}`), each with an interpreter of its "
+                "own, the service's best closed loops served, " + "; ".join(pairs) + "."
+            )
+    return "".join(notes)
 
 
 def _saturation(few: PhaseResult, many: PhaseResult) -> str:
@@ -197,7 +244,7 @@ def _phases(phases: Sequence[PhaseResult]) -> str:
             errors += " (" + ", ".join(f"{n} {code}" for code, n in sorted(p.error_codes.items())) + ")"
         server = _ms(p.server_ttft)
         row = [
-            MODE_LABELS.get(p.mode, p.mode),
+            mode_label(p.mode, p.workers),
             load,
             f"{p.requests} ({p.streamed} streamed)",
             errors,
@@ -278,6 +325,14 @@ def _method(r: BenchResult) -> str:
             "otherwise). The load generator (grpc.aio clients, `bench.load_client`) runs in a child "
             "process. Scheduler per mode:",
             modes,
+            *_worker_method(r),
+            f"- Connections: every phase, against every server, opens {r.connections} gRPC channels, each "
+            "its own TCP connection (`grpc.use_local_subchannel_pool`; channels to one target otherwise "
+            "share one), and spreads its requests over them round-robin: a closed loop's client i always "
+            f"on channel i mod {r.connections}, an open loop's and a warm-up's request i on channel i mod "
+            f"{r.connections}. A worker-process server gets each connection on one worker (the kernel "
+            "picks it, by a hash), so the split of the connections between its workers varies from "
+            "phase to phase.",
             "- Requests: greedy, one text each, `return_timings` on. Every "
             f"{r.stream_every}th request is a `TranslateStream` call, the others unary `Translate`; the "
             "client-side TTFT is measured on the streamed ones only (call to the first delta carrying "
@@ -288,13 +343,33 @@ def _method(r: BenchResult) -> str:
             "succeeded texts (and their `output_tokens`, end token included) / the phase's wall time, "
             "from its first request sent to its last returned. Percentiles: numpy's linear interpolation.",
             "- CPU: the server's and the load generator's own processes, CPU seconds per second of the "
-            "phase (`time.process_time`, every thread of the process).",
+            "phase (`time.process_time`, every thread of the process); for the worker-process server, "
+            "user + system time of its supervisor and all its descendants (`/proc/<pid>/stat`), read "
+            "before and after the phase.",
             "- Before each mode's closed loop, and before the open loops, untimed warm-up requests "
             "(twice the client count).",
             "- Output tokens are counted the same way everywhere: generated tokens plus the end token "
             "when produced.",
         ]
     )
+
+
+def _worker_method(r: BenchResult) -> list[str]:
+    if r.worker_server is None:
+        return []
+    return [
+        f"- Worker processes: right after continuous batching's closed loops, and that server stopped, "
+        f"{r.worker_server} as a subprocess (its output to a temporary file), its port P reserved by "
+        "the benchmark with a socket bound with SO_REUSEPORT and never listening, held while the "
+        "server runs (the supervisor's own reservation also sets SO_REUSEPORT). Each worker loads its "
+        "own copy of the model; the cores and the scheduler limits are split between the workers "
+        "(`--instances 0`: then one instance per core). Ready once "
+        f"{READY_CHECKS} health checks in a row (`grpc.health.v1`), each on a connection of its own, "
+        "said SERVING: health is each worker's own and the kernel picks a worker per connection, so "
+        f"a worker not yet serving escapes them with a chance of ((W − 1)/W)^{READY_CHECKS}; the "
+        "warm-up follows anyway. Then the same warm-up, closed loops and engine-alone measurements "
+        "as continuous batching in one process, and SIGTERM (every worker drains)."
+    ]
 
 
 def _machine(r: BenchResult) -> str:
