@@ -17,6 +17,7 @@ from typing import Any, Literal, NoReturn, cast, get_args
 
 Provider = Literal["auto", "cpu", "cuda"]
 VariantChoice = Literal["auto", "fp32", "int8", "fp16", "optimized"]
+KVCacheChoice = Literal["auto", "host", "device"]
 SchedulerMode = Literal["continuous", "collect"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 LogFormat = Literal["text", "json"]
@@ -39,6 +40,9 @@ class EngineConfig:
     # threads inside one graph run; 0: auto (on CPU the usable cores shared out between the scheduler
     # instances, on CUDA onnxruntime's default)
     intra_op_threads: int = 0
+    # where a batch's KV cache lives between decoder steps: auto is the execution provider's memory
+    # on CUDA (service/device_kv_cache.py, checked against host memory at load) and host memory on CPU
+    kv_cache: KVCacheChoice = "auto"
 
 
 @dataclass(frozen=True)
@@ -220,6 +224,13 @@ SETTINGS = (
         "--intra-op-threads",
         "threads per graph run (0: auto, the cores shared out between instances)",
         _int_at_least(0),
+    ),
+    _Setting(
+        "engine",
+        "kv_cache",
+        "--kv-cache",
+        "where the KV cache lives: auto (device memory on CUDA, host on CPU), host or device",
+        _choice(KVCacheChoice),
     ),
     _Setting("scheduler", "mode", "--scheduler", "batching: continuous or collect", _choice(SchedulerMode)),
     _Setting("scheduler", "max_sequences", "--max-sequences", "decoder rows in flight", _int_at_least(1)),

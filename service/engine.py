@@ -11,12 +11,13 @@ continuous-batching scheduler drives, one iteration at a time:
     log_probs = engine.step(model, tokens, cache)        # every running row; the cache grows in place
     cache.keep(parents)                                  # finished rows leave, beams branch
 
-Rows may have different positions and past lengths: the cache (`service.kv_cache.KVCache`) is
-pre-allocated, each row's slots are its own and masked beyond its length, and a step writes one
-slot per row. The arrays are numpy and pass straight into onnxruntime as views. On CUDA the
-provider copies them to the device at each step: a device-resident cache would need the row edits
-(`append`, `keep`, the new slot) done on the device, which is not written yet. No grpc here: the
-servicer maps this module's errors.
+Rows may have different positions and past lengths: each row's slots are its own and masked
+beyond its length. On CPU the cache (`service.kv_cache.KVCache`) is pre-allocated host memory, a
+step writes one slot per row, and the arrays pass straight into onnxruntime as views. On CUDA it
+is `service.device_kv_cache.DeviceKVCache`: the caches stay in device memory between steps (bound
+with IOBinding), and its edits run there as small graphs; the engine checks it against the host
+cache on a few steps when it loads a model, and keeps the host one if they disagree (`--kv-cache`).
+No grpc here: the servicer maps this module's errors.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import onnxruntime as ort
 from service.config import EngineConfig
 from service.decoding import Hypothesis
 from service.graphs import Attention, ModelDims, OnnxGraphs
-from service.kv_cache import KV, KVCache
+from service.kv_cache import KV, BatchCache
 from service.manifest import MANIFEST_FILE, Languages, Limits, ModelDirectoryError, derived_from_current
 from service.reference_decoder import pad_ids, translate_ids
 
@@ -75,6 +76,7 @@ class ModelInfo:
     limits: Limits  # max source / target tokens
     languages: Languages  # source and target language codes
     dims: ModelDims  # vocabulary, layers, heads, special ids
+    kv_cache: str = "host"  # where its batches' KV caches live: "host" or "device" memory
 
 
 # --- choosing the provider and the variant (pure) ---------------------------------------------------
@@ -167,6 +169,7 @@ class Engine:
         threads = self.config.intra_op_threads or None
         graphs = OnnxGraphs(directory, providers=providers, intra_op_threads=threads)
         manifest = graphs.manifest
+        kv_cache = self._kv_cache_location(graphs)
         info = ModelInfo(
             name=manifest.name,
             version=manifest.version,
@@ -176,11 +179,42 @@ class Engine:
             limits=manifest.limits,
             languages=manifest.languages,
             dims=graphs.dims,
+            kv_cache=kv_cache,
         )
         log.info(
-            "loaded %s %s (%s) from %s on %s", info.name, info.version, variant, directory, info.provider
+            "loaded %s %s (%s) from %s on %s, KV cache in %s memory",
+            info.name,
+            info.version,
+            variant,
+            directory,
+            info.provider,
+            kv_cache,
         )
         return _Runner(info, graphs, self.metrics)
+
+    def _kv_cache_location(self, graphs: OnnxGraphs) -> str:
+        """ "device" or "host": the config's choice (auto: device on CUDA), the device one checked
+        against the host one on a few steps first — auto falls back to host memory if the two
+        disagree or the device one fails; a forced device cache raises instead."""
+        wanted = self.config.kv_cache
+        if wanted == "host" or (wanted == "auto" and self.device != "cuda"):
+            return "host"
+        try:
+            difference = device_cache_difference(graphs)
+            problem = (
+                None
+                if difference <= _DEVICE_CACHE_TOLERANCE[graphs.float_dtype]
+                else (f"its log-probs differ from the host cache's by up to {difference:.3g}")
+            )
+        except Exception as err:  # onnxruntime raises plain RuntimeErrors
+            problem = f"it failed: {err!r}"
+        if problem is None:
+            return "device"
+        where = graphs.model_dir
+        if wanted == "device":
+            raise RuntimeError(f"{where}: the device KV cache (--kv-cache device) is unusable: {problem}")
+        log.error("%s: the device KV cache is unusable, so it stays in host memory: %s", where, problem)
+        return "host"
 
     def model(self, name: str | None = None) -> ModelInfo:
         """The model served as `name` (None: the default one); ModelNotFoundError if none."""
@@ -209,11 +243,14 @@ class Engine:
         """
         return self._runner(model).encode(sources)
 
-    def new_cache(self, model: str | None) -> KVCache:
-        """An empty KV cache for a batch of the model's rows."""
-        return self.graphs(model).new_cache()
+    def new_cache(self, model: str | None) -> BatchCache:
+        """An empty KV cache for a batch of the model's rows, where `ModelInfo.kv_cache` says."""
+        runner = self._runner(model)
+        if runner.info.kv_cache == "device":
+            return runner.graphs.new_device_cache()
+        return runner.graphs.new_cache()
 
-    def step(self, model: str | None, tokens: np.ndarray, cache: KVCache) -> np.ndarray:
+    def step(self, model: str | None, tokens: np.ndarray, cache: BatchCache) -> np.ndarray:
         """One decoder step for every row of `cache`, which gains each row's new slot.
 
         Args:
@@ -247,6 +284,44 @@ class Engine:
             self.attention(name, [[dims.bos_id, dims.eos_id]], [[dims.bos_id]])
 
 
+# --- the device KV cache's check --------------------------------------------------------------------
+
+# Largest |Δ log p| allowed between the two caches: the same graphs on the same device, only the
+# slot layout differs (so sums run in another order); fp16 rounds at about 1e-3 relative.
+_DEVICE_CACHE_TOLERANCE: dict[type, float] = {np.float32: 1e-3, np.float16: 5e-2}
+
+
+def device_cache_difference(graphs: OnnxGraphs, steps: int = 8) -> float:
+    """Decode a few steps with rows joining, branching and leaving through both caches, feeding both
+    the same tokens; the largest |Δ log p| between them."""
+    d = graphs.dims
+    words = [t for t in range(d.vocab_size) if t not in (d.pad_id, d.bos_id, d.eos_id)]
+    sources = [[*words[i : i + n], d.eos_id] for i, n in ((0, 3), (7, 6), (20, 9))]
+    host, device = graphs.new_cache(), graphs.new_device_cache()
+
+    def encoded(batch: list[list[int]]) -> KV:
+        ids, mask = pad_ids(batch, d.pad_id)
+        out = graphs.encode(ids, mask)
+        return KV(out.cross_k, out.cross_v, mask)
+
+    for cache in (host, device):
+        cache.append(encoded(sources[:2]))
+    tokens, worst = np.full(2, d.bos_id, dtype=np.int64), 0.0
+    for step in range(steps):
+        if step == 2:  # a longer source joins
+            for cache in (host, device):
+                cache.append(encoded(sources[2:]))
+            tokens = np.append(tokens, d.bos_id)
+        if step == 5:  # the first row leaves, the last one branches
+            for cache in (host, device):
+                cache.keep([1, 2, 2])
+            tokens = tokens[[1, 2, 2]]
+        expected, got = graphs.step_cache(tokens, host), graphs.step_cache(tokens, device)
+        worst = max(worst, float(np.abs(expected - got).max()))
+        tokens = np.argmax(expected, axis=-1).astype(np.int64)
+    return worst
+
+
 # --- running the graphs -----------------------------------------------------------------------------
 
 
@@ -269,7 +344,7 @@ class _Runner:
             out = self.graphs.encode(src_ids, src_mask)
         return KV(out.cross_k, out.cross_v, src_mask)
 
-    def step(self, tokens: np.ndarray, cache: KVCache) -> np.ndarray:
+    def step(self, tokens: np.ndarray, cache: BatchCache) -> np.ndarray:
         with self._timed("decoder_step"):
             return self.graphs.step_cache(tokens, cache)
 

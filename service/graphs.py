@@ -9,6 +9,7 @@ which is how every decoder here (engine, reference decoder, benchmarks) steps.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import onnxruntime as ort
 
-from service.kv_cache import KVCache, StepInputs
+from service.device_kv_cache import DeviceKVCache, KVEditGraphs
+from service.kv_cache import BatchCache, KVCache, StepInputs
 from service.manifest import Manifest, check_graph, load_manifest
 
 _FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -102,6 +104,7 @@ class OnnxGraphs:
         # throughput it has without (2 cores, `make bench`), and the engine alone was no faster.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         chosen = providers or ["CPUExecutionProvider"]
+        self.providers = chosen
         self.encoder = self._session("encoder", options, chosen)
         self.decoder_step = self._session("decoder_step", options, chosen)
         self.attention_graph = self._session("attention", options, chosen)
@@ -125,6 +128,19 @@ class OnnxGraphs:
         """An empty cache for this model's decoder (rows join with `KVCache.append`)."""
         d = self.dims
         return KVCache(d.decoder_layers, d.heads, d.head_dim, self.float_dtype)
+
+    def new_device_cache(self) -> DeviceKVCache:
+        """An empty cache in the decoder-step session's device memory (service/device_kv_cache.py)."""
+        d = self.dims
+        return DeviceKVCache(self.decoder_step, self._kv_edits(), d.decoder_layers, d.heads, d.head_dim)
+
+    @functools.cached_property
+    def _device(self) -> str:
+        return "cuda" if self.decoder_step.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+
+    @functools.cache  # noqa: B019 (one per OnnxGraphs, which lives as long as its model is served)
+    def _kv_edits(self) -> KVEditGraphs:
+        return KVEditGraphs(self.float_dtype, self.providers, self._device)
 
     def step(
         self,
@@ -161,7 +177,7 @@ class OnnxGraphs:
             feeds[f"cross_v_{layer}"] = np.ascontiguousarray(cross_v[layer])
         return StepOutput(*_run(self.decoder_step, feeds, StepOutput._fields))
 
-    def step_cache(self, tokens: np.ndarray, cache: KVCache) -> np.ndarray:
+    def step_cache(self, tokens: np.ndarray, cache: BatchCache) -> np.ndarray:
         """One decoder step for the rows of `cache`, which gains their new slot.
 
         Args:
@@ -169,6 +185,9 @@ class OnnxGraphs:
         Returns:
             log_probs (R, V) float32, same order.
         """
+        if isinstance(cache, DeviceKVCache):
+            return cache.step(tokens)
+        assert isinstance(cache, KVCache), type(cache)
         out = self.run_step(cache.to_physical(tokens), cache.step_inputs())
         cache.record(out.new_k, out.new_v)
         return cache.to_logical(out.log_probs)

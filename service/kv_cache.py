@@ -19,13 +19,14 @@ have gone, because every step attends over all of it (masked) and costs in propo
 scheduler's KV budget counts rows × their longest length limit; what is held can exceed that by
 the rounding to a chunk, at most chunk − 1 slots per row.)
 
-Host memory (numpy); onnxruntime's CUDA provider copies the views to the device at each step.
+Host memory (numpy), for CPU; on CUDA the engine uses service/device_kv_cache.py instead.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -55,6 +56,24 @@ class KV:
         """Rows `rows`, in that order (repeats allowed)."""
         index = np.asarray(rows, dtype=np.int64)
         return KV(np.take(self.k, index, axis=1), np.take(self.v, index, axis=1), self.mask[index])
+
+
+class BatchCache(Protocol):
+    """What a scheduler does with a batch's cache, wherever it lives: `KVCache` (host memory) or
+    `service.device_kv_cache.DeviceKVCache` (the execution provider's); a decoder step goes
+    through `OnnxGraphs.step_cache`."""
+
+    @property
+    def rows(self) -> int: ...
+
+    @property
+    def kv_tokens(self) -> int:
+        """Self-attention slots held by the live rows."""
+        ...
+
+    def append(self, cross: KV) -> None: ...
+
+    def keep(self, parents: np.ndarray | Sequence[int]) -> None: ...
 
 
 @dataclass(frozen=True, eq=False)

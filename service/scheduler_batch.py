@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.decoding import SearchState, advance_rows, start_search
-from service.kv_cache import KVCache
+from service.kv_cache import BatchCache
 from service.scheduler_types import (
     DeadlineExceededError,
     FinishReason,
@@ -95,7 +95,7 @@ class RunningBatch:
         self.tokens = np.zeros(0, dtype=np.int64)  # (R,) the token each row feeds next
         # Self- and cross-attention K/V of the R rows. A fresh one, not an emptied one: after a failed
         # step the old cache may hold a slot the rows never got.
-        self.cache: KVCache = self.engine.new_cache(self.model)
+        self.cache: BatchCache = self.engine.new_cache(self.model)
 
     # --- accounting ----------------------------------------------------------------------------------
 

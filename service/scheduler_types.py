@@ -16,7 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from service.decoding import Hypothesis, SearchOptions
-from service.kv_cache import KV, KVCache
+from service.kv_cache import KV, BatchCache
 
 # --- requests and results ----------------------------------------------------------------------------
 
@@ -116,6 +116,6 @@ class StepEngine(Protocol):
 
     def encode(self, model: str | None, sources: Sequence[Sequence[int]]) -> KV: ...
 
-    def new_cache(self, model: str | None) -> KVCache: ...
+    def new_cache(self, model: str | None) -> BatchCache: ...
 
-    def step(self, model: str | None, tokens: np.ndarray, cache: KVCache) -> np.ndarray: ...
+    def step(self, model: str | None, tokens: np.ndarray, cache: BatchCache) -> np.ndarray: ...

@@ -439,6 +439,22 @@ def engine() -> Any:
     return Engine(EngineConfig(model_dirs=(MODEL_DIR,), variant="fp32", intra_op_threads=1))
 
 
+@pytest.fixture(scope="module")
+def device_cache_engine() -> Any:
+    """The engine with its KV caches in the provider's memory (service/device_kv_cache.py), which on
+    this CPU-only machine runs the CUDA path's IOBinding and edit graphs on the CPU provider."""
+    if not (MODEL_DIR / "manifest.json").is_file():
+        pytest.skip("models/en-fr-small is not built (make setup)")
+    from service.config import EngineConfig
+    from service.engine import Engine
+
+    engine = Engine(
+        EngineConfig(model_dirs=(MODEL_DIR,), variant="fp32", intra_op_threads=1, kv_cache="device")
+    )
+    assert engine.model().kv_cache == "device"
+    return engine
+
+
 SENTENCES = [
     "I give this page to Olivia.",
     "This ugly pillow is in Detroit and their bakers sell the oil to Krogar.",
@@ -510,11 +526,17 @@ MIXED_SENTENCES = [  # the first 24 of the test split: 5 to 16 words
 ]
 
 
-def test_real_engine_mixed_beams_and_cancellations_share_steps_as_if_alone(engine: Any) -> None:
+@pytest.mark.parametrize("kv_cache", ["host", "device"])
+def test_real_engine_mixed_beams_and_cancellations_share_steps_as_if_alone(
+    kv_cache: str, request: pytest.FixtureRequest
+) -> None:
     """Greedy and beam requests of many lengths join a running batch every few steps while others
     finish or are cancelled: rows leave, branch and move in the cache, its capacity grows and
-    shrinks, and every output still equals the sentence decoded alone."""
+    shrinks, and every output still equals the sentence decoded alone — with the cache in host
+    memory, and in the provider's (the CUDA path, here on the CPU provider)."""
     from service.reference_decoder import start_states, translate_ids
+
+    engine = request.getfixturevalue("engine" if kv_cache == "host" else "device_cache_engine")
     from service.tokenizer import Tokenizer
 
     info = engine.model()
