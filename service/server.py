@@ -137,6 +137,7 @@ class RunningServer:
         grace = self.config.server.grace_period_s if grace is None else grace
         log.info("shutting down: draining for up to %.1f s", grace)
         await self.health.enter_graceful_shutdown()  # every service NOT_SERVING, and it stays so
+        self.servicer.draining = True  # new calls of every RPC: UNAVAILABLE
         drained = await self.scheduler.drain(grace)
         if not drained:
             log.warning("the grace period ended with requests still decoding; they are cancelled")

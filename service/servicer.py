@@ -58,7 +58,7 @@ KIND_NAMES = {
 
 
 class NotReadyError(Exception):
-    """The server is still warming up (UNAVAILABLE)."""
+    """The server is still warming up, or shutting down (UNAVAILABLE)."""
 
 
 # --- exceptions → statuses: the one place -----------------------------------------------------------
@@ -119,6 +119,7 @@ def _request_id(context: grpc.aio.ServicerContext) -> str:
 _ID_PREFIX = secrets.token_hex(4)
 _ID_COUNTER = itertools.count()
 _STARTING = "the server is starting (loading and warming up the model); retry shortly"
+_STOPPING = "the server is shutting down and takes no new calls; retry (another replica)"
 
 
 # --- pure helpers: domain → proto -------------------------------------------------------------------
@@ -135,6 +136,7 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
         self._scheduler: SchedulerPool | None = None
         self._tokenizers: dict[str, Tokenizer] = {}
         self.ready = False
+        self.draining = False  # set when shutdown begins: every new call is refused (UNAVAILABLE)
 
     def attach(self, engine: Engine, scheduler: SchedulerPool) -> None:
         """The loaded engine and its scheduler: calls that need no decoding are answered from now on."""
@@ -175,6 +177,9 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
         context.set_trailing_metadata(trailer)
         code, message = grpc.StatusCode.OK, ""
         try:
+            if self.draining:  # every RPC, also those that need no decoding (GetModelInfo, Attend)
+                self.metrics.request_rejected("draining")
+                raise NotReadyError(_STOPPING)
             yield call
         except GeneratorExit:  # a stream closed early by its client
             code = grpc.StatusCode.CANCELLED

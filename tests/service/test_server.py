@@ -394,13 +394,24 @@ def test_sigterm_drains_in_flight_calls_and_exits_zero() -> None:
             long = pb.TranslateOptions(
                 stopping=pb.StoppingCriteria(max_output_tokens=128, min_output_tokens=100)
             )
-            in_flight = stub.Translate.future(pb.TranslateRequest(texts=TEXTS, options=long), timeout=60)
+            # 48 texts × 4 beams × 100+ steps, more rows than fit at once: still decoding (or queued)
+            # well after the checks below (about 1.5 s on 2 cores)
+            long.beam.beam_size = 4
+            many = TEXTS * 16
+            in_flight = stub.Translate.future(pb.TranslateRequest(texts=many, options=long), timeout=60)
             time.sleep(0.3)  # accepted and decoding
             process.send_signal(signal.SIGTERM)
             time.sleep(0.2)
 
-            code, _ = status_of(lambda: translate(stub, TEXTS[:1]))
-            assert code == grpc.StatusCode.UNAVAILABLE
+            # every new call, decoding or not, is refused while the calls in flight finish
+            attend = pb.AttendRequest(source=TEXTS[0], target="J'aime les chats.")
+            for call in (
+                lambda: translate(stub, TEXTS[:1]),
+                lambda: stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10),
+                lambda: stub.Attend(attend, timeout=10),
+            ):
+                code, message = status_of(call)
+                assert code == grpc.StatusCode.UNAVAILABLE and "shutting down" in message
             response = in_flight.result(timeout=60)
             assert all(t.output_tokens >= 100 for t in response.translations)
         assert process.wait(timeout=60) == 0
