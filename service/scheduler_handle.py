@@ -62,12 +62,28 @@ class Handle:
         Ends when the request ends, however it ends; await `result()` afterwards for the outcome.
         Together they are the best hypothesis's tokens. A request without `stream` yields nothing.
         """
+        async for chunk in self.token_chunks():
+            for token in chunk:
+                yield token
+
+    async def token_chunks(self) -> AsyncIterator[tuple[int, ...]]:
+        """The same tokens, as what has arrived since the consumer last asked: one step's token while
+        the consumer keeps up, several steps' together when it has fallen behind — so that a busy
+        event loop sends fewer, larger stream messages instead of falling further behind."""
         while True:
             chunk = await self._tokens.get()
             if chunk is _END:
                 return
-            for token in chunk:
-                yield token
+            ended = False
+            while not self._tokens.empty():
+                more = self._tokens.get_nowait()
+                if more is _END:
+                    ended = True
+                    break
+                chunk += more
+            yield chunk
+            if ended:
+                return
 
     def cancel(self) -> None:
         """Ask the request to leave: its rows go at the next step (outcome: RequestCancelledError)."""

@@ -280,11 +280,11 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
             try:
                 ids: list[int] = []
                 sent = ""
-                async for token in handle.tokens():
-                    ids.append(token)
+                async for chunk in handle.token_chunks():  # several tokens when the loop fell behind
+                    ids.extend(chunk)
                     new = text_delta(tokenizer, ids, sent)
                     sent += new
-                    yield pb.TranslateStreamResponse(delta=pb.TextDelta(text=new, token_ids=[token]))
+                    yield pb.TranslateStreamResponse(delta=pb.TextDelta(text=new, token_ids=chunk))
                 gen = await handle.result()
             finally:
                 if not handle.done():
