@@ -12,7 +12,7 @@ MODEL_DIR ?= models/en-fr-small
 CORPUS_DIR ?= data/corpus
 SEED ?= 1234
 
-.PHONY: setup proto corpus train eval translate export variants verify bench-kv bench run test lint clean \
+.PHONY: setup proto corpus train eval translate export variants verify bench-kv bench-calls bench run test lint clean \
 	compose-up compose-down
 
 setup: $(SETUP_DONE)
@@ -83,6 +83,10 @@ verify: $(SETUP_DONE)
 # against recomputing the prefix, 16/32/64 output tokens at batch 1 and 32 → docs/kv-cache-benchmark.md.
 bench-kv: $(SETUP_DONE) $(CORPUS_DIR)/test.tsv
 	$(PY) -m bench.kv_cache --model-dir $(MODEL_DIR) --corpus $(CORPUS_DIR)/test.tsv --out docs/kv-cache-benchmark.md
+
+# Server CPU per gRPC call: grpc.aio alone, the service with one-token calls, the encoder (≈1 min).
+bench-calls: $(SETUP_DONE) $(CORPUS_DIR)/test.tsv
+	$(PY) -m bench.call_cost --model-dir $(MODEL_DIR) --corpus $(CORPUS_DIR)/test.tsv --out docs/call-cost.md
 
 # The service benchmark (a measurement, not a test; ≈7 min on 2 cores): the in-process gRPC server under
 # closed- and open-loop load (continuous, collect-then-run, batch 1), the engine alone at batch 1/8/32/64
