@@ -41,6 +41,9 @@ EDITS = ("append", "select", "join")
 # At least one slot column (masked while no row has written it): a tensor with a zero-sized axis may
 # have no device address to bind.
 _MIN_SLOTS = 1
+# The stacked caches, by the names the edit graphs' inputs (and, per layer, the step's) give them;
+# the join and select graphs return them in this order, the append graph the first two.
+_TENSORS = ("past_k", "past_v", "cross_k", "cross_v")
 
 
 class KVEditGraphs:
@@ -97,13 +100,15 @@ class DeviceKVCache:
         self._clear()
 
     def _clear(self) -> None:
-        self._k: ort.OrtValue | None = None  # (L, R, H, T, Dh); None while there are no rows
-        self._v: ort.OrtValue | None = None
-        self._cross_k: ort.OrtValue | None = None  # (L, R, H, S, Dh)
-        self._cross_v: ort.OrtValue | None = None
+        # past_k, past_v (L, R, H, T, Dh) and cross_k, cross_v (L, R, H, S, Dh), named as the edit
+        # graphs' inputs; empty while there are no rows
+        self._tensors: dict[str, ort.OrtValue] = {}
         self._length = np.zeros(0, dtype=np.int64)  # real slots per row: its last length[r]
         self._src_mask = np.zeros((0, 0), dtype=bool)
         self._slots = 0  # T
+
+    def _replace(self, names: tuple[str, ...], values: list[ort.OrtValue]) -> None:
+        self._tensors.update(zip(names, values, strict=True))
 
     # --- sizes ---------------------------------------------------------------------------------------
 
@@ -130,22 +135,18 @@ class DeviceKVCache:
         """New rows after the others, one per row of `cross` (uploaded), with empty caches."""
         m, edits = cross.rows, self._edits
         new_k, new_v = edits.upload(cross.k.astype(self.dtype)), edits.upload(cross.v.astype(self.dtype))
-        if self._k is None or self._v is None or self._cross_k is None or self._cross_v is None:
+        if not self._tensors:
             empty = np.zeros((self.layers, m, self.heads, _MIN_SLOTS, self.head_dim), self.dtype)
-            self._k, self._v = edits.upload(empty), edits.upload(empty)
-            self._cross_k, self._cross_v = new_k, new_v
+            self._replace(_TENSORS, [edits.upload(empty), edits.upload(empty), new_k, new_v])
             self._length, self._src_mask, self._slots = np.zeros(m, np.int64), cross.mask.copy(), _MIN_SLOTS
             return
         sources, new_sources = self._src_mask.shape[1], cross.slots
         width = max(sources, new_sources)
         new_past = [self.layers, m, self.heads, self._slots, self.head_dim]
-        self._k, self._v, self._cross_k, self._cross_v = edits.run(
+        joined = edits.run(
             "join",
             {
-                "past_k": self._k,
-                "past_v": self._v,
-                "cross_k": self._cross_k,
-                "cross_v": self._cross_v,
+                **self._tensors,
                 "new_cross_k": new_k,
                 "new_cross_v": new_v,
                 "new_past_shape": np.array(new_past, np.int64),
@@ -153,6 +154,7 @@ class DeviceKVCache:
                 "new_cross_pads": _pad_slots(width - new_sources),
             },
         )
+        self._replace(_TENSORS, joined)
         mask = np.zeros((self.rows + m, width), dtype=bool)
         mask[: self.rows, :sources] = self._src_mask
         mask[self.rows :, :new_sources] = cross.mask
@@ -167,24 +169,20 @@ class DeviceKVCache:
         if len(parents) == 0:
             self._clear()
             return
-        assert self._k is not None and self._v is not None and self._cross_k is not None
-        assert self._cross_v is not None
         length, src_mask = self._length[parents], self._src_mask[parents]
         slots = max(_MIN_SLOTS, int(length.max()))
         used = np.flatnonzero(src_mask.any(axis=0))
         sources = int(used[-1]) + 1 if len(used) else 1
-        self._k, self._v, self._cross_k, self._cross_v = self._edits.run(
+        selected = self._edits.run(
             "select",
             {
-                "past_k": self._k,
-                "past_v": self._v,
-                "cross_k": self._cross_k,
-                "cross_v": self._cross_v,
+                **self._tensors,
                 "rows": parents,
                 "first_slot": np.array([self._slots - slots], np.int64),
                 "sources": np.array([sources], np.int64),
             },
         )
+        self._replace(_TENSORS, selected)
         self._length, self._src_mask, self._slots = length, src_mask[:, :sources].copy(), slots
 
     # --- a decoder step ------------------------------------------------------------------------------
@@ -192,29 +190,21 @@ class DeviceKVCache:
     def step(self, tokens: np.ndarray) -> np.ndarray:
         """One decoder step for every row: tokens (R,) → log_probs (R, V) float32; each row's
         new keys/values become its last slot, on the device."""
-        assert self._k is not None and self._v is not None and self._cross_k is not None
-        assert self._cross_v is not None
         n, slots, edits = self.rows, self._slots, self._edits
         binding = self._step.io_binding()
         binding.bind_cpu_input("tokens", np.ascontiguousarray(tokens, dtype=np.int64).reshape(n, 1))
         binding.bind_cpu_input("positions", self._length.copy())
         binding.bind_cpu_input("self_mask", np.arange(slots) >= (slots - self._length)[:, None])
         binding.bind_cpu_input("src_mask", np.ascontiguousarray(self._src_mask))
-        for name, stacked in (
-            ("past_k", self._k),
-            ("past_v", self._v),
-            ("cross_k", self._cross_k),
-            ("cross_v", self._cross_v),
-        ):
+        for name, stacked in self._tensors.items():
             self._bind_layers(binding, name, stacked)
         binding.bind_output("log_probs", "cpu")
         binding.bind_output("new_k", edits.device, edits.device_id)
         binding.bind_output("new_v", edits.device, edits.device_id)
         self._step.run_with_iobinding(binding)
         log_probs, new_k, new_v = binding.get_outputs()
-        self._k, self._v = edits.run(
-            "append", {"past_k": self._k, "past_v": self._v, "new_k": new_k, "new_v": new_v}
-        )
+        past = {name: self._tensors[name] for name in _TENSORS[:2]}
+        self._replace(_TENSORS[:2], edits.run("append", {**past, "new_k": new_k, "new_v": new_v}))
         self._length = self._length + 1
         self._slots += 1
         return np.asarray(log_probs.numpy())
@@ -238,15 +228,8 @@ class DeviceKVCache:
     # --- checks --------------------------------------------------------------------------------------
 
     def to_host(self) -> dict[str, np.ndarray]:
-        """The caches copied to host memory (tests and the engine's warm-up check)."""
-        assert self._k is not None and self._v is not None and self._cross_k is not None
-        assert self._cross_v is not None
-        return {
-            "k": self._k.numpy(),
-            "v": self._v.numpy(),
-            "cross_k": self._cross_k.numpy(),
-            "cross_v": self._cross_v.numpy(),
-        }
+        """The caches copied to host memory, by name (past_k, past_v, cross_k, cross_v), for tests."""
+        return {name: value.numpy() for name, value in self._tensors.items()}
 
 
 def _pad_slots(after: int) -> np.ndarray:

@@ -38,7 +38,7 @@ from service.decoding import Hypothesis
 from service.graphs import Attention, ModelDims, OnnxGraphs
 from service.kv_cache import KV, BatchCache
 from service.manifest import MANIFEST_FILE, Languages, Limits, ModelDirectoryError, derived_from_current
-from service.reference_decoder import pad_ids, translate_ids
+from service.reference_decoder import encode_sources, pad_ids, translate_ids
 
 if TYPE_CHECKING:  # only the type: service.metrics imports grpc, which the engine must not pull in
     from service.metrics import Metrics
@@ -298,19 +298,13 @@ def device_cache_difference(graphs: OnnxGraphs, steps: int = 8) -> float:
     words = [t for t in range(d.vocab_size) if t not in (d.pad_id, d.bos_id, d.eos_id)]
     sources = [[*words[i : i + n], d.eos_id] for i, n in ((0, 3), (7, 6), (20, 9))]
     host, device = graphs.new_cache(), graphs.new_device_cache()
-
-    def encoded(batch: list[list[int]]) -> KV:
-        ids, mask = pad_ids(batch, d.pad_id)
-        out = graphs.encode(ids, mask)
-        return KV(out.cross_k, out.cross_v, mask)
-
     for cache in (host, device):
-        cache.append(encoded(sources[:2]))
+        cache.append(encode_sources(graphs, sources[:2]))
     tokens, worst = np.full(2, d.bos_id, dtype=np.int64), 0.0
     for step in range(steps):
         if step == 2:  # a longer source joins
             for cache in (host, device):
-                cache.append(encoded(sources[2:]))
+                cache.append(encode_sources(graphs, sources[2:]))
             tokens = np.append(tokens, d.bos_id)
         if step == 5:  # the first row leaves, the last one branches
             for cache in (host, device):

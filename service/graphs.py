@@ -132,15 +132,13 @@ class OnnxGraphs:
     def new_device_cache(self) -> DeviceKVCache:
         """An empty cache in the decoder-step session's device memory (service/device_kv_cache.py)."""
         d = self.dims
-        return DeviceKVCache(self.decoder_step, self._kv_edits(), d.decoder_layers, d.heads, d.head_dim)
+        return DeviceKVCache(self.decoder_step, self._kv_edits, d.decoder_layers, d.heads, d.head_dim)
 
     @functools.cached_property
-    def _device(self) -> str:
-        return "cuda" if self.decoder_step.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
-
-    @functools.cache  # noqa: B019 (one per OnnxGraphs, which lives as long as its model is served)
     def _kv_edits(self) -> KVEditGraphs:
-        return KVEditGraphs(self.float_dtype, self.providers, self._device)
+        """The device cache's edit graphs, on the decoder step's device (loaded at the first use)."""
+        device = "cuda" if self.decoder_step.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        return KVEditGraphs(self.float_dtype, self.providers, device)
 
     def step(
         self,

@@ -127,7 +127,7 @@ def translate_ids_staggered(
     tick, last_arrival = 0, max(arrivals, default=-1)
     while tick <= last_arrival or len(sentences):
         for i in (i for i, t in enumerate(arrivals) if t == tick and not states[i].done):
-            cache.append(_encode(graphs, [sources[i]]))
+            cache.append(encode_sources(graphs, [sources[i]]))
             sentences, tokens = np.r_[sentences, i], np.r_[tokens, dims.bos_id]
         tick += 1
         if not len(sentences):
@@ -260,7 +260,7 @@ def pad_ids(sources: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, 
     return ids, ids != pad_id
 
 
-def _encode(graphs: OnnxGraphs, sources: Sequence[Sequence[int]]) -> KV:
+def encode_sources(graphs: OnnxGraphs, sources: Sequence[Sequence[int]]) -> KV:
     """Cross-attention K/V of the padded sources, one row per sentence, masked by src_mask."""
     src_ids, src_mask = pad_ids(sources, graphs.dims.pad_id)
     encoded = graphs.encode(src_ids, src_mask)
@@ -272,7 +272,7 @@ class _CachedSteps:
 
     def __init__(self, graphs: OnnxGraphs, sources: Sequence[Sequence[int]]) -> None:
         self.graphs = graphs
-        self.source = _encode(graphs, sources)
+        self.source = encode_sources(graphs, sources)
         self.cache = graphs.new_cache()
 
     def run(self, sentences: np.ndarray, parents: np.ndarray | None, tokens: np.ndarray) -> np.ndarray:
@@ -302,7 +302,7 @@ class _ReplaySteps:
 
     def __init__(self, graphs: OnnxGraphs, sources: Sequence[Sequence[int]]) -> None:
         self.graphs = graphs
-        self.source = _encode(graphs, sources)
+        self.source = encode_sources(graphs, sources)
         self.prefixes = Prefixes()
 
     def run(self, sentences: np.ndarray, parents: np.ndarray | None, tokens: np.ndarray) -> np.ndarray:

@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry
 from service.api.translator.v1 import translator_pb2 as pb
 from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
 from service.config import Config, ServerConfig, resolve_parallelism, usable_cores
-from service.engine import CUDA, Engine, choose_device
+from service.engine import CUDA, Engine, ModelInfo, choose_device
 from service.metrics import Metrics, MetricsServer, ServedModel, serve_metrics
 from service.scheduler_pool import SchedulerPool
 from service.servicer import TranslatorServicer
@@ -105,6 +105,11 @@ def listen_for_metrics(registry: CollectorRegistry, server: ServerConfig) -> Met
     except OSError as err:
         address = f"{server.host}:{server.metrics_port}"
         raise ListenError(f"cannot serve metrics on {address}: {err.strerror}") from err
+
+
+def describe_model(info: ModelInfo) -> str:
+    """The served model in the "serving" log line (a lone server's, or the workers' supervisor's)."""
+    return f"model {info.name} {info.version}, {info.variant} on {info.provider}"
 
 
 def _build_version() -> str:
@@ -211,7 +216,7 @@ async def start_server(
     servicer.ready = True
     for name in ("", SERVICE):
         await health_servicer.set(name, SERVING)
-    model = f"model {default.name} {default.version}, {default.variant} on {default.provider}"
+    model = describe_model(default)
     if metrics_server is None:  # a worker: its supervisor logs the line with both ports
         log.info("worker %d of %d serving on port=%d (%s)", worker, config.server.workers, port, model)
     else:

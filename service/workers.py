@@ -48,7 +48,15 @@ from types import FrameType
 from prometheus_client import CollectorRegistry, multiprocess
 
 from service.config import Config
-from service.server import SERVICE, ListenError, RunningServer, listen_for_metrics, serve, setup_logging
+from service.server import (
+    SERVICE,
+    ListenError,
+    RunningServer,
+    describe_model,
+    listen_for_metrics,
+    serve,
+    setup_logging,
+)
 
 log = logging.getLogger(__name__)
 
@@ -187,8 +195,7 @@ def _worker_main(config: Config, index: int, messages: Connection, supervisor: i
     setup_logging(config.server, worker=index)
 
     def started(running: RunningServer) -> None:
-        model = running.engine.model()
-        messages.send(f"model {model.name} {model.version}, {model.variant} on {model.provider}")
+        messages.send(describe_model(running.engine.model()))
         messages.close()
 
     asyncio.run(serve(config, worker=index, started=started, orphaned=lambda: os.getppid() != supervisor))

@@ -12,8 +12,8 @@ from service.config import EngineConfig
 from service.device_kv_cache import DeviceKVCache
 from service.engine import Engine, device_cache_difference
 from service.graphs import OnnxGraphs
-from service.kv_cache import KV, KVCache
-from service.reference_decoder import pad_ids
+from service.kv_cache import KVCache
+from service.reference_decoder import encode_sources
 
 MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "en-fr-small"
 
@@ -21,12 +21,6 @@ MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "en-fr-small"
 @pytest.fixture(scope="module")
 def graphs() -> OnnxGraphs:
     return OnnxGraphs(MODEL_DIR, intra_op_threads=1)
-
-
-def encoded(graphs: OnnxGraphs, sources: list[list[int]]) -> KV:
-    ids, mask = pad_ids(sources, graphs.dims.pad_id)
-    out = graphs.encode(ids, mask)
-    return KV(out.cross_k, out.cross_v, mask)
 
 
 def host_rows(cache: KVCache) -> list[np.ndarray]:
@@ -37,7 +31,7 @@ def host_rows(cache: KVCache) -> list[np.ndarray]:
 
 
 def device_rows(cache: DeviceKVCache) -> list[np.ndarray]:
-    k = cache.to_host()["k"]
+    k = cache.to_host()["past_k"]
     return [k[:, r, :, cache.slots - n :] for r, n in enumerate(cache.lengths())]
 
 
@@ -55,7 +49,7 @@ def test_random_joins_steps_branches_and_exits_match_the_host_cache(graphs: Onnx
                 for _ in range(rng.integers(1, 4))
             ]
             for cache in (host, device):
-                cache.append(encoded(graphs, sources))
+                cache.append(encode_sources(graphs, sources))
             tokens = np.concatenate([tokens, np.full(len(sources), d.bos_id)])
         expected, got = graphs.step_cache(tokens, host), graphs.step_cache(tokens, device)
         np.testing.assert_allclose(got, expected, atol=1e-4)
@@ -76,11 +70,11 @@ def test_random_joins_steps_branches_and_exits_match_the_host_cache(graphs: Onnx
 def test_an_emptied_cache_takes_new_rows(graphs: OnnxGraphs) -> None:
     d = graphs.dims
     cache = graphs.new_device_cache()
-    cache.append(encoded(graphs, [[5, 6, d.eos_id]]))
+    cache.append(encode_sources(graphs, [[5, 6, d.eos_id]]))
     graphs.step_cache(np.array([d.bos_id]), cache)
     cache.keep([])
     assert (cache.rows, cache.slots, cache.kv_tokens) == (0, 0, 0)
-    cache.append(encoded(graphs, [[7, d.eos_id], [8, 9, 10, d.eos_id]]))
+    cache.append(encode_sources(graphs, [[7, d.eos_id], [8, 9, 10, d.eos_id]]))
     assert graphs.step_cache(np.array([d.bos_id, d.bos_id]), cache).shape == (2, d.vocab_size)
     assert (cache.rows, cache.slots, cache.kv_tokens) == (2, 2, 4)  # a masked column, then the new one
 
