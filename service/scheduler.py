@@ -270,6 +270,7 @@ class Scheduler:
                     return
             batch = self._batch(group[0].request.model)
             self._finish(batch.admit(group))
+            del group  # the batch holds them now; waiting for the next group must not keep them alive
             self._publish()
             while len(batch):
                 with self._cond:

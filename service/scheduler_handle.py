@@ -38,6 +38,10 @@ class Outbox:
                 loop.call_soon_threadsafe(_call_all, calls)
 
 
+def _nothing() -> None:
+    pass
+
+
 def _call_all(calls: list[Call]) -> None:
     for fn, args in calls:
         fn(*args)
@@ -105,6 +109,11 @@ class Handle:
         self._call(self._set, outcome)
 
     def _set(self, outcome: Outcome) -> None:
+        # The request has left the scheduler: nothing to cancel any more. Dropping the callable also
+        # breaks the handle ⇄ ticket reference cycle (the ticket holds this handle's methods), so the
+        # request's objects are freed when the last reference goes rather than left for the cyclic
+        # garbage collector, whose collections stall every thread (server.freeze_startup_objects).
+        self._cancel = _nothing
         if not self._future.done():
             if isinstance(outcome, BaseException):
                 self._future.set_exception(outcome)

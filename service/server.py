@@ -11,6 +11,7 @@ UNAVAILABLE), in-flight calls get the grace period to finish, and it returns.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import signal
@@ -105,6 +106,20 @@ def listen_for_metrics(registry: CollectorRegistry, server: ServerConfig) -> Met
     except OSError as err:
         address = f"{server.host}:{server.metrics_port}"
         raise ListenError(f"cannot serve metrics on {address}: {err.strerror}") from err
+
+
+def freeze_startup_objects() -> None:
+    """Move every object alive now out of the cyclic garbage collector's reach (`gc.freeze`).
+
+    By the end of the warm-up the modules, the model's sessions and the server's structures are
+    loaded for good. Left tracked, each full (generation 2) collection walks them all while holding
+    the interpreter lock, so every request in flight stalls for its length: about 30 ms each, a few
+    times a minute under load, on the development machine (docs/benchmarks.md) — the tail latency.
+    Frozen, a full collection walks only what requests allocated since. Collect first, so that
+    startup garbage is freed rather than frozen.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def describe_model(info: ModelInfo) -> str:
@@ -207,6 +222,7 @@ async def start_server(
         scheduler = SchedulerPool(engine, config.scheduler, metrics, workers=workers)
         servicer.attach(engine, scheduler)
         await asyncio.to_thread(engine.warm_up)
+        freeze_startup_objects()
     except BaseException:
         await server.stop(0)
         if metrics_server is not None:

@@ -9,8 +9,10 @@ pytest-asyncio is not installed: each test runs its coroutine with asyncio.run.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -314,6 +316,36 @@ def _collect_done(handle: Handle) -> bool:
 async def _until(condition: Callable[[], bool]) -> None:
     while not condition():
         await asyncio.sleep(0.001)
+
+
+@pytest.mark.parametrize("mode", ["continuous", "collect"])
+def test_a_finished_request_is_freed_without_the_cyclic_garbage_collector(mode: str) -> None:
+    """Its handle, ticket, request and result form no reference cycle: they go when the last
+    reference does. Left to the cyclic collector, every request would add to the full collections
+    that stall all threads (server.freeze_startup_objects). (A failed one's exception keeps its
+    traceback's frames, as any awaited exception in asyncio does, until the collector runs.)"""
+
+    async def main() -> None:
+        scheduler = Scheduler(FakeEngine(step_delay=0.002), config(mode=mode))
+        scheduler.start()
+        handles = [
+            scheduler.submit(Request("fake", (5, 9, 11, 2), options(beam=2))),
+            scheduler.submit(Request("fake", (7, 8, 3, 4, 10, 6, 2), options(), stream=True)),
+        ]
+        for handle in handles:
+            await handle.result()
+        await _until(lambda: scheduler.stats().in_flight == 0)
+        refs = [weakref.ref(h) for h in handles]
+        del handles, handle
+        assert [r() for r in refs] == [None, None]
+        scheduler.stop()
+
+    gc.collect()
+    gc.disable()
+    try:
+        run(main)
+    finally:
+        gc.enable()
 
 
 def test_deadline_passed_drops_the_request_in_the_batch_and_in_the_queue() -> None:

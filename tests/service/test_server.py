@@ -7,6 +7,7 @@ subprocess.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -269,6 +270,14 @@ def test_health_reports_serving_and_reflection_lists_the_services(
         assert status == health_pb2.HealthCheckResponse.SERVING
     services = ProtoReflectionDescriptorDatabase(channel).get_services()
     assert {SERVICE, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= set(services)
+
+
+def test_once_serving_the_startup_objects_are_out_of_the_collectors_reach(server: ServerThread) -> None:
+    # gc.get_objects() lists the tracked objects the collections walk; frozen ones are not among them
+    walked = {id(o) for o in gc.get_objects()}
+    running = server.running
+    assert gc.get_freeze_count() > 0
+    assert not {id(running.engine), id(running.scheduler), id(running.servicer)} & walked
 
 
 def test_the_port_answers_not_serving_while_the_model_loads(
