@@ -22,7 +22,16 @@ from typing import Literal
 from wsgiref.simple_server import WSGIServer
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
 
 from service.manifest import GRAPH_NAMES
 
@@ -290,6 +299,19 @@ class MetricsServer:
         self.server.shutdown()
         self.server.server_close()
         self.thread.join()
+
+
+def register_process_metrics(registry: CollectorRegistry) -> None:
+    """The series prometheus-client's default registry would export, in `registry`: `process_*`
+    (CPU seconds, resident and virtual memory, open file descriptors, start time), `python_info`,
+    and `python_gc_*` (collections, collected and uncollectable objects per generation).
+
+    For a lone server process only: in multiprocess mode (service/workers.py) they would describe
+    the supervisor alone, not the workers that do the work, so that mode leaves them out.
+    """
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
 
 
 def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> MetricsServer:

@@ -30,7 +30,7 @@ from service.api.translator.v1 import translator_pb2 as pb
 from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
 from service.config import Config, ServerConfig, resolve_parallelism, usable_cores
 from service.engine import CUDA, Engine, ModelInfo, choose_device
-from service.metrics import Metrics, MetricsServer, ServedModel, serve_metrics
+from service.metrics import Metrics, MetricsServer, ServedModel, register_process_metrics, serve_metrics
 from service.scheduler_pool import SchedulerPool
 from service.servicer import TranslatorServicer
 
@@ -183,7 +183,10 @@ async def start_server(
     """
     registry = CollectorRegistry()
     metrics = Metrics(registry)
-    metrics_server = None if worker is not None else listen_for_metrics(registry, config.server)
+    metrics_server = None
+    if worker is None:  # a worker's metrics reach its supervisor through files (service/workers.py)
+        register_process_metrics(registry)
+        metrics_server = listen_for_metrics(registry, config.server)
     if engine is None:
         device = choose_device(config.engine.provider, ort.get_available_providers())
     else:  # already loaded, its threads set

@@ -329,6 +329,10 @@ def test_metrics_count_requests(server: ServerThread, stub: pb_grpc.TranslatorSt
         text = urllib.request.urlopen(url, timeout=10).read().decode()
         match = re.search(r'translator_requests_total\{code="OK",rpc="GetModelInfo"\} (\S+)', text)
         assert match and "translator_model_info{" in text
+        # the standard process and Python series too, as prometheus-client's default registry has them
+        for series in ("process_resident_memory_bytes ", "process_cpu_seconds_total ", "python_info{"):
+            assert series in text
+        assert 'python_gc_collections_total{generation="2"}' in text
         return float(match.group(1))
 
     before = scrape()
