@@ -12,7 +12,7 @@ MODEL_DIR ?= models/en-fr-small
 CORPUS_DIR ?= data/corpus
 SEED ?= 1234
 
-.PHONY: setup proto corpus train eval translate export variants verify bench-kv bench-calls bench run test lint clean \
+.PHONY: setup proto corpus train eval translate export variants verify bench-kv bench-calls bench-gc bench run test lint clean \
 	compose-up compose-down
 
 setup: $(SETUP_DONE)
@@ -88,7 +88,11 @@ bench-kv: $(SETUP_DONE) $(CORPUS_DIR)/test.tsv
 bench-calls: $(SETUP_DONE) $(CORPUS_DIR)/test.tsv
 	$(PY) -m bench.call_cost --model-dir $(MODEL_DIR) --corpus $(CORPUS_DIR)/test.tsv --out docs/call-cost.md
 
-# The service benchmark (a measurement, not a test; ≈7 min on 2 cores): the in-process gRPC server under
+# The garbage collector's pauses in the server under load, frozen startup objects or not (≈1 min)
+bench-gc: $(SETUP_DONE)
+	$(PY) -m bench.gc_pauses --model-dir $(MODEL_DIR) --out docs/gc-pauses.md
+
+# The service benchmark (a measurement, not a test; ≈9 min on 2 cores): the in-process gRPC server under
 # closed- and open-loop load (continuous, collect-then-run, batch 1), the engine alone at batch 1/8/32/64
 # and the KV cache at batch 64 × 64 tokens → docs/benchmarks.md and docs/benchmarks.json.
 bench: $(SETUP_DONE) $(CORPUS_DIR)/test.tsv

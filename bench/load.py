@@ -608,7 +608,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--open-repeats",
         type=int,
-        default=3,
+        default=5,
         help="open loops per rate and mode, alternating between the modes (the target: the median pair)",
     )
     parser.add_argument(

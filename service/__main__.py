@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from collections.abc import Sequence
 
 from service.config import ConfigError, parse_config
 from service.server import ListenError, serve, setup_logging
 
 
-def main() -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     try:
-        config = parse_config(sys.argv[1:], os.environ)  # the one place that reads the environment
+        # the one place that reads the environment
+        config = parse_config(sys.argv[1:] if argv is None else argv, os.environ)
     except ConfigError as err:
         print(f"python -m service: {err}", file=sys.stderr)
         return 2
