@@ -129,8 +129,11 @@ def build_int8(source: Source, split: Split, options: BuildOptions) -> Manifest:
         variant="int8",
         transform=vg.quantize_int8,
         specs=source.manifest.graphs,
-        tool="onnxruntime.quantization.quantize_dynamic",
-        options={k: getattr(v, "name", v) for k, v in vg.INT8_OPTIONS.items()},  # QuantType → its name
+        tool="onnxruntime.quantization.quantize_dynamic, then export.variant_graphs.quantize_rows_apart",
+        options={
+            **{k: getattr(v, "name", v) for k, v in vg.INT8_OPTIONS.items()},  # QuantType → its name
+            "activations": "per row (last axis), symmetric: scale max|x|/127, uint8 zero point 128",
+        },
     )
     with _no_manifest_on_failure(out):
         pairs = split[: options.sentences] if options.sentences else split
