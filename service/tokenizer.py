@@ -37,6 +37,10 @@ class Tokenizer:
             raise ValueError(f"tokenizer lacks special tokens {SPECIAL_TOKENS}")
         self.special = SpecialIds(*ids)  # type: ignore[arg-type]
         self._special_set = frozenset(ids)
+        # A client's text is text: "<s>", "</s>", "<pad>" or "<unk>" typed in it (an HTML tag comes
+        # close enough) must not become control tokens — an end token would cut the source short,
+        # a padding one be masked out. The special ids enter only where the code puts them.
+        hf.encode_special_tokens = True
 
     @classmethod
     def from_file(cls, path: Path | str) -> Tokenizer:

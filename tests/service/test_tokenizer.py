@@ -55,6 +55,15 @@ def test_decode_drops_special_tokens(tokenizer: Tokenizer) -> None:
     assert tokenizer.decode([sp.bos, *ids, sp.eos, sp.pad]) == "Le chat."
 
 
+@pytest.mark.parametrize("text", ["I love <s>dogs</s> cats.", "<pad> and <unk>", "</s>"])
+def test_special_token_strings_in_a_text_are_plain_text(tokenizer: Tokenizer, text: str) -> None:
+    ids = tokenizer.encode(text)
+    special = {tokenizer.special.pad, tokenizer.special.bos, tokenizer.special.eos, tokenizer.special.unk}
+    assert not special & set(ids)
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.encode_source(text, 128)[-1] == tokenizer.special.eos  # the one end token: ours
+
+
 def test_source_limit_is_named(tokenizer: Tokenizer) -> None:
     assert tokenizer.encode_source("Le chat.", 16)[-1] == tokenizer.special.eos
     with pytest.raises(InputTooLongError, match="limit of 4"):
