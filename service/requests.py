@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+from google.protobuf.message import DecodeError, Message
 
 from service.api.translator.v1 import translator_pb2 as pb
 from service.decoding import Sampling, SearchOptions
@@ -18,21 +22,115 @@ from service.tokenizer import InputTooLongError, Tokenizer
 DEFAULT_BEAM_SIZE = 4
 LENGTH_PENALTY_RANGE = (0.0, 2.0)
 TEMPERATURE_RANGE = (0.01, 10.0)
+TOP_P_RANGE = (0.0, 1.0)
+
+M = TypeVar("M", bound=Message)
 
 
 class InvalidRequestError(ValueError):
     """The request cannot be served as sent (→ INVALID_ARGUMENT, with this message)."""
 
 
+# --- bytes → request message -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UndecodableRequest:
+    """Request bytes that are not a valid message of the method's type (a corrupt wire format, a
+    string field that is not UTF-8), handed to the servicer method in place of the message so that
+    the refusal goes through its `_handled` like any call: INVALID_ARGUMENT, counted, logged. A
+    deserializer that raised would end the call in gRPC itself: UNKNOWN, a traceback in the log,
+    and no count or log line."""
+
+    message_type: str  # e.g. "translator.v1.TranslateRequest"
+    reason: str  # what the protobuf parser said
+
+
+def request_decoder(message_class: type[M]) -> Callable[[bytes], M | UndecodableRequest]:
+    """The request deserializer of a method taking `message_class` (server.py registers it)."""
+    name = message_class.DESCRIPTOR.full_name
+    # protobuf's message already names the type: keep only what comes after it
+    said = f"Error parsing message with type '{name}': "
+
+    def decode(data: bytes) -> M | UndecodableRequest:
+        try:
+            return message_class.FromString(data)
+        except DecodeError as err:
+            return UndecodableRequest(name, str(err).removeprefix(said) or "it does not parse")
+
+    return decode
+
+
+def decoded(request: M | UndecodableRequest) -> M:
+    """The request message; raises InvalidRequestError for bytes that did not decode."""
+    if isinstance(request, UndecodableRequest):
+        raise InvalidRequestError(f"the request is not a valid {request.message_type}: {request.reason}")
+    return request
+
+
+# --- limits ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SchedulerShare:
+    """What one scheduler instance holds (service/scheduler_pool.py): its share of the server's
+    --max-sequences and --max-kv-cache-tokens, and the queue of the process. A request decodes on
+    one instance and must fit it empty, and every text of a call waits in the queue before it
+    decodes, so these bound a request as surely as the model's limits do. A request beyond them is
+    refused here, before anything is queued, with a message that says what to ask for instead; and
+    GetModelInfo reports them."""
+
+    max_sequences: int  # decoder rows; a beam of K is K rows
+    max_kv_cache_tokens: int  # self-attention cache slots: a request holds beam × max_output_tokens
+    queue_capacity: int  # requests that can wait at once (one per text)
+    split: str = ""  # who splits the server's limits ("2 instances split (--instances)"); "": none
+    queue_setting: str = "--max-queue-size"  # where queue_capacity comes from, for messages
+
+    def names(self, flag: str) -> str:
+        """The setting a limit comes from, as a message names it."""
+        if not self.split:
+            return flag
+        return f"one scheduler instance's share of {flag}, which {self.split}"
+
+
 @dataclass(frozen=True)
 class RequestLimits:
     """What one request may ask for: the server's limits and the model's."""
 
-    max_texts_per_request: int
-    max_beam_size: int
+    max_texts_per_request: int  # --max-texts-per-request
+    max_beam_size: int  # --max-beam-size
     max_source_tokens: int  # the end token included
-    max_output_tokens: int  # the end token included
+    max_output_tokens: int  # the model's; the end token included
     vocab_size: int
+    scheduler: SchedulerShare | None = None  # None: no scheduler bounds (the model's limits alone)
+
+    # What a request can actually get, the tighter of the settings and the scheduler's share: what
+    # GetModelInfo reports, so that a client that keeps within it is never refused for its size.
+
+    @property
+    def effective_max_texts(self) -> int:
+        share = self.scheduler
+        return (
+            self.max_texts_per_request
+            if share is None
+            else min(self.max_texts_per_request, share.queue_capacity)
+        )
+
+    @property
+    def effective_max_beam_size(self) -> int:
+        share = self.scheduler
+        return self.max_beam_size if share is None else min(self.max_beam_size, share.max_sequences)
+
+    @property
+    def effective_max_output_tokens(self) -> int:
+        """The most a greedy request can get (one row: one KV-cache slot per token); a beam of K
+        reserves K slots per token, so it gets at most max_kv_cache_tokens // K."""
+        share = self.scheduler
+        return (
+            self.max_output_tokens
+            if share is None
+            else min(self.max_output_tokens, share.max_kv_cache_tokens)
+        )
 
 
 @dataclass(frozen=True)
@@ -61,12 +159,7 @@ def translate_jobs(
     Raises:
         InvalidRequestError: naming the field, the value and the limit.
     """
-    if not texts:
-        raise InvalidRequestError(f"no texts: send between 1 and {limits.max_texts_per_request}")
-    if len(texts) > limits.max_texts_per_request:
-        raise InvalidRequestError(
-            f"{len(texts)} texts in one request, more than the limit of {limits.max_texts_per_request}"
-        )
+    _check_text_count(len(texts), limits)
     beam_size, length_penalty = _beam(options, limits)
     sampling = _sampling(options, limits) if options.WhichOneof("strategy") == "sampling" else None
     n_best = options.n_best or 1
@@ -93,7 +186,8 @@ def translate_jobs(
             source = tokenizer.encode_source(text, limits.max_source_tokens)
         except InputTooLongError as err:
             raise InvalidRequestError(f"text {i}: {err}") from err
-        max_out = requested_max or default_max_output_tokens(len(source), limits.max_output_tokens)
+        max_out = requested_max or default_max_output_tokens(len(source), limits.effective_max_output_tokens)
+        _check_room(i, max_out, len(source), len(prefix), options.stopping, beam_size, limits)
         seed = None
         if sampling is not None:
             seed = options.sampling.seed if options.sampling.HasField("seed") else new_seed()
@@ -110,10 +204,99 @@ def translate_jobs(
                 forced_prefix=prefix,
                 sampling=sampling,
             )
-        except ValueError as err:  # min ≥ max, a prefix with no room left, …
+        except ValueError as err:  # what _check_room does not foresee
             raise InvalidRequestError(f"text {i}: {err}") from err
         jobs.append(TextJob(text, tuple(source), search, seed))
     return jobs
+
+
+def _check_text_count(count: int, limits: RequestLimits) -> None:
+    if not count:
+        raise InvalidRequestError(f"no texts: send between 1 and {limits.effective_max_texts}")
+    if count > limits.max_texts_per_request:
+        raise InvalidRequestError(
+            f"{count} texts in one request, more than the limit of {limits.max_texts_per_request} "
+            "(--max-texts-per-request)"
+        )
+    share = limits.scheduler
+    if share is not None and count > share.queue_capacity:
+        # Not "queue full, retry later" (RESOURCE_EXHAUSTED): each text waits in the queue before it
+        # decodes, so such a call is refused on an idle server too, however often it is retried.
+        raise InvalidRequestError(
+            f"{count} texts in one request, more than the {share.queue_capacity} the server's request "
+            f"queue holds ({share.queue_setting}): every text waits in the queue, so the call could "
+            f"never be accepted; send at most {share.queue_capacity} texts per call"
+        )
+
+
+def _check_room(
+    i: int,
+    max_out: int,
+    source_len: int,
+    prefix_len: int,
+    stopping: pb.StoppingCriteria,
+    beam_size: int,
+    limits: RequestLimits,
+) -> None:
+    """Text `i`'s max_output_tokens (sent, or the default for its length) against the forced
+    prefix, the minimum and the KV cache. When the client never set it, the message says where the
+    number comes from; when it did, the fault is the whole request's, not one text's."""
+    limit = limits.effective_max_output_tokens
+    if stopping.max_output_tokens:
+        where, named = "", f"max_output_tokens {max_out}"
+    else:
+        where = f"text {i}: "
+        named = (
+            f"max_output_tokens {max_out} (not set: the default for this text's {source_len} source "
+            f"tokens, 2 × {source_len} + 10, at most {limit})"
+        )
+    if prefix_len >= max_out:
+        problem = f"target_prefix is {prefix_len} tokens and {named} leaves no room after it"
+        need, what = prefix_len + 1, "target_prefix must be shorter"
+    elif stopping.min_output_tokens >= max_out:
+        problem = f"min_output_tokens {stopping.min_output_tokens} must be below {named}"
+        need, what = stopping.min_output_tokens + 1, "min_output_tokens must be lower"
+    else:
+        need = 0
+    if need:
+        fix = (
+            f"set stopping.max_output_tokens between {need} and {limit} (the most that may be asked for)"
+            if need <= limit
+            else f"max_output_tokens may be at most {limit} (the end token included), so {what}"
+        )
+        raise InvalidRequestError(f"{where}{problem}; {fix}")
+    share = limits.scheduler
+    if share is not None and beam_size * max_out > share.max_kv_cache_tokens:
+        raise InvalidRequestError(where + _kv_overrun(named, max_out, beam_size, share))
+
+
+def _kv_overrun(named: str, max_out: int, beam_size: int, share: SchedulerShare) -> str:
+    """Why beam_size × max_output_tokens cannot fit the KV cache, and what does."""
+    budget, flag = share.max_kv_cache_tokens, share.names("--max-kv-cache-tokens")
+    if beam_size == 1:
+        return (
+            f"{named} needs {max_out} KV-cache slots (one per token), more than the {budget} one "
+            f"request may hold ({flag}); set stopping.max_output_tokens to at most {budget}"
+        )
+    return (
+        f"beam_size {beam_size} × {named} needs {beam_size * max_out} KV-cache slots, more than the "
+        f"{budget} one request may hold ({flag}); set stopping.max_output_tokens to at most "
+        f"{budget // beam_size} for beam_size {beam_size}, or ask for a smaller beam_size"
+    )
+
+
+def _within(value: float, bounds: tuple[float, float]) -> bool:
+    """`low <= value <= high`, compared in float32 as the proto fields are: 0.01 arrives as
+    0.0099999998 and, held against the double 0.01, would fall below the documented inclusive
+    minimum. NaN is never within."""
+    low, high = bounds
+    return bool(np.float32(low) <= np.float32(value) <= np.float32(high))
+
+
+def _shown(value: float) -> str:
+    """A float field as the client most likely wrote it: the shortest float32 spelling (0.01, not
+    the double 0.009999999776)."""
+    return f"{float(str(np.float32(value))):g}"
 
 
 def _beam(options: pb.TranslateOptions, limits: RequestLimits) -> tuple[int, float]:
@@ -122,12 +305,22 @@ def _beam(options: pb.TranslateOptions, limits: RequestLimits) -> tuple[int, flo
         return 1, 1.0
     beam = options.beam
     beam_size = beam.beam_size or DEFAULT_BEAM_SIZE
+    named = f"beam_size {beam_size}" + ("" if beam.beam_size else " (not set: the default)")
     if beam_size > limits.max_beam_size:
-        raise InvalidRequestError(f"beam_size {beam_size} is over the limit of {limits.max_beam_size}")
+        raise InvalidRequestError(f"{named} is over the limit of {limits.max_beam_size} (--max-beam-size)")
+    share = limits.scheduler
+    if share is not None and beam_size > share.max_sequences:
+        flag = share.names("--max-sequences")
+        raise InvalidRequestError(
+            f"{named} is over the limit of {share.max_sequences}: each beam is a decoder row, and a "
+            f"request's rows decode together, at most {share.max_sequences} ({flag})"
+        )
     length_penalty = beam.length_penalty if beam.HasField("length_penalty") else 1.0
-    low, high = LENGTH_PENALTY_RANGE
-    if not low <= length_penalty <= high:
-        raise InvalidRequestError(f"length_penalty {length_penalty:g} must be between {low:g} and {high:g}")
+    if not _within(length_penalty, LENGTH_PENALTY_RANGE):
+        low, high = LENGTH_PENALTY_RANGE
+        raise InvalidRequestError(
+            f"length_penalty {_shown(length_penalty)} must be between {low:g} and {high:g} inclusive"
+        )
     return beam_size, length_penalty
 
 
@@ -135,13 +328,14 @@ def _sampling(options: pb.TranslateOptions, limits: RequestLimits) -> Sampling:
     """The sampling parameters (seed filled in per text by the caller)."""
     s = options.sampling
     temperature = s.temperature or 1.0
-    low, high = TEMPERATURE_RANGE
-    if not low <= temperature <= high:
+    if not _within(temperature, TEMPERATURE_RANGE):
+        low, high = TEMPERATURE_RANGE
         raise InvalidRequestError(
-            f"temperature {s.temperature:g} must be between {low:g} and {high:g} (use greedy for 0)"
+            f"temperature {_shown(s.temperature)} must be between {low:g} and {high:g} inclusive "
+            "(use greedy for 0)"
         )
     if s.top_k > limits.vocab_size:
         raise InvalidRequestError(f"top_k {s.top_k} is over the vocabulary size {limits.vocab_size}")
-    if not 0.0 <= s.top_p <= 1.0:
-        raise InvalidRequestError(f"top_p {s.top_p:g} must be in (0, 1] (0: no truncation)")
+    if not _within(s.top_p, TOP_P_RANGE):
+        raise InvalidRequestError(f"top_p {_shown(s.top_p)} must be in (0, 1] (0: no truncation)")
     return Sampling(temperature=temperature, top_k=s.top_k, top_p=s.top_p or 1.0)

@@ -7,13 +7,14 @@ arrays into proto messages; keeping them apart keeps the servicer to the protoco
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TypeAlias
+from typing import TypeAlias, TypeVar
 
 import numpy as np
+from google.protobuf.message import Message
 
 from service.api.translator.v1 import translator_pb2 as pb
 from service.decoding import Hypothesis, normalized_score
-from service.requests import TextJob
+from service.requests import InvalidRequestError, TextJob
 from service.scheduler import FinishReason, Generation
 from service.tokenizer import Tokenizer
 
@@ -23,6 +24,31 @@ FINISH_REASONS = {
 }
 Kind: TypeAlias = pb.AttentionKind.ValueType  # an AttentionKind value
 REPLACEMENT = "\ufffd"  # what a partial UTF-8 character decodes to: hold the text back
+M = TypeVar("M", bound=Message)
+
+
+class ResponseTooLargeError(InvalidRequestError):
+    """A response larger than the server's message limit (--max-message-bytes).
+
+    Sent anyway, gRPC would fail it at the client (RESOURCE_EXHAUSTED, "Sent message larger than
+    max") after all the work, while the server counted and logged the call as OK. It is refused
+    instead with INVALID_ARGUMENT, not RESOURCE_EXHAUSTED: that code tells clients "the queue is
+    full, retry later", and the same request would get the same too-large answer every time; it
+    must ask for less (the message says what), or the operator must raise the limit.
+    """
+
+
+def within_message_limit(message: M, limit: int, ask_for: str) -> M:
+    """`message`, or ResponseTooLargeError if its serialized size is over `limit` bytes; `ask_for`
+    is what a client can ask for instead. Costs a size computation (about 1 µs for a small reply),
+    no serialization."""
+    size = message.ByteSize()
+    if size > limit:
+        raise ResponseTooLargeError(
+            f"the {message.DESCRIPTOR.name} would be {size} bytes, over the server's limit of {limit} "
+            f"bytes per message (--max-message-bytes): ask for {ask_for}, or for a raised --max-message-bytes"
+        )
+    return message
 
 
 def hypothesis_length(h: Hypothesis) -> int:

@@ -69,9 +69,9 @@ class SchedulerPool:
                 f"instances {config.instances}: resolve the auto setting first (config.resolve_parallelism)"
             )
         self.config, self._workers = config, workers
-        each = instance_config(config, workers)
+        self.share = instance_config(config, workers)  # what each instance holds
         self.instances = [
-            Scheduler(engine, each, metrics, clock=clock, instance=i) for i in range(config.instances)
+            Scheduler(engine, self.share, metrics, clock=clock, instance=i) for i in range(config.instances)
         ]
         self._outstanding = [0] * len(self.instances)  # submitted and not yet ended, per instance
         self._lock = threading.Lock()  # submitters may run on several event loops
@@ -93,23 +93,43 @@ class SchedulerPool:
             raise QueueFullError(self.config.max_queue_size) from None
         except RequestTooLargeError as err:
             self._ended(index)
-            parts = len(self.instances) * self._workers
-            if parts == 1:
+            if not self.split:
                 raise
-            split = (
-                f"{len(self.instances)} instances split (--instances)"
-                if self._workers == 1
-                else f"{self._workers} worker processes × {len(self.instances)} instances split "
-                "(--workers, --instances)"
-            )
             raise RequestTooLargeError(
-                f"{err}: that is one scheduler instance's share of the limits, which {split}"
+                f"{err}: that is one scheduler instance's share of the limits, which {self.split}"
             ) from None
         except BaseException:
             self._ended(index)
             raise
         handle.add_done_callback(lambda: self._ended(index))
         return handle
+
+    @property
+    def split(self) -> str:
+        """Who splits the server's limits, for messages ("2 instances split (--instances)"); "" when
+        one instance holds them whole."""
+        if len(self.instances) * self._workers == 1:
+            return ""
+        if self._workers == 1:
+            return f"{len(self.instances)} instances split (--instances)"
+        each = f"{self._workers} worker processes × {len(self.instances)} instances"
+        return f"{each} split (--workers, --instances)"
+
+    @property
+    def queue_capacity(self) -> int:
+        """Requests that can wait at once over this process's instances: more texts than this in one
+        call are refused on an idle server too, since every text is queued before any decodes."""
+        return self.share.max_queue_size * len(self.instances)
+
+    @property
+    def queue_setting(self) -> str:
+        """Where `queue_capacity` comes from, for messages."""
+        if self._workers == 1:
+            return "--max-queue-size"
+        return (
+            f"this worker process's share of --max-queue-size, which {self._workers} worker processes "
+            "split (--workers)"
+        )
 
     def _ended(self, index: int) -> None:
         with self._lock:

@@ -27,10 +27,10 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from service.api.translator.v1 import translator_pb2 as pb
-from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
 from service.config import Config, ServerConfig, resolve_parallelism, usable_cores
 from service.engine import CUDA, Engine, ModelInfo, choose_device
 from service.metrics import Metrics, MetricsServer, ServedModel, register_process_metrics, serve_metrics
+from service.requests import request_decoder
 from service.scheduler_pool import SchedulerPool
 from service.servicer import TranslatorServicer
 
@@ -134,6 +134,30 @@ def _build_version() -> str:
         return "unknown"
 
 
+def add_translator(servicer: TranslatorServicer, server: grpc.aio.Server) -> None:
+    """Register translator.v1.Translator's methods as the generated add_TranslatorServicer_to_server
+    does, but with request deserializers that never raise: bytes that are not a valid request (a
+    corrupt wire format, a string that is not UTF-8) reach the method as an UndecodableRequest, which
+    it refuses with INVALID_ARGUMENT, counted and logged like any call. The generated deserializer's
+    DecodeError escaped the servicer: gRPC answered UNKNOWN and logged a traceback, uncounted."""
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["Translator"].methods:
+        assert not method.client_streaming, f"{method.name}: no client-streaming handler here"
+        request, response = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
+        kind = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = kind(
+            getattr(servicer, method.name),
+            request_deserializer=request_decoder(request),
+            response_serializer=response.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
+
+
 @dataclass
 class RunningServer:
     """A started server: its bound ports and the pieces a graceful stop needs."""
@@ -196,7 +220,7 @@ async def start_server(
     # "starting") rather than a refused connection while the model loads and warms up.
     servicer = TranslatorServicer(config, metrics)
     server = grpc.aio.server(options=_channel_options(config.server))
-    pb_grpc.add_TranslatorServicer_to_server(servicer, server)
+    add_translator(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

@@ -16,22 +16,32 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from service.api.translator.v1 import translator_pb2 as pb
 from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
 from service.config import Config
 from service.engine import Engine, ModelInfo, ModelNotFoundError
 from service.metrics import Metrics
-from service.requests import InvalidRequestError, RequestLimits, TextJob, translate_jobs
+from service.requests import (
+    InvalidRequestError,
+    RequestLimits,
+    SchedulerShare,
+    TextJob,
+    UndecodableRequest,
+    decoded,
+    translate_jobs,
+)
 from service.responses import (
     Kind,
     alignment,
     attention_matrices,
     text_delta,
     translation_message,
+    within_message_limit,
 )
 from service.scheduler import (
     DeadlineExceededError,
@@ -47,6 +57,7 @@ from service.scheduler_pool import SchedulerPool
 from service.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+_Reply = TypeVar("_Reply", bound=Message)
 
 VARIANTS = {"fp32": pb.MODEL_VARIANT_FP32, "optimized": pb.MODEL_VARIANT_FP32}
 VARIANTS |= {"int8": pb.MODEL_VARIANT_INT8, "fp16": pb.MODEL_VARIANT_FP16}
@@ -120,6 +131,13 @@ _ID_PREFIX = secrets.token_hex(4)
 _ID_COUNTER = itertools.count()
 _STARTING = "the server is starting (loading and warming up the model); retry shortly"
 _STOPPING = "the server is shutting down and takes no new calls; retry (another replica)"
+# What a client can ask for instead of a response over --max-message-bytes, per RPC.
+_SMALLER_TRANSLATION = "fewer texts per call, fewer hypotheses (n_best) or no tokens (return_tokens)"
+_SMALLER_STREAM = "no tokens (return_tokens) or fewer output tokens (max_output_tokens)"
+_SMALLER_ATTENTION = (
+    "fewer attention maps (kinds, layers, heads; with no heads, one head-averaged map per layer and "
+    "kind) or shorter texts"
+)
 
 
 # --- pure helpers: domain → proto -------------------------------------------------------------------
@@ -135,6 +153,7 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
         self._engine: Engine | None = None
         self._scheduler: SchedulerPool | None = None
         self._tokenizers: dict[str, Tokenizer] = {}
+        self._request_limits: dict[str, RequestLimits] = {}
         self.ready = False
         self.draining = False  # set when shutdown begins: every new call is refused (UNAVAILABLE)
 
@@ -205,14 +224,31 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
         return info.name, info
 
     def _limits(self, info: ModelInfo) -> RequestLimits:
-        server = self.config.server
-        return RequestLimits(
+        """The model's and the server's limits, with what one scheduler instance holds: a request is
+        checked against all of them up front, and GetModelInfo reports the tighter ones."""
+        cached = self._request_limits.get(info.name)
+        if cached is not None:  # fixed once attached; built once per model rather than per call
+            return cached
+        server, pool = self.config.server, self.scheduler
+        limits = self._request_limits[info.name] = RequestLimits(
             max_texts_per_request=server.max_texts_per_request,
             max_beam_size=server.max_beam_size,
             max_source_tokens=info.limits.max_source_tokens,
             max_output_tokens=info.limits.max_target_tokens,
             vocab_size=info.dims.vocab_size,
+            scheduler=SchedulerShare(
+                max_sequences=pool.share.max_sequences,
+                max_kv_cache_tokens=pool.share.max_kv_cache_tokens,
+                queue_capacity=pool.queue_capacity,
+                split=pool.split,
+                queue_setting=pool.queue_setting,
+            ),
         )
+        return limits
+
+    def _fitting(self, message: _Reply, ask_for: str) -> _Reply:
+        """`message` if gRPC can send it (see responses.ResponseTooLargeError)."""
+        return within_message_limit(message, self.config.server.max_message_bytes, ask_for)
 
     def _jobs(
         self, texts: Sequence[str], options: pb.TranslateOptions, call: CallRecord, *, streaming: bool
@@ -253,9 +289,10 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
                     h.cancel()
 
     async def Translate(
-        self, request: pb.TranslateRequest, context: grpc.aio.ServicerContext
+        self, request: pb.TranslateRequest | UndecodableRequest, context: grpc.aio.ServicerContext
     ) -> pb.TranslateResponse:
         async with self._handled("Translate", context) as call:
+            request = decoded(request)
             info, jobs = self._jobs(request.texts, request.options, call, streaming=False)
             generations = await self._generate(info.name, jobs, context)
             total = time.monotonic() - call.start
@@ -265,15 +302,17 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
                 for job, gen in zip(jobs, generations, strict=True)
             ]
             call.output_tokens = sum(t.output_tokens for t in translations)
-            return pb.TranslateResponse(
+            response = pb.TranslateResponse(
                 translations=translations, model=info.name, model_version=info.version
             )
+            return self._fitting(response, _SMALLER_TRANSLATION)
         raise AssertionError("unreachable: _handled aborts the call on error")
 
     async def TranslateStream(
-        self, request: pb.TranslateStreamRequest, context: grpc.aio.ServicerContext
+        self, request: pb.TranslateStreamRequest | UndecodableRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.TranslateStreamResponse]:
         async with self._handled("TranslateStream", context) as call:
+            request = decoded(request)
             info, (job,) = self._jobs([request.text], request.options, call, streaming=True)
             tokenizer = self.tokenizers[info.name]
             handle = self._submit(info.name, job, context, stream=True)
@@ -284,7 +323,8 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
                     ids.extend(chunk)
                     new = text_delta(tokenizer, ids, sent)
                     sent += new
-                    yield pb.TranslateStreamResponse(delta=pb.TextDelta(text=new, token_ids=chunk))
+                    delta = pb.TranslateStreamResponse(delta=pb.TextDelta(text=new, token_ids=chunk))
+                    yield self._fitting(delta, _SMALLER_STREAM)
                 gen = await handle.result()
             finally:
                 if not handle.done():
@@ -293,13 +333,17 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
             if final.text != sent:  # text held back at the end (a cut UTF-8 character)
                 if not final.text.startswith(sent):
                     log.warning("request %s: streamed text is not a prefix of the result", call.request_id)
-                yield pb.TranslateStreamResponse(delta=pb.TextDelta(text=final.text[len(sent) :]))
+                rest = pb.TranslateStreamResponse(delta=pb.TextDelta(text=final.text[len(sent) :]))
+                yield self._fitting(rest, _SMALLER_STREAM)
             call.output_tokens = final.output_tokens
             response = pb.TranslateResponse(translations=[final], model=info.name, model_version=info.version)
-            yield pb.TranslateStreamResponse(final=response)
+            yield self._fitting(pb.TranslateStreamResponse(final=response), _SMALLER_STREAM)
 
-    async def Attend(self, request: pb.AttendRequest, context: grpc.aio.ServicerContext) -> pb.AttendResponse:
+    async def Attend(
+        self, request: pb.AttendRequest | UndecodableRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AttendResponse:
         async with self._handled("Attend", context) as call:
+            request = decoded(request)
             name, info = self._model(request.model)
             call.model = name
             tokenizer = self.tokenizers[name]
@@ -313,10 +357,11 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
                 raise InvalidRequestError(f"source: {err}") from err
             if request.HasField("target"):
                 target_text, target = request.target, tokenizer.encode(request.target)
-                if len(target) + 1 > limits.max_output_tokens:
+                # the limit GetModelInfo reports, though a given target takes no KV-cache slot
+                if len(target) + 1 > limits.effective_max_output_tokens:
                     raise InvalidRequestError(
                         f"target is {len(target) + 1} tokens (end token included), longer than the "
-                        f"limit of {limits.max_output_tokens}"
+                        f"limit of {limits.effective_max_output_tokens}"
                     )
             else:
                 if not self.ready:
@@ -338,7 +383,7 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
             }
             mean = request.average_heads or not heads
             eos = tokenizer.id_to_token(tokenizer.special.eos)
-            return pb.AttendResponse(
+            response = pb.AttendResponse(
                 model=name,
                 target=target_text,
                 source_tokens=[tokenizer.id_to_token(t) for t in source],
@@ -346,6 +391,7 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
                 matrices=attention_matrices(maps, kinds, layers, heads, mean),
                 alignment=alignment(maps[pb.ATTENTION_KIND_CROSS]),
             )
+            return self._fitting(response, _SMALLER_ATTENTION)
         raise AssertionError("unreachable: _handled aborts the call on error")
 
     def _attend_selection(
@@ -377,9 +423,10 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
         return kinds, layers, heads
 
     async def GetModelInfo(
-        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GetModelInfoRequest | UndecodableRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelInfoResponse:
         async with self._handled("GetModelInfo", context) as call:
+            decoded(request)
             models = [self._model_info(info) for _, info in sorted(self.engine.models.items())]
             call.model = self.engine.default_model
             return pb.GetModelInfoResponse(models=models, default_model=self.engine.default_model)
@@ -403,11 +450,12 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
                 d_model=int(arch["d_model"]),
                 vocab_size=info.dims.vocab_size,
             ),
+            # what a request can get, so that one within them never fails for its size
             limits=pb.ModelLimits(
                 max_source_tokens=limits.max_source_tokens,
-                max_output_tokens=limits.max_output_tokens,
-                max_texts_per_request=limits.max_texts_per_request,
-                max_beam_size=limits.max_beam_size,
-                max_batch_size=self.config.scheduler.max_sequences,
+                max_output_tokens=limits.effective_max_output_tokens,
+                max_texts_per_request=limits.effective_max_texts,
+                max_beam_size=limits.effective_max_beam_size,
+                max_batch_size=self.scheduler.share.max_sequences,  # one decode loop's step
             ),
         )

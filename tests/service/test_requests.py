@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 
 from export.translate import DEFAULT_MODEL_DIR
 from service.api.translator.v1 import translator_pb2 as pb
-from service.requests import InvalidRequestError, RequestLimits, translate_jobs
+from service.requests import (
+    InvalidRequestError,
+    RequestLimits,
+    SchedulerShare,
+    UndecodableRequest,
+    decoded,
+    request_decoder,
+    translate_jobs,
+)
 from service.tokenizer import Tokenizer
 
 LIMITS = RequestLimits(
@@ -99,3 +108,217 @@ def test_bad_input_is_refused_with_a_clear_message(
 ) -> None:
     with pytest.raises(InvalidRequestError, match=message):
         jobs(tokenizer, texts, streaming, **options)
+
+
+# --- float fields: the documented inclusive bounds hold for the float32 the client sends ------------
+
+
+def _round_trip(options: pb.TranslateOptions) -> pb.TranslateOptions:
+    """The options as the server gets them: serialized, so every float field is a float32."""
+    return pb.TranslateOptions.FromString(options.SerializeToString())
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"sampling": pb.Sampling(temperature=0.01)},  # arrives as 0.0099999998
+        {"sampling": pb.Sampling(temperature=10)},
+        {"sampling": pb.Sampling(top_p=1.0)},
+        {"sampling": pb.Sampling(top_p=1e-6)},
+        {"sampling": pb.Sampling(temperature=0.01, top_p=1.0)},
+        {"beam": pb.BeamSearch(length_penalty=0.0)},
+        {"beam": pb.BeamSearch(length_penalty=2.0)},
+    ],
+)
+def test_float_fields_at_their_inclusive_bounds_are_accepted(tokenizer: Tokenizer, options: dict) -> None:
+    sent = _round_trip(pb.TranslateOptions(**options))
+    (job,) = translate_jobs(["I see cats."], sent, tokenizer, LIMITS, new_seed=lambda: 1)
+    if sent.HasField("sampling"):
+        assert job.options.sampling is not None
+        assert job.options.sampling.temperature == pytest.approx(sent.sampling.temperature or 1.0)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"sampling": pb.Sampling(temperature=0.0099)}, "temperature 0.0099 must be between 0.01 and 10"),
+        ({"sampling": pb.Sampling(temperature=10.001)}, "temperature 10.001 must be between 0.01 and 10"),
+        ({"sampling": pb.Sampling(top_p=1.0000001)}, r"top_p 1 must be in \(0, 1\]"),  # the next float32
+        ({"beam": pb.BeamSearch(length_penalty=-0.0001)}, "length_penalty -0.0001 must be between 0 and 2"),
+        ({"beam": pb.BeamSearch(length_penalty=2.0001)}, "length_penalty 2.0001 must be between 0 and 2"),
+        ({"sampling": pb.Sampling(temperature=float("nan"))}, "temperature nan must be between"),
+    ],
+)
+def test_float_fields_just_outside_their_bounds_are_refused(
+    tokenizer: Tokenizer, options: dict, message: str
+) -> None:
+    with pytest.raises(InvalidRequestError, match=message):
+        translate_jobs(
+            ["I see cats."],
+            _round_trip(pb.TranslateOptions(**options)),
+            tokenizer,
+            LIMITS,
+            new_seed=lambda: 1,
+        )
+
+
+# --- what the scheduler holds bounds a request as surely as the model --------------------------------
+
+# one of 2 instances: 2 rows, 60 KV-cache slots; a queue of 3 over the process
+SHARE = SchedulerShare(
+    max_sequences=2, max_kv_cache_tokens=60, queue_capacity=3, split="2 instances split (--instances)"
+)
+SHARED = replace(LIMITS, max_texts_per_request=64, scheduler=SHARE)
+LONG = "The old man gives the red book to the small child, and the young woman sees the big dog in the park."
+
+
+def shared_jobs(tokenizer: Tokenizer, texts: list[str], **options: object):
+    return translate_jobs(texts, pb.TranslateOptions(**options), tokenizer, SHARED, new_seed=lambda: 1)
+
+
+def test_the_effective_limits_are_the_tighter_of_settings_model_and_scheduler() -> None:
+    assert (
+        SHARED.effective_max_texts,
+        SHARED.effective_max_beam_size,
+        SHARED.effective_max_output_tokens,
+    ) == (
+        3,
+        2,
+        60,
+    )
+    assert (
+        LIMITS.effective_max_texts,
+        LIMITS.effective_max_beam_size,
+        LIMITS.effective_max_output_tokens,
+    ) == (
+        4,
+        8,
+        128,
+    )
+
+
+def test_requests_within_the_effective_limits_are_accepted(tokenizer: Tokenizer) -> None:
+    assert len(shared_jobs(tokenizer, ["I see cats."] * 3)) == 3
+    stopping = pb.StoppingCriteria(max_output_tokens=30)
+    (beam,) = shared_jobs(tokenizer, [LONG], beam=pb.BeamSearch(beam_size=2), stopping=stopping)
+    assert (beam.options.beam_size, beam.options.max_output_tokens) == (2, 30)
+    (greedy,) = shared_jobs(
+        tokenizer, [LONG]
+    )  # its default, 2 × source + 10, is capped at the 60 it can hold
+    assert len(greedy.source_ids) * 2 + 10 > 60 and greedy.options.max_output_tokens == 60
+    (full,) = shared_jobs(tokenizer, [LONG], stopping=pb.StoppingCriteria(max_output_tokens=60))
+    assert full.options.max_output_tokens == 60
+
+
+@pytest.mark.parametrize(
+    ("texts", "options", "message"),
+    [
+        (
+            ["I see."] * 4,
+            {},
+            r"^4 texts in one request, more than the 3 the server's request queue holds "
+            r"\(--max-queue-size\).*send at most 3 texts per call$",
+        ),
+        (
+            ["I see."],
+            {"beam": pb.BeamSearch(beam_size=3)},
+            r"^beam_size 3 is over the limit of 2: .*one scheduler instance's share of --max-sequences, "
+            r"which 2 instances split \(--instances\)",
+        ),
+        (
+            ["I see."],
+            {"beam": pb.BeamSearch()},
+            r"^beam_size 4 \(not set: the default\) is over the limit of 2",
+        ),
+        (
+            ["I see."],
+            {"stopping": pb.StoppingCriteria(max_output_tokens=61)},
+            r"^max_output_tokens 61 needs 61 KV-cache slots \(one per token\), more than the 60 one "
+            r"request may hold \(one scheduler instance's share of --max-kv-cache-tokens.*at most 60$",
+        ),
+        (
+            ["I see."],
+            {"beam": pb.BeamSearch(beam_size=2), "stopping": pb.StoppingCriteria(max_output_tokens=31)},
+            r"^beam_size 2 × max_output_tokens 31 needs 62 KV-cache slots.*at most 30 for beam_size 2, "
+            "or ask for a smaller beam_size$",
+        ),
+        (  # the default the client never set is named as such, with how to lower it
+            ["I see.", LONG],
+            {"beam": pb.BeamSearch(beam_size=2)},
+            r"^text 1: beam_size 2 × max_output_tokens 60 \(not set: the default for this text's \d\d "
+            r"source tokens, 2 × \d\d \+ 10, at most 60\) needs 120 KV-cache slots.*set "
+            "stopping.max_output_tokens to at most 30 for beam_size 2",
+        ),
+    ],
+)
+def test_requests_beyond_what_the_scheduler_holds_are_refused_up_front(
+    tokenizer: Tokenizer, texts: list[str], options: dict, message: str
+) -> None:
+    with pytest.raises(InvalidRequestError, match=message):
+        shared_jobs(tokenizer, texts, **options)
+
+
+# --- messages name the defaults the client never set ------------------------------------------------
+
+NOT_SET = (
+    r"max_output_tokens 20 \(not set: the default for this text's 5 source tokens, 2 × 5 \+ 10, at most 128\)"
+)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            {"target_prefix": "le chat " * 20},
+            rf"^text 0: target_prefix is \d+ tokens and {NOT_SET} leaves no room after it; set "
+            r"stopping.max_output_tokens between \d+ and 128 \(the most that may be asked for\)$",
+        ),
+        (
+            {"target_prefix": "le chat " * 70},
+            rf"^text 0: target_prefix is \d+ tokens and {NOT_SET} leaves no room after it; "
+            r"max_output_tokens may be at most 128 \(the end token included\), so target_prefix must be "
+            "shorter$",
+        ),
+        (
+            {"stopping": pb.StoppingCriteria(min_output_tokens=127)},
+            rf"^text 0: min_output_tokens 127 must be below {NOT_SET}; set stopping.max_output_tokens "
+            "between 128 and 128",
+        ),
+        (
+            {"stopping": pb.StoppingCriteria(min_output_tokens=128)},
+            rf"^text 0: min_output_tokens 128 must be below {NOT_SET}; max_output_tokens may be at most "
+            r"128 \(the end token included\), so min_output_tokens must be lower$",
+        ),
+        (  # set by the client: the whole request's fault, no text named, no default explained
+            {"stopping": pb.StoppingCriteria(max_output_tokens=5, min_output_tokens=6)},
+            r"^min_output_tokens 6 must be below max_output_tokens 5; set stopping.max_output_tokens "
+            "between 7 and 128",
+        ),
+    ],
+)
+def test_messages_say_when_max_output_tokens_is_the_default(
+    tokenizer: Tokenizer, options: dict, message: str
+) -> None:
+    assert len(tokenizer.encode("I see.")) + 1 == 5
+    with pytest.raises(InvalidRequestError, match=message):
+        jobs(tokenizer, ["I see."], **options)
+
+
+# --- bytes that are not a request ------------------------------------------------------------------
+
+
+def test_undecodable_bytes_become_an_invalid_request_naming_the_type_and_the_fault() -> None:
+    decode = request_decoder(pb.TranslateRequest)
+    request = pb.TranslateRequest(texts=["I see."])
+    assert decoded(decode(request.SerializeToString())) == request
+    for data, fault in (
+        (b"\x0a\x03\xff\xfe\x41", "String field had bad UTF-8"),
+        (b"\xff\xff\xff\xff", "corrupt"),
+    ):
+        bad = decode(data)
+        assert isinstance(bad, UndecodableRequest)
+        with pytest.raises(
+            InvalidRequestError,
+            match=f"^the request is not a valid translator.v1.TranslateRequest: .*{fault}",
+        ):
+            decoded(bad)

@@ -136,3 +136,17 @@ def test_a_worker_names_the_workers_splitting_the_limits() -> None:
 def test_the_auto_instance_count_must_be_resolved_first() -> None:
     with pytest.raises(ValueError, match="resolve_parallelism"):
         SchedulerPool(FakeEngine(), SchedulerConfig(instances=0))
+
+
+def test_the_pool_says_what_one_request_can_get_and_who_split_it() -> None:
+    alone = SchedulerPool(FakeEngine(), config(instances=1, max_sequences=4, max_queue_size=3))
+    assert (alone.share.max_sequences, alone.queue_capacity, alone.split) == (4, 3, "")
+    assert alone.queue_setting == "--max-queue-size"
+    # every instance gets its share of the queue rounded up: 3 over 2 is 2 each, 4 in all
+    pair = SchedulerPool(FakeEngine(), config(instances=2, max_sequences=4, max_queue_size=3))
+    assert (pair.share.max_sequences, pair.queue_capacity) == (2, 4)
+    assert pair.split == "2 instances split (--instances)"
+    worker = SchedulerPool(FakeEngine(), config(instances=2, max_queue_size=8), workers=2)
+    assert worker.queue_capacity == 4
+    assert worker.split == "2 worker processes × 2 instances split (--workers, --instances)"
+    assert "2 worker processes split (--workers)" in worker.queue_setting

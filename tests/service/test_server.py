@@ -366,21 +366,223 @@ def test_a_too_short_deadline_is_deadline_exceeded(stub: pb_grpc.TranslatorStub)
     assert translate(stub, TEXTS[:1]).translations[0].text  # the server goes on
 
 
-def test_a_full_queue_is_resource_exhausted(engine: Engine) -> None:
-    request = pb.TranslateRequest(texts=TEXTS * 2)
-    with (
-        ServerThread(loopback_config(max_queue_size=1), engine) as small,
-        grpc.insecure_channel(small.target) as ch,
-    ):
+def requests_ended(running: ServerThread, rpc: str, code: str) -> float:
+    """translator_requests_total{rpc, code} of a running server."""
+    labels = {"rpc": rpc, "code": code}
+    return running.running.metrics.registry.get_sample_value("translator_requests_total", labels) or 0.0
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+def test_a_full_queue_is_resource_exhausted_and_the_texts_queued_first_are_cancelled(engine: Engine) -> None:
+    # one row decoding at a time, two waiting: a long text decodes, another waits, one place is left
+    config = loopback_config(instances=1, max_sequences=1, max_queue_size=2)
+    long = pb.TranslateOptions(stopping=pb.StoppingCriteria(max_output_tokens=128, min_output_tokens=127))
+    with ServerThread(config, engine) as small, grpc.insecure_channel(small.target) as ch:
         stub = pb_grpc.TranslatorStub(ch)
-        with ThreadPoolExecutor(8) as pool:
-            futures = [pool.submit(stub.Translate, request, timeout=30) for _ in range(8)]
-            codes = []
-            for f in futures:
-                err = f.exception()
-                codes.append(grpc.StatusCode.OK if err is None else err.code())  # type: ignore[attr-defined]
-    assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
-    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+        scheduler, registry = small.running.scheduler, small.running.metrics.registry
+        decoding = stub.Translate.future(pb.TranslateRequest(texts=TEXTS[:1], options=long), timeout=60)
+        assert wait_until(lambda: scheduler.stats().in_flight == 1)
+        waiting = stub.Translate.future(pb.TranslateRequest(texts=TEXTS[:1], options=long), timeout=60)
+        assert wait_until(lambda: scheduler.stats().queued == 1)
+        cancelled = {"reason": "cancelled"}
+        cancelled_before = registry.get_sample_value("translator_sequences_finished_total", cancelled) or 0.0
+        try:
+            # its first text takes the last place, its second finds the queue full: retry later
+            code, details = status_of(lambda: translate(stub, TEXTS[:2]))
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry later" in details
+            # ... and the first one leaves the queue rather than decoding for nobody
+            assert wait_until(
+                lambda: (
+                    registry.get_sample_value("translator_sequences_finished_total", cancelled)
+                    == cancelled_before + 1
+                )
+            )
+            assert scheduler.stats().queued == 1 and scheduler.stats().in_flight == 1
+            assert not decoding.done() and not waiting.done()
+
+            # more texts than the whole queue holds could never be accepted: not "retry later"
+            code, details = status_of(lambda: translate(stub, TEXTS))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT
+            assert "3 texts in one request, more than the 2" in details and "--max-queue-size" in details
+            assert "retry" not in details
+        finally:
+            decoding.cancel()
+            waiting.cancel()
+
+
+# --- what the server can hold: advertised, accepted up to it, refused beyond -------------------------
+
+
+@pytest.fixture(scope="module")
+def small(engine: Engine) -> Iterator[ServerThread]:
+    """A server whose limits bite: 2 instances of 2 rows and 60 KV-cache slots each, 2 waiting
+    requests in all, 1 KiB messages."""
+    config = loopback_config(instances=2, max_sequences=4, max_kv_cache_tokens=120, max_queue_size=2)
+    config = replace(config, server=replace(config.server, max_message_bytes=1024))
+    with ServerThread(config, engine) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def small_stub(small: ServerThread) -> Iterator[pb_grpc.TranslatorStub]:
+    with grpc.insecure_channel(small.target) as channel:
+        yield pb_grpc.TranslatorStub(channel)
+
+
+LONG = "The old man gives the red book to the small child, and the young woman sees the big dog in the park."
+
+
+def test_get_model_info_advertises_what_a_request_can_get(small_stub: pb_grpc.TranslatorStub) -> None:
+    (model,) = small_stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30).models
+    limits = model.limits
+    assert (limits.max_batch_size, limits.max_beam_size) == (2, 2)  # one instance's 2 rows, not 4 or 8
+    assert limits.max_output_tokens == 60  # a greedy request's slots in one instance's cache, not 128
+    assert limits.max_texts_per_request == 2  # what the queue holds, not 64
+    assert limits.max_source_tokens == 128
+
+
+def test_requests_at_the_advertised_limits_succeed(small_stub: pb_grpc.TranslatorStub) -> None:
+    assert len(translate(small_stub, TEXTS[:2]).translations) == 2
+    (beam,) = translate(
+        small_stub,
+        TEXTS[:1],
+        beam=pb.BeamSearch(beam_size=2),
+        stopping=pb.StoppingCriteria(max_output_tokens=30),
+    ).translations
+    assert beam.text == "J'aime les chats."
+    (greedy,) = translate(small_stub, [LONG], stopping=pb.StoppingCriteria(max_output_tokens=60)).translations
+    assert greedy.text
+    (default,) = translate(small_stub, [LONG]).translations  # its default is capped at 60 too
+    assert 0 < default.output_tokens <= 60
+
+
+@pytest.mark.parametrize(
+    ("texts", "options", "expected"),
+    [
+        (TEXTS, {}, ["3 texts in one request, more than the 2", "--max-queue-size", "at most 2 texts"]),
+        (
+            TEXTS[:1],
+            {"beam": pb.BeamSearch(beam_size=3)},
+            ["beam_size 3 is over the limit of 2", "--max-sequences, which 2 instances split (--instances)"],
+        ),
+        (
+            TEXTS[:1],
+            {"stopping": pb.StoppingCriteria(max_output_tokens=61)},
+            ["max_output_tokens 61 needs 61 KV-cache slots", "the 60", "--max-kv-cache-tokens", "at most 60"],
+        ),
+        (  # the default for a long source: named as such, with the number to ask for instead
+            [LONG],
+            {"beam": pb.BeamSearch(beam_size=2)},
+            [
+                "text 0: beam_size 2 × max_output_tokens 60 (not set: the default",
+                "at most 30 for beam_size 2",
+            ],
+        ),
+    ],
+)
+def test_requests_beyond_what_the_server_holds_are_invalid_argument(
+    small_stub: pb_grpc.TranslatorStub, texts: list[str], options: dict, expected: list[str]
+) -> None:
+    code, details = status_of(lambda: translate(small_stub, texts, **options))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert all(part in details for part in expected), details
+
+
+def _too_large(details: str, message: str) -> bool:
+    return (
+        re.search(rf"the {message} would be \d+ bytes, over the server's limit of 1024 bytes", details)
+        is not None
+        and "--max-message-bytes" in details
+    )
+
+
+def test_a_response_over_the_message_limit_is_refused_and_counted_so(
+    small: ServerThread, small_stub: pb_grpc.TranslatorStub
+) -> None:
+    everything = [pb.ATTENTION_KIND_CROSS, pb.ATTENTION_KIND_ENCODER_SELF, pb.ATTENTION_KIND_DECODER_SELF]
+    assert small_stub.Attend(pb.AttendRequest(source=TEXTS[0]), timeout=30).matrices  # 3 maps fit
+    before = {rpc: requests_ended(small, rpc, "INVALID_ARGUMENT") for rpc in ("Translate", "Attend")}
+    ok_before = {rpc: requests_ended(small, rpc, "OK") for rpc in ("Translate", "Attend")}
+
+    code, details = status_of(
+        lambda: small_stub.Attend(
+            pb.AttendRequest(source=TEXTS[0], kinds=everything, heads=[0, 1]), timeout=30
+        )
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and _too_large(details, "AttendResponse")
+    assert "fewer attention maps" in details
+
+    stopping = pb.StoppingCriteria(max_output_tokens=60, min_output_tokens=55)
+    code, details = status_of(lambda: translate(small_stub, TEXTS[:2], stopping=stopping, return_tokens=True))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and _too_large(details, "TranslateResponse")
+    assert "fewer texts per call" in details
+
+    # counted as what the client got, not as OK
+    for rpc in ("Translate", "Attend"):
+        assert requests_ended(small, rpc, "INVALID_ARGUMENT") == before[rpc] + 1
+        assert requests_ended(small, rpc, "OK") == ok_before[rpc]
+
+
+def test_a_stream_message_over_the_message_limit_ends_the_stream(small_stub: pb_grpc.TranslatorStub) -> None:
+    stopping = pb.StoppingCriteria(max_output_tokens=60, min_output_tokens=55)
+    request = pb.TranslateStreamRequest(
+        text=TEXTS[0], options=pb.TranslateOptions(stopping=stopping, return_tokens=True)
+    )
+    received: list[pb.TranslateStreamResponse] = []
+    code, details = status_of(lambda: received.extend(small_stub.TranslateStream(request, timeout=30)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and _too_large(details, "TranslateStreamResponse")
+    assert received and all(
+        m.WhichOneof("event") == "delta" for m in received
+    )  # the deltas fit; the final not
+
+
+# --- bytes that are not a request ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("rpc", "data", "fault"),
+    [
+        ("Translate", b"\x0a\x03\xff\xfe\x41", "String field had bad UTF-8"),  # texts[0]: not UTF-8
+        ("Translate", b"\xff\xff\xff\xff", "Wire format was corrupt"),
+        ("TranslateStream", b"\x0a\x02\xc3\x28", "String field had bad UTF-8"),  # text
+        ("TranslateStream", b"\xff\xff\xff\xff", "Wire format was corrupt"),
+        ("Attend", b"\x12\x02\xc3\x28", "String field had bad UTF-8"),  # source
+        ("GetModelInfo", b"\xff\xff\xff\xff", "Wire format was corrupt"),
+    ],
+)
+def test_request_bytes_that_do_not_decode_are_invalid_argument_counted_and_logged_once(
+    server: ServerThread,
+    channel: grpc.Channel,
+    caplog: pytest.LogCaptureFixture,
+    rpc: str,
+    data: bytes,
+    fault: str,
+) -> None:
+    caplog.set_level(logging.INFO, logger="service.servicer")
+    method = f"/{SERVICE}/{rpc}"
+    same = {"request_serializer": lambda b: b, "response_deserializer": lambda b: b}
+    metadata = (("x-request-id", f"raw-{rpc}-{data.hex()}"),)
+    before = requests_ended(server, rpc, "INVALID_ARGUMENT")
+
+    def call() -> object:
+        if rpc == "TranslateStream":
+            return list(channel.unary_stream(method, **same)(data, metadata=metadata, timeout=10))
+        return channel.unary_unary(method, **same)(data, metadata=metadata, timeout=10)
+
+    code, details = status_of(call)
+
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details == f"the request is not a valid translator.v1.{rpc}Request: {fault}"
+    assert requests_ended(server, rpc, "INVALID_ARGUMENT") == before + 1
+    lines = [r for r in caplog.records if getattr(r, "fields", {}).get("request_id") == metadata[0][1]]
+    assert [r.getMessage() for r in lines] == [f"{rpc} INVALID_ARGUMENT"]
+    assert not [r for r in caplog.records if r.exc_info]  # no traceback
 
 
 # --- the process: python -m service, SIGTERM ---------------------------------------------------------
