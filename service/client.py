@@ -202,6 +202,14 @@ def _translation(t: pb.Translation, model: str) -> Translation:
     )
 
 
+def _check_unsigned(name: str, value: int | None, bits: int) -> None:
+    """Refuses what an unsigned proto field cannot hold, naming the option: protobuf's own error
+    ("Value out of range: -1") says neither which option nor what range."""
+    high = 2**bits - 1
+    if value is not None and not 0 <= value <= high:
+        raise ValueError(f"{name} must be between 0 and {high}, got {value}")
+
+
 def translate_options(
     *,
     beam_size: int = 1,
@@ -221,9 +229,22 @@ def translate_options(
 ) -> pb.TranslateOptions:
     """The TranslateOptions message for these options (`TranslatorClient.translate` documents them).
 
+    The values are sent as given, so they mean what the proto says: beam_size 0 is a beam search
+    of the server's default width (4), not greedy decoding; 1 is greedy.
+
     Raises:
-        ValueError: `sample` together with beam search (beam_size > 1 or a length_penalty).
+        ValueError: `sample` together with beam search (beam_size other than 1, or a
+            length_penalty), or an integer outside its proto field's range (e.g. a negative one).
     """
+    for name, value, bits in (
+        ("beam_size", beam_size, 32),
+        ("n_best", n_best, 32),
+        ("top_k", top_k, 32),
+        ("max_output_tokens", max_output_tokens, 32),
+        ("min_output_tokens", min_output_tokens, 32),
+        ("seed", seed, 64),
+    ):
+        _check_unsigned(name, value, bits)
     options = pb.TranslateOptions(
         model=model,
         stopping=pb.StoppingCriteria(
@@ -234,9 +255,14 @@ def translate_options(
         return_tokens=return_tokens,
         return_timings=return_timings,
     )
-    beam = beam_size > 1 or length_penalty is not None
+    # beam_size 0 is the proto's "default width", a beam search: only 1 means greedy.
+    beam = beam_size != 1 or length_penalty is not None
     if sample and beam:
-        raise ValueError("sampling and beam search exclude each other: use beam_size=1 with sample=True")
+        raise ValueError(
+            f"sampling and beam search exclude each other (beam_size {beam_size}"
+            + ("" if length_penalty is None else f", length_penalty {length_penalty}")
+            + "): use beam_size=1 and no length_penalty with sample=True"
+        )
     if sample:
         options.sampling.CopyFrom(pb.Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
     elif beam:
@@ -313,7 +339,8 @@ class TranslatorClient:
 
         Args:
             texts: non-empty texts (at most the model's max_texts_per_request).
-            beam_size: 1 (greedy, the default) or the beam width of a beam search.
+            beam_size: 1 (greedy, the default), the beam width of a beam search (at most the
+                model's max_beam_size), or 0 for a beam search of the server's default width, 4.
             n_best: hypotheses per translation (more than 1 needs beam search).
             length_penalty: beam search ranking exponent alpha (None: the server's 1.0).
             sample: sample instead of searching, with `temperature`, `top_k` (0: off),
@@ -330,6 +357,7 @@ class TranslatorClient:
 
         Raises:
             TranslatorError: the call failed (e.g. INVALID_ARGUMENT with the limit it broke).
+            ValueError: options that cannot be sent (see `translate_options`); nothing was sent.
         """
         options = translate_options(
             beam_size=beam_size,
@@ -356,7 +384,9 @@ class TranslatorClient:
 
         Args:
             text: the text to translate.
-            **options: as for `translate` (greedy or sampling only, n_best 1).
+            **options: as for `translate`. The server decodes streams greedily or by sampling
+                only: beam search or n_best > 1 is sent as given and refused (INVALID_ARGUMENT,
+                raised by the first `next`), never quietly decoded another way.
 
         Returns:
             An iterator of deltas that concatenate to the translation; after the last one its
@@ -389,10 +419,18 @@ class TranslatorClient:
 
         Returns:
             The Attention: tokens, matrices keyed by (kind, layer, head or None), alignment.
+
+        Raises:
+            TranslatorError: the call failed.
+            ValueError: an unknown kind, or a negative layer or head; nothing was sent.
         """
         unknown = [k for k in kinds if k not in ATTENTION_KINDS]
         if unknown:
             raise ValueError(f"unknown attention kinds {unknown}: use {sorted(ATTENTION_KINDS)}")
+        for layer in layers:
+            _check_unsigned("layers entry", layer, 32)
+        for head in heads:
+            _check_unsigned("heads entry", head, 32)
         request = pb.AttendRequest(
             model=model,
             source=source,

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.cli import display_token
-from service.client import TranslatorClient, TranslatorError
+from service.cli import build_parser, display_token
+from service.client import TranslatorClient, TranslatorError, translate_options
 from tests.service.server_fixture import ServerThread, loopback_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -128,6 +128,53 @@ def test_errors_surface_as_translator_error(client: TranslatorClient) -> None:
         list(client.translate_stream(CATS, n_best=2))
     assert info.value.code == "INVALID_ARGUMENT"
 
+    with pytest.raises(TranslatorError) as info:  # sent as asked, not quietly decoded greedily
+        list(client.translate_stream(CATS, beam_size=4))
+    assert info.value.code == "INVALID_ARGUMENT" and "beam_size 4" in info.value.message
+
+
+def test_beam_size_0_is_the_protos_default_beam_of_4(client: TranslatorClient) -> None:
+    """The proto: BeamSearch.beam_size 0 means 4; only 1 is greedy. The library sends 0 as given."""
+    assert translate_options(beam_size=0).WhichOneof("strategy") == "beam"
+    assert translate_options(beam_size=1).WhichOneof("strategy") == "greedy"
+
+    default = client.translate(TEXTS, beam_size=0, n_best=4)
+    four = client.translate(TEXTS, beam_size=4, n_best=4)
+    assert [[(h.text, h.score) for h in t.hypotheses] for t in default] == [
+        [(h.text, h.score) for h in t.hypotheses] for t in four
+    ]
+    assert all(len(t.hypotheses) == 4 for t in default)  # greedy would have refused n_best 4
+    with pytest.raises(TranslatorError) as info:  # the default beam is 4: no room for 5 hypotheses
+        client.translate([CATS], beam_size=0, n_best=5)
+    assert "beam size 4" in info.value.message
+    with pytest.raises(ValueError, match="exclude each other"):
+        client.translate([CATS], beam_size=0, sample=True)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"max_output_tokens": -1}, "max_output_tokens must be between 0 and 4294967295, got -1"),
+        ({"beam_size": 2**32}, "beam_size must be between 0 and 4294967295, got 4294967296"),
+        ({"sample": True, "seed": -1}, "seed must be between 0 and 18446744073709551615, got -1"),
+        ({"sample": True, "seed": 2**64}, "seed must be between 0 and 18446744073709551615"),
+        ({"sample": True, "top_k": -3}, "top_k must be between 0 and 4294967295, got -3"),
+    ],
+)
+def test_options_out_of_their_fields_range_name_the_option(
+    client: TranslatorClient, options: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValueError) as info:
+        client.translate([CATS], **options)  # type: ignore[arg-type]
+    assert message in str(info.value)
+
+
+def test_attend_refuses_negative_layers_and_heads(client: TranslatorClient) -> None:
+    with pytest.raises(ValueError, match="layers entry must be between 0 and 4294967295, got -1"):
+        client.attend(CATS, layers=(-1,))
+    with pytest.raises(ValueError, match="heads entry must be between 0 and 4294967295, got -2"):
+        client.attend(CATS, heads=(-2,))
+
 
 def test_display_token() -> None:
     assert [display_token(p) for p in ["Ġchats", "ats", "</s>", "ĠÃ©t"]] == ["▁chats", "ats", "</s>", "▁ét"]
@@ -171,3 +218,76 @@ def test_cli_bad_request_exits_1_with_the_status(server: ServerThread) -> None:
     assert run.returncode == 1 and run.stdout == ""
     assert "INVALID_ARGUMENT" in run.stderr and "beam_size" in run.stderr
     assert cli(server, "attend").returncode == 2
+
+
+def test_cli_stream_refuses_beam_search_with_the_servers_status(server: ServerThread) -> None:
+    """--stream passes --beam-size and --n-best on: the server says why it cannot, and nothing is
+    decoded in a way the user did not ask for."""
+    for args, said in [
+        (("--beam-size", "4"), "beam_size 4"),
+        (("--beam-size", "9"), "beam_size 9 is over the limit of 8"),
+        (("--n-best", "3"), "n_best 3"),
+    ]:
+        run = cli(server, "translate", "--stream", *args, CATS)
+        assert (run.returncode, run.stdout) == (1, ""), (args, run.stdout)
+        assert "error: INVALID_ARGUMENT" in run.stderr and said in run.stderr, (args, run.stderr)
+    assert cli(server, "translate", "--stream", "--beam-size", "1", CATS).stdout == "J'aime les chats.\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["translate", "--beam-size", "0"], "argument --beam-size: must be at least 1, got 0"),
+        (["translate", "--n-best", "0"], "argument --n-best: must be at least 1, got 0"),
+        (["translate", "--max-tokens", "-1"], "argument --max-tokens: must be at least 0, got -1"),
+        (["translate", "--min-tokens", "-1"], "argument --min-tokens: must be at least 0, got -1"),
+        (["translate", "--top-k", "-1"], "argument --top-k: must be at least 0, got -1"),
+        (["translate", "--seed", "-1"], "argument --seed: must be at least 0, got -1"),
+        (["translate", "--seed", str(2**64)], "argument --seed: must be at most 18446744073709551615"),
+        (["translate", "--beam-size", str(2**32)], "argument --beam-size: must be at most 4294967295"),
+        (["translate", "--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+        (["translate", "--top-k", "two"], "argument --top-k: not an integer: 'two'"),
+        (["attend", "x", "--layer", "-1"], "argument --layer: must be at least 0, got -1"),
+        (["attend", "x", "--head", "-1"], "argument --head: must be at least 0, got -1"),
+    ],
+)
+def test_cli_integers_out_of_range_name_the_flag_and_the_range(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_out_of_range_integer_exits_2_before_calling(server: ServerThread) -> None:
+    run = cli(server, "translate", "--max-tokens", "-1", CATS)
+
+    assert (run.returncode, run.stdout) == (2, "")
+    assert (
+        "argument --max-tokens: must be at least 0, got -1" in run.stderr and "Value out of" not in run.stderr
+    )
+
+
+def test_cli_batch_size_over_the_servers_limit_is_capped_to_it(server: ServerThread) -> None:
+    """The server takes at most 64 texts per call; 72 lines with --batch-size 100 become 2 calls."""
+    lines = [TEXTS[i % 3] if i % 30 else "" for i in range(72)]  # 69 texts, 3 blank lines
+    assert sum(map(bool, lines)) > 64
+    run = cli(server, "translate", "--batch-size", "100", stdin="\n".join(lines) + "\n")
+
+    assert run.returncode == 0, run.stderr
+    expected = {CATS: "J'aime les chats.", TEXTS[2]: "Nous voyons un petit chien.", "": ""}
+    out = run.stdout.split("\n")
+    assert len(out) == 73 and out[-1] == ""
+    assert all(out[i] == expected[line] for i, line in enumerate(lines) if line in expected)
+    assert all(out[i] for i, line in enumerate(lines) if line)
+
+
+def test_cli_blank_texts_give_blank_lines_as_arguments_stdin_and_streams(server: ServerThread) -> None:
+    """One output line per input text, whatever the mode: a blank text (empty or spaces) is not
+    sent (the server requires non-empty texts) and prints an empty line, exit 0."""
+    expected = (0, "\nJ'aime les chats.\n\n")
+    for mode in ((), ("--stream",)):
+        run = cli(server, "translate", *mode, "", CATS, "  ")
+        assert (run.returncode, run.stdout) == expected, (mode, run.stderr)
+        run = cli(server, "translate", *mode, stdin=f"\n{CATS}\n  \n")
+        assert (run.returncode, run.stdout) == expected, (mode, run.stderr)
