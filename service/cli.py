@@ -5,19 +5,47 @@
     python -m service.cli translate --stream "I love cats."
     python -m service.cli attend "I love cats." --png cats.png
 
-Errors print "error: STATUS: message" on stderr and exit 1; usage errors exit 2.
+A blank TEXT (empty or only spaces), given as an argument or as a stdin line, prints an empty line
+and sends nothing, so that output line i is always the translation of input i (one line per text
+unless --n-best > 1). --stream sends the decoding options as given: the server refuses beam search
+and --n-best > 1 for streams, and that error is shown.
+
+Errors print "error: STATUS: message" on stderr and exit 1; usage errors (an option out of range
+included) exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from service.client import ATTENTION_KINDS, Attention, Translation, TranslatorClient, TranslatorError
 
 DEFAULT_ADDRESS = "localhost:50051"
+UINT32_MAX, UINT64_MAX = 2**32 - 1, 2**64 - 1
+
+
+def int_range(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer from `low` to `high` (None: no upper bound).
+
+    The options map to unsigned proto fields, which protobuf refuses with "Value out of range: -1",
+    naming neither the option nor the range; argparse prefixes this error with the flag instead.
+    """
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high}, got {value}")
+        return value
+
+    return parse
 
 
 # --- token display ---------------------------------------------------------------------------------
@@ -50,7 +78,11 @@ def display_token(piece: str) -> str:
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
+    # beam_size and n_best go to streams too: the server refuses them there with a status that
+    # says why, where leaving them out would quietly decode greedily instead of what was asked.
     return {
+        "beam_size": args.beam_size,
+        "n_best": args.n_best,
         "sample": args.sample,
         "temperature": args.temperature,
         "top_k": args.top_k,
@@ -98,8 +130,7 @@ def _print_timings(t: Translation) -> None:
 def _translate_batch(client: TranslatorClient, texts: list[str], args: argparse.Namespace) -> None:
     """Translates a batch, empty (blank) lines giving empty lines, and prints it in order."""
     todo = [t for t in texts if t.strip()]
-    options = _options(args) | {"beam_size": args.beam_size, "n_best": args.n_best}
-    done = iter(client.translate(todo, **options) if todo else [])
+    done = iter(client.translate(todo, **_options(args)) if todo else [])
     for text in texts:
         if text.strip():
             _print_translation(next(done), args.n_best)
@@ -118,14 +149,31 @@ def _stream_one(client: TranslatorClient, text: str, args: argparse.Namespace) -
         _print_timings(stream.result)
 
 
+def _max_texts(client: TranslatorClient, model: str) -> int | None:
+    """The server's texts-per-request limit for `model` ("": the default one); None when the
+    server has no such model (the Translate call then reports NOT_FOUND)."""
+    for m in client.model_info():
+        if m.name == model or (not model and m.default):
+            return m.max_texts_per_request
+    return None
+
+
 def cmd_translate(client: TranslatorClient, args: argparse.Namespace) -> None:
     texts: Iterable[str] = args.texts or sys.stdin
     if args.stream:
         for text in texts:
             _stream_one(client, text.rstrip("\r\n"), args)
-    else:
-        for batch in _batches(texts, args.batch_size):
-            _translate_batch(client, batch, args)
+        return
+    size = args.batch_size
+    # The server refuses a call with more texts than its limit (64 unless configured otherwise),
+    # so a larger --batch-size is capped to the limit GetModelInfo reports: every batch size then
+    # works. Not asked when no call can hold more than one text (one TEXT argument).
+    if size > 1 and len(args.texts) != 1:
+        limit = _max_texts(client, args.model)
+        if limit:
+            size = min(size, limit)
+    for batch in _batches(texts, size):
+        _translate_batch(client, batch, args)
 
 
 # --- attend ----------------------------------------------------------------------------------------
@@ -288,29 +336,61 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     t = commands.add_parser("translate", help="translate texts (arguments, or one per line on stdin)")
-    t.add_argument("texts", nargs="*", metavar="TEXT", help="texts to translate (none: stdin lines)")
-    t.add_argument("--stream", action="store_true", help="print the output live as it is decoded")
-    t.add_argument("--beam-size", type=int, default=1, help="beam width (1: greedy)")
-    t.add_argument("--n-best", type=int, default=1, help="hypotheses per text, 'score<TAB>text' lines")
+    t.add_argument(
+        "texts",
+        nargs="*",
+        metavar="TEXT",
+        help="texts to translate (none: stdin lines); a blank one prints a blank line",
+    )
+    t.add_argument("--stream", action="store_true", help="print the output live (greedy or sampling)")
+    t.add_argument(
+        "--beam-size",
+        type=int_range(1, UINT32_MAX),
+        default=1,
+        help="beam width (1: greedy; the limit: see info)",
+    )
+    t.add_argument(
+        "--n-best",
+        type=int_range(1, UINT32_MAX),
+        default=1,
+        help="hypotheses per text, 'score<TAB>text' lines",
+    )
     t.add_argument("--sample", action="store_true", help="sample instead of searching")
     t.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (%(default)s)")
-    t.add_argument("--top-k", type=int, default=0, help="sample among the k best tokens (0: off)")
+    t.add_argument(
+        "--top-k", type=int_range(0, UINT32_MAX), default=0, help="sample among the k best tokens (0: off)"
+    )
     t.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")
-    t.add_argument("--seed", type=int, default=None, help="sampling seed (default: the server's)")
-    t.add_argument("--max-tokens", type=int, default=0, help="generated-token limit (0: default)")
-    t.add_argument("--min-tokens", type=int, default=0, help="tokens before the end (0: none)")
+    t.add_argument(
+        "--seed", type=int_range(0, UINT64_MAX), default=None, help="sampling seed (default: the server's)"
+    )
+    t.add_argument(
+        "--max-tokens", type=int_range(0, UINT32_MAX), default=0, help="generated-token limit (0: default)"
+    )
+    t.add_argument(
+        "--min-tokens", type=int_range(0, UINT32_MAX), default=0, help="tokens before the end (0: none)"
+    )
     t.add_argument("--prefix", default="", help="text the translation must start with")
     t.add_argument("--model", default="", help="model name (default: the server's default)")
     t.add_argument("--timings", action="store_true", help="print timings on stderr")
-    t.add_argument("--batch-size", type=int, default=16, help="stdin lines per request (%(default)s)")
+    t.add_argument(
+        "--batch-size",
+        type=int_range(1),
+        default=16,
+        help="stdin lines per request (%(default)s; capped to the server's texts-per-request limit)",
+    )
     t.set_defaults(run=cmd_translate)
 
     a = commands.add_parser("attend", help="print the alignment; --png writes the attention heatmap")
     a.add_argument("source", metavar="SOURCE", help="the source text")
     a.add_argument("--target", default=None, help="target text (default: the server's translation)")
     a.add_argument("--kind", choices=sorted(ATTENTION_KINDS), default="cross", help="(%(default)s)")
-    a.add_argument("--layer", type=int, default=None, help="layer of the heatmap (default: the last)")
-    a.add_argument("--head", type=int, default=None, help="head of the heatmap (default: the mean)")
+    a.add_argument(
+        "--layer", type=int_range(0, UINT32_MAX), default=None, help="heatmap layer (default: the last)"
+    )
+    a.add_argument(
+        "--head", type=int_range(0, UINT32_MAX), default=None, help="heatmap head (default: the mean)"
+    )
     a.add_argument("--png", default=None, metavar="FILE", help="write the heatmap as a PNG")
     a.set_defaults(run=cmd_attend)
 
@@ -325,8 +405,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "translate" and args.batch_size < 1:
-        parser.error("--batch-size must be at least 1")
     try:
         with TranslatorClient(args.address, timeout=args.timeout) as client:
             args.run(client, args)
