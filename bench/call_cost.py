@@ -26,7 +26,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,13 +126,10 @@ async def closed_loop(
             await channel.close()
 
 
-async def measure_server(
-    argv: list[str],
-    label_requests: Sequence[tuple[str, pb.TranslateRequest]],
-    clients: int,
-    duration_s: float,
-) -> list[CallCost]:
-    """Start `argv` (completed with `--port P`), wait until it serves, run a loop per request kind."""
+@asynccontextmanager
+async def serving_process(argv: list[str]) -> AsyncIterator[tuple[str, int]]:
+    """Start `argv` (completed with `--port P`) as a subprocess on 127.0.0.1, yield its target and
+    pid once it serves, stop it (SIGTERM) at the end."""
     with reserved_port() as port:
         pass  # a free port, released: a lone `python -m service` refuses one another socket holds
     with tempfile.TemporaryFile() as output:
@@ -139,13 +137,24 @@ async def measure_server(
         try:
             target = f"127.0.0.1:{port}"
             await wait_serving(target, process, output, 120.0)
-            results = []
-            for label, request in label_requests:
-                rate, cores, ms, tokens = await closed_loop(target, process.pid, request, clients, duration_s)
-                results.append(CallCost(label, rate, cores, ms, tokens))
-            return results
+            yield target, process.pid
         finally:
             stop_process(process, 30.0)
+
+
+async def measure_server(
+    argv: list[str],
+    label_requests: Sequence[tuple[str, pb.TranslateRequest]],
+    clients: int,
+    duration_s: float,
+) -> list[CallCost]:
+    """Serve `argv` (`serving_process`) and run a closed loop per request kind."""
+    async with serving_process(argv) as (target, pid):
+        results = []
+        for label, request in label_requests:
+            rate, cores, ms, tokens = await closed_loop(target, pid, request, clients, duration_s)
+            results.append(CallCost(label, rate, cores, ms, tokens))
+        return results
 
 
 def encoder_cost(

@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,8 +26,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.call_cost import closed_loop
-from bench.load import DEFAULT_MODEL_DIR, reserved_port, stop_process, wait_serving
+from bench.call_cost import closed_loop, serving_process
+from bench.load import DEFAULT_MODEL_DIR
 from bench.report import describe_machine, machine_table
 from service.api.translator.v1 import translator_pb2 as pb
 
@@ -68,26 +67,18 @@ class Run:
 
 async def measure(label: str, freeze: bool, model_dir: Path, clients: int, duration_s: float) -> Run:
     """One server (the freeze as given) under the closed loop: its collections in the loop's window."""
-    with reserved_port() as port:
-        pass  # a free port, released: a lone `python -m service` refuses one another socket holds
     with tempfile.TemporaryDirectory() as scratch:
         timings = Path(scratch) / "gc.json"
         argv = [sys.executable, "-m", "bench.gc_timed_server", str(timings)]
         argv += [] if freeze else ["--no-freeze"]
-        argv += ["--", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0"]
+        argv += ["--", "--host", "127.0.0.1", "--metrics-port", "0"]  # `--port P` is appended
         argv += ["--log-level", "WARNING", "--model-dirs", str(model_dir)]
-        with tempfile.TemporaryFile() as output:
-            process = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT)
-            try:
-                target = f"127.0.0.1:{port}"
-                await wait_serving(target, process, output, 120.0)
-                begin = time.time()
-                rate, _, _, _ = await closed_loop(
-                    target, process.pid, pb.TranslateRequest(texts=[TEXT]), clients, duration_s
-                )
-                end = time.time()
-            finally:
-                stop_process(process, 30.0)
+        async with serving_process(argv) as (target, pid):
+            begin = time.time()
+            rate, _, _, _ = await closed_loop(
+                target, pid, pb.TranslateRequest(texts=[TEXT]), clients, duration_s
+            )
+            end = time.time()
         record = json.loads(timings.read_text())
     window = [(g, s) for g, at, s in record["pauses"] if begin <= at <= end]
     generations = tuple(Generation(g, tuple(1000 * s for gen, s in window if gen == g)) for g in range(3))

@@ -21,10 +21,17 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from service.client import ATTENTION_KINDS, Attention, Translation, TranslatorClient, TranslatorError
+from service.client import (
+    ATTENTION_KINDS,
+    UINT32_MAX,
+    UINT64_MAX,
+    Attention,
+    Translation,
+    TranslatorClient,
+    TranslatorError,
+)
 
 DEFAULT_ADDRESS = "localhost:50051"
-UINT32_MAX, UINT64_MAX = 2**32 - 1, 2**64 - 1
 
 
 def int_range(low: int, high: int | None = None) -> Callable[[str], int]:

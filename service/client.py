@@ -202,10 +202,12 @@ def _translation(t: pb.Translation, model: str) -> Translation:
     )
 
 
-def _check_unsigned(name: str, value: int | None, bits: int) -> None:
+UINT32_MAX, UINT64_MAX = 2**32 - 1, 2**64 - 1  # the largest values of unsigned proto fields
+
+
+def _check_unsigned(name: str, value: int | None, high: int) -> None:
     """Refuses what an unsigned proto field cannot hold, naming the option: protobuf's own error
     ("Value out of range: -1") says neither which option nor what range."""
-    high = 2**bits - 1
     if value is not None and not 0 <= value <= high:
         raise ValueError(f"{name} must be between 0 and {high}, got {value}")
 
@@ -236,15 +238,15 @@ def translate_options(
         ValueError: `sample` together with beam search (beam_size other than 1, or a
             length_penalty), or an integer outside its proto field's range (e.g. a negative one).
     """
-    for name, value, bits in (
-        ("beam_size", beam_size, 32),
-        ("n_best", n_best, 32),
-        ("top_k", top_k, 32),
-        ("max_output_tokens", max_output_tokens, 32),
-        ("min_output_tokens", min_output_tokens, 32),
-        ("seed", seed, 64),
+    for name, value, high in (
+        ("beam_size", beam_size, UINT32_MAX),
+        ("n_best", n_best, UINT32_MAX),
+        ("top_k", top_k, UINT32_MAX),
+        ("max_output_tokens", max_output_tokens, UINT32_MAX),
+        ("min_output_tokens", min_output_tokens, UINT32_MAX),
+        ("seed", seed, UINT64_MAX),
     ):
-        _check_unsigned(name, value, bits)
+        _check_unsigned(name, value, high)
     options = pb.TranslateOptions(
         model=model,
         stopping=pb.StoppingCriteria(
@@ -428,9 +430,9 @@ class TranslatorClient:
         if unknown:
             raise ValueError(f"unknown attention kinds {unknown}: use {sorted(ATTENTION_KINDS)}")
         for layer in layers:
-            _check_unsigned("layers entry", layer, 32)
+            _check_unsigned("layers entry", layer, UINT32_MAX)
         for head in heads:
-            _check_unsigned("heads entry", head, 32)
+            _check_unsigned("heads entry", head, UINT32_MAX)
         request = pb.AttendRequest(
             model=model,
             source=source,
