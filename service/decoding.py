@@ -22,6 +22,7 @@ the caller slices the step's log-probs per sentence and reorders the cache with 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -108,16 +109,28 @@ def normalized_score(score: float, length: int, length_penalty: float) -> float:
 # --- next-token selection ------------------------------------------------------------------------
 
 
-def greedy_select(log_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The first maximum of each row.
+def greedy_select(log_probs: np.ndarray, banned: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """The first maximum of each row, never a `banned` token.
 
     Args:
-        log_probs: (B, V) float.
+        log_probs: (B, V) float; not written.
+        banned: token ids never chosen (their entries count as -inf).
     Returns:
         (tokens (B,) int64, their log-probabilities (B,) float32).
     """
     tokens = np.argmax(log_probs, axis=-1)  # (B,): argmax returns the first maximum
-    best = np.take_along_axis(log_probs, tokens[:, None], axis=-1)[:, 0]  # (B,)
+    if banned:
+        # Masking only lowers the banned entries, so a row whose first maximum is not banned keeps
+        # it; only the rows that picked a banned token are masked (a copy) and chosen again.
+        hit = tokens == banned[0]
+        for token in banned[1:]:  # a few ids: cheaper than np.isin's sort
+            hit |= tokens == token
+        again = np.flatnonzero(hit)
+        if len(again):
+            masked = log_probs[again]
+            masked[:, list(banned)] = -np.inf
+            tokens[again] = np.argmax(masked, axis=-1)
+    best = log_probs[np.arange(len(tokens)), tokens]  # (B,)
     return tokens.astype(np.int64), best.astype(np.float32)
 
 
@@ -252,9 +265,10 @@ def advance_rows(states: Sequence[SearchState], log_probs: np.ndarray) -> RowsAd
     """`advance` for every sentence of a step whose rows are the sentences' live beams, in order.
 
     The rows of plain greedy sentences (no sampling, no forced token left) are chosen together, one
-    masked argmax per distinct set of banned tokens, which is exactly `advance`'s choice row by row
-    but without its per-sentence numpy calls: at batch 32 that per-sentence work cost as much as
-    the decoder step. The others go through `advance` on their own rows.
+    masked argmax per distinct set of banned tokens, and their scores summed in one float32 add:
+    exactly `advance`'s choice row by row but without its per-sentence numpy calls (at batch 32
+    that per-sentence work cost as much as the decoder step). The others go through `advance` on
+    their own rows.
 
     Args:
         states: not done; together they have R live beams.
@@ -262,30 +276,32 @@ def advance_rows(states: Sequence[SearchState], log_probs: np.ndarray) -> RowsAd
     """
     counts = [len(s.live) for s in states]
     assert log_probs.shape[0] == sum(counts), (log_probs.shape, sum(counts))
-    firsts = np.cumsum([0, *counts[:-1]]).tolist()
+    firsts = [0, *itertools.accumulate(counts[:-1])]
     groups: dict[tuple[int, ...], list[int]] = {}  # banned tokens → the greedy sentences banning them
     for i, state in enumerate(states):
         opts = state.options
         if opts.beam_size == 1 and opts.sampling is None and state.step >= len(opts.forced_prefix):
             groups.setdefault(_banned(state), []).append(i)
-    chosen: dict[int, tuple[int, np.float32]] = {}
+    chosen: dict[int, tuple[int, float, float]] = {}  # sentence → token, its log-prob, the new score
     for banned, members in groups.items():
-        rows = np.asarray([firsts[i] for i in members], dtype=np.int64)
-        picked = log_probs[rows]  # a copy: the banned columns are masked in it only
-        if banned:
-            picked[:, list(banned)] = -np.inf
-        tokens, best = greedy_select(picked)
-        chosen.update(zip(members, zip(tokens.tolist(), best, strict=True), strict=True))
+        rows = [firsts[i] for i in members]
+        consecutive = rows[-1] - rows[0] == len(rows) - 1  # the usual case: a view, no copy
+        picked = log_probs[rows[0] : rows[-1] + 1] if consecutive else log_probs[rows]
+        tokens, best = greedy_select(picked, banned)
+        scores = np.array([states[i].live[0].score for i in members], dtype=np.float32) + best
+        picks = zip(tokens.tolist(), best.tolist(), scores.tolist(), strict=True)
+        chosen.update(zip(members, picks, strict=True))
     next_states: list[SearchState] = []
     parents: list[int] = []
     next_tokens: list[int] = []
     for i, state in enumerate(states):
         first = firsts[i]
-        if i in chosen:
-            moved = _greedy_next(state, *chosen[i])
+        picked_here = chosen.get(i)
+        if picked_here is not None:
+            moved = _greedy_moved(state, *picked_here)
             if not moved.done:
                 parents.append(first)
-                next_tokens.append(moved.live[0].tokens[-1])
+                next_tokens.append(picked_here[0])
         else:
             step = advance(state, log_probs[first : first + counts[i]])
             moved = step.state
@@ -295,6 +311,19 @@ def advance_rows(states: Sequence[SearchState], log_probs: np.ndarray) -> RowsAd
     return RowsAdvance(
         next_states, np.asarray(parents, dtype=np.int64), np.asarray(next_tokens, dtype=np.int64)
     )
+
+
+def _greedy_moved(state: SearchState, token: int, token_log_prob: float, score: float) -> SearchState:
+    """`_greedy_next` with the float32 sum already done (`score`): the hot path of `advance_rows`."""
+    (beam,), step, opts = state.live, state.step + 1, state.options
+    if token == opts.eos_id:
+        hyp = Hypothesis(beam.tokens, score, True, (*beam.log_probs, token_log_prob))
+        ranked = Ranked(normalized_score(score, step, opts.length_penalty), hyp)
+        return SearchState(opts, step, (), (*state.finished, ranked))
+    moved = SearchState(
+        opts, step, (Beam((*beam.tokens, token), score, (*beam.log_probs, token_log_prob)),), state.finished
+    )
+    return _at_limit(moved) if step >= opts.max_output_tokens else moved
 
 
 def _banned(state: SearchState) -> tuple[int, ...]:
@@ -327,14 +356,8 @@ def _greedy_advance(state: SearchState, log_probs: np.ndarray) -> Advance:
 
 def _greedy_next(state: SearchState, token: int, token_log_prob: np.float32) -> SearchState:
     """The state after the one live beam takes `token` (the end token finishes it)."""
-    (beam,), step = state.live, state.step + 1
-    if token == state.options.eos_id:
-        hyp = _finished(beam, token_log_prob)
-        ranked = Ranked(normalized_score(hyp.score, step, state.options.length_penalty), hyp)
-        return SearchState(state.options, step, (), (*state.finished, ranked))
-    return _at_limit(
-        SearchState(state.options, step, (_extended(beam, token, token_log_prob),), state.finished)
-    )
+    score = float(np.float32(state.live[0].score) + token_log_prob)  # float32, as the reference sums
+    return _greedy_moved(state, token, float(token_log_prob), score)
 
 
 def _extended(beam: Beam, token: int, log_prob: np.float32) -> Beam:

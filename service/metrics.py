@@ -16,9 +16,9 @@ a test keeps that table and this module in agreement.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -170,10 +170,10 @@ class Metrics:
                 self._requests.labels(rpc, code.name)
         for reason in REJECT_REASONS:
             self._rejected.labels(reason)
-        for reason in FINISH_REASONS:
-            self._finished.labels(reason)
-        for graph in GRAPH_NAMES:
-            self._graph_run.labels(graph)
+        # The labelled children the hot paths use (every decoder step, every request), looked up
+        # once: `labels()` takes a lock and validates its arguments at every call.
+        self._finished_by_reason = {reason: self._finished.labels(reason) for reason in FINISH_REASONS}
+        self._graph_run_by_graph = {graph: self._graph_run.labels(graph) for graph in GRAPH_NAMES}
 
     # Requests
 
@@ -196,8 +196,7 @@ class Metrics:
 
     def sequence_finished(self, reason: str) -> None:
         """Count one request leaving the batch; `reason` is one of FINISH_REASONS."""
-        _check(reason, FINISH_REASONS, "finish reason")
-        self._finished.labels(reason).inc()
+        _child(self._finished_by_reason, reason, "finish reason").inc()
 
     def observe_queue_wait(self, seconds: float) -> None:
         self._queue_wait.observe(seconds)
@@ -244,6 +243,8 @@ class Metrics:
     def _set_summed(self, gauge: Gauge, instance: int, value: float) -> None:
         with self._instances_lock:
             parts = self._instance_values.setdefault(id(gauge), {})
+            if parts.get(instance) == value:  # the scheduler publishes after every step; most change nothing
+                return
             parts[instance] = value
             gauge.set(sum(parts.values()))
 
@@ -251,8 +252,7 @@ class Metrics:
 
     def observe_graph_run(self, graph: str, seconds: float) -> None:
         """Observe one onnxruntime run of `graph` (one of service.manifest.GRAPH_NAMES)."""
-        _check(graph, GRAPH_NAMES, "graph")
-        self._graph_run.labels(graph).observe(seconds)
+        _child(self._graph_run_by_graph, graph, "graph").observe(seconds)
 
     def set_model_info(self, served: Sequence[ServedModel], *, build_version: str) -> None:
         """Describe what is being served: one series per model (from its manifest and session),
@@ -277,9 +277,24 @@ class ServedModel:
     execution_provider: str
 
 
-def _check(value: str, allowed: tuple[str, ...], what: str) -> None:
+def _check(value: str, allowed: Iterable[str], what: str) -> None:
     if value not in allowed:
-        raise ValueError(f"unknown {what} {value!r}; expected one of {', '.join(allowed)}")
+        raise _unknown(value, allowed, what)
+
+
+def _unknown(value: str, allowed: Iterable[str], what: str) -> ValueError:
+    return ValueError(f"unknown {what} {value!r}; expected one of {', '.join(allowed)}")
+
+
+_Child = TypeVar("_Child")
+
+
+def _child(children: Mapping[str, _Child], value: str, what: str) -> _Child:
+    """The labelled child for `value`; ValueError (as `_check`) for a value not among them."""
+    try:
+        return children[value]
+    except KeyError:
+        raise _unknown(value, children, what) from None
 
 
 @dataclass(frozen=True)

@@ -95,6 +95,24 @@ def test_greedy_takes_the_first_maximum() -> None:
     assert scores.tolist() == [0.0, -0.5, -1.0] and scores.dtype == np.float32
 
 
+def test_greedy_never_picks_a_banned_token_and_leaves_its_input_alone() -> None:
+    log_probs = np.array(
+        [[0.0, -1.0, -0.5, -0.5], [-2.0, 0.0, -3.0, -1.0], [-1.0, -1.0, 0.0, -2.0]], dtype=np.float32
+    )
+    before = log_probs.copy()
+    tokens, scores = greedy_select(log_probs, banned=(0, 1))
+    # row 0: its maximum is banned, the next best ties → the lower id; row 1 likewise; row 2 keeps its own
+    assert tokens.tolist() == [2, 3, 2] and scores.tolist() == [-0.5, -1.0, 0.0]
+    assert np.array_equal(log_probs, before)
+    rng = np.random.default_rng(3)
+    for _ in range(20):  # the same as masking the banned columns first
+        rows = rng.normal(size=(16, VOCAB)).astype(np.float32)
+        masked = rows.copy()
+        masked[:, [PAD, BOS]] = -np.inf
+        want, got = greedy_select(masked), greedy_select(rows, banned=(PAD, BOS))
+        assert want[0].tolist() == got[0].tolist() and want[1].tolist() == got[1].tolist()
+
+
 def test_top_candidates_is_a_stable_sort_of_the_negated_scores() -> None:
     rng = np.random.default_rng(0)
     for _ in range(50):
