@@ -19,7 +19,11 @@ One run measures, on the committed test sentences and one loaded engine shared b
    alternating between the two servers, a few pairs per rate (`bench.load_client`). Every phase
    spreads its clients over several connections (a worker-process server needs that to use its
    workers, so the in-process servers get the same).
-3. The KV-cache speed-up at batch 64 and 64 output tokens (`bench.kv_cache`'s own measurement).
+3. grpc.aio's own per-call work: the same closed loop against a bare grpc.aio server that echoes
+   its texts (`bench.call_cost --serve-echo`, no model), its CPU per call and the load generator's.
+   With the engine's cost per token they bound what any Python gRPC server could reach on these
+   cores (`attainable_ratio`), however little its own per-call work cost.
+4. The KV-cache speed-up at batch 64 and 64 output tokens (`bench.kv_cache`'s own measurement).
 
 Then it checks the targets as ratios within the run and writes JSON and a markdown page
 (`bench.load_report`). A measurement, not a test: nothing asserts a speed.
@@ -109,6 +113,17 @@ class Target:
 
 
 @dataclass(frozen=True)
+class GrpcFloor:
+    """A bare grpc.aio server (Translate echoes its texts) under the closed loop: what a call costs
+    before any servicer, scheduler or model work."""
+
+    clients: int
+    calls_per_s: float
+    server_ms_per_call: float  # the echo server's CPU (user + system) per call
+    client_ms_per_call: float  # the load generator's
+
+
+@dataclass(frozen=True)
 class BenchResult:
     command: str
     model: dict[str, Any]  # name, version, variant, provider, directory, threads
@@ -127,6 +142,7 @@ class BenchResult:
     engine: list[EngineResult]
     step_cost: list[StepCost]
     kv: KvResult | None
+    grpc_floor: GrpcFloor | None  # None: not measured in this run
     targets: list[Target]
     minutes: float
     load_before: float
@@ -455,6 +471,58 @@ async def measure_service(
     return closed, opened
 
 
+async def measure_grpc_floor(
+    texts: Sequence[str], *, clients: int, duration_s: float, connections: int = DEFAULT_CONNECTIONS
+) -> GrpcFloor:
+    """The closed loop of `clients` one-text unary calls (no streams: the echo server has none)
+    against a bare grpc.aio server in a subprocess, after the same warm-up as the service's loops."""
+    from bench.call_cost import serving_process  # bench.call_cost imports this module
+
+    loop = asyncio.get_running_loop()
+    argv = [sys.executable, "-m", "bench.call_cost", "--serve-echo"]
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        async with serving_process(argv) as (target, pid):
+
+            def phase(kind: Phase, **params: Any) -> Callable[[], PhaseResult | None]:
+                return functools.partial(
+                    run_phase, target, list(texts), 0, kind, "echo", connections=connections, **params
+                )
+
+            await loop.run_in_executor(pool, phase("warm", requests=2 * clients, clients=clients))
+            cpu, wall = process_tree_cpu_seconds(pid), time.perf_counter()
+            result = await loop.run_in_executor(pool, phase("closed", clients=clients, duration_s=duration_s))
+            server_cores = (process_tree_cpu_seconds(pid) - cpu) / (time.perf_counter() - wall)
+    assert result is not None and result.client_cores is not None
+    if result.errors or not result.requests:
+        raise RuntimeError(f"the echo server's loop failed: {result.error_codes}")
+    calls = result.requests / result.seconds
+    return GrpcFloor(clients, calls, 1000 * server_cores / calls, 1000 * result.client_cores / calls)
+
+
+def attainable_ratio(
+    service: PhaseResult, engine: EngineResult, floor: GrpcFloor, cores: int
+) -> float | None:
+    """The most `service`'s closed loop could reach against `engine` on `cores` cores if the server's
+    own per-call work cost nothing beyond grpc.aio's (`floor`), or None without the figures.
+
+    Every call of the loop costs the server at least floor.server_ms_per_call and the load generator,
+    on the same cores, what it measured per call in that loop; every output token costs what it costs
+    the engine alone at its best, which used the `cores` cores: cores / engine tok/s. Then at most
+    cores / (per-token cost + per-call costs / tokens per call) tokens per second. An estimate: it
+    assumes perfect overlap, and a continuous batch wastes fewer steps on finished rows than the
+    engine alone's fixed batches do, which can put a real server a little above it.
+    """
+    if not service.requests or service.client_cores is None or not engine.output_tokens_per_s:
+        return None
+    calls = service.requests / service.seconds
+    tokens_per_call = service.output_tokens_per_s / calls
+    if tokens_per_call <= 0:
+        return None
+    per_call_s = (floor.server_ms_per_call + 1000 * service.client_cores / calls) / 1000
+    per_token_s = cores / engine.output_tokens_per_s
+    return cores / (per_token_s + per_call_s / tokens_per_call) / engine.output_tokens_per_s
+
+
 def _line(r: PhaseResult) -> str:
     load = f"closed {r.clients} clients" if r.load == "closed" else f"open {r.offered_rate:.1f}/s"
     if r.texts_per_call > 1:
@@ -498,6 +566,8 @@ def check_targets(
     opened: Sequence[PhaseResult],
     engine: Sequence[EngineResult],
     kv: KvResult | None,
+    floor: GrpcFloor | None = None,
+    cores: int = 0,
 ) -> list[Target]:
     targets = []
 
@@ -536,6 +606,17 @@ def check_targets(
             if service is not None and ceiling is not None:
                 ratio = service.output_tokens_per_s / ceiling.output_tokens_per_s
             measured = f"{best}, {calls} / the engine alone's best output tok/s{against}"
+        attainable = (
+            attainable_ratio(service, ceiling, floor, cores)
+            if service is not None and ceiling is not None and floor is not None and cores
+            else None
+        )
+        if attainable is not None:
+            measured += (
+                f". The most this machine allows a server whose own per-call work is free, with "
+                f"grpc.aio's and the load generator's per-call CPU on the same {cores} cores: about "
+                f"{attainable:.2f} of the sweep's best (see below)"
+            )
         targets.append(
             Target(
                 "service throughput vs the engine alone" + ("" if texts == 1 else f", {calls}"),
@@ -637,6 +718,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--engine-batches", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per engine batch and KV cell")
     parser.add_argument("--skip-kv", action="store_true", help="do not measure the KV-cache speed-up")
+    parser.add_argument(
+        "--skip-grpc-floor", action="store_true", help="do not measure grpc.aio's own per-call work"
+    )
     parser.add_argument("--seed", type=int, default=0, help="of the open loop's arrivals")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the markdown page")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="the results as JSON")
@@ -663,6 +747,7 @@ def _command(args: argparse.Namespace) -> str:
         "--engine-batches " + " ".join(map(str, args.engine_batches)),
         f"--repeats {args.repeats}",
         *(["--skip-kv"] if args.skip_kv else []),
+        *(["--skip-grpc-floor"] if args.skip_grpc_floor else []),
         f"--seed {args.seed}",
         f"--out {args.out}",
         f"--json {args.json}",
@@ -770,7 +855,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.skip_kv:
         kv = measure_kv(args.model_dir, args.corpus, args.repeats)
         log(f"KV cache batch {kv.batch} × {kv.output_tokens}: ×{kv.speedup:.1f} over recompute")
-    targets = check_targets(closed, opened, engine_results, kv)
+    floor = None
+    if not args.skip_grpc_floor:
+        floor = asyncio.run(
+            measure_grpc_floor(
+                texts, clients=2 * args.concurrency, duration_s=args.duration, connections=args.connections
+            )
+        )
+        log(
+            f"grpc.aio echo, {floor.clients} clients: {floor.calls_per_s:,.0f} calls/s, server "
+            f"{floor.server_ms_per_call:.3f} ms and load generator {floor.client_ms_per_call:.3f} ms "
+            "CPU per call"
+        )
+    targets = check_targets(closed, opened, engine_results, kv, floor, usable_cores())
     for t in targets:
         verdict = "not measured" if t.met is None else ("met" if t.met else "NOT met")
         log(f"target {t.name}: {'-' if t.ratio is None else f'{t.ratio:.2f}'} ({t.bound}) {verdict}")
@@ -805,6 +902,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         engine=engine_results,
         step_cost=step_cost,
         kv=kv,
+        grpc_floor=floor,
         targets=targets,
         minutes=(time.monotonic() - started) / 60,
         load_before=machine_before.load,

@@ -6,7 +6,14 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.load import MODE_LABELS, READY_CHECKS, BenchResult, mode_label, open_loop_p99_ratios
+from bench.load import (
+    MODE_LABELS,
+    READY_CHECKS,
+    BenchResult,
+    attainable_ratio,
+    mode_label,
+    open_loop_p99_ratios,
+)
 from bench.load_client import Percentiles, PhaseResult
 from bench.report import machine_table
 
@@ -24,7 +31,7 @@ def render(r: BenchResult) -> str:
         "ratios within this run. The load generator runs in a process of its own but on the same two "
         "cores as the server, which depresses every service figure; the engine-alone figures have the "
         "machine to themselves. No test asserts a speed.",
-        "## Targets\n\n" + _targets(r) + _limits(r),
+        "## Targets\n\n" + _targets(r) + _attainable(r) + _limits(r),
         "## Service, closed loop\n\n"
         f"{r.concurrency} concurrent clients, each sending its next request as soon as the previous one "
         f"returned, for {r.duration_s:g} s per mode (the requests in flight at the end finish and count); "
@@ -82,6 +89,48 @@ def _best(phases: Sequence[PhaseResult], *, workers: int, texts: int) -> PhaseRe
         (p for p in phases if p.mode == "continuous" and p.workers == workers and p.texts_per_call == texts),
         key=lambda p: p.output_tokens_per_s,
         default=None,
+    )
+
+
+def _attainable(r: BenchResult) -> str:
+    """What these cores allow any Python gRPC server, from the run's echo-server loop (when measured)."""
+    floor, cores = r.grpc_floor, r.machine.usable_cores
+    ceiling = max(r.engine, key=lambda e: e.output_tokens_per_s, default=None)
+    if floor is None or ceiling is None:
+        return ""
+    rows = []
+    for texts in sorted({p.texts_per_call for p in r.closed if p.mode == "continuous"}):
+        service = max(
+            (p for p in r.closed if p.mode == "continuous" and p.texts_per_call == texts),
+            key=lambda p: p.output_tokens_per_s,
+            default=None,
+        )
+        bound = None if service is None else attainable_ratio(service, ceiling, floor, cores)
+        if service is None or bound is None or service.client_cores is None:
+            continue
+        calls = service.requests / service.seconds
+        rows.append(
+            f"{'one text' if texts == 1 else f'{texts} texts'} per call "
+            f"({service.output_tokens_per_s / calls:.1f} output tokens per call, the load generator "
+            f"{1000 * service.client_cores / calls:.2f} ms per call in that loop): at most about "
+            f"{bound:.2f}, measured {service.output_tokens_per_s / ceiling.output_tokens_per_s:.2f}"
+        )
+    if not rows:
+        return ""
+    per_token_ms = 1000 * cores / ceiling.output_tokens_per_s
+    return (
+        "\n\nWhat these cores allow: a bare grpc.aio server answering Translate with its texts echoed "
+        f"(no servicer, scheduler or model; `python -m bench.call_cost --serve-echo`), under the closed "
+        f"loop of {floor.clients} clients, used {floor.server_ms_per_call:.3f} ms of CPU per call and "
+        f"the load generator {floor.client_ms_per_call:.3f} ms ({floor.calls_per_s:,.0f} calls/s). The "
+        f"engine alone's best spends {per_token_ms:.3f} ms of core time per output token ({cores} cores "
+        f"/ {ceiling.output_tokens_per_s:,.0f} tok/s). A server whose own per-call work cost nothing "
+        "beyond grpc.aio's, sharing the cores with the load generator, could then reach, against the "
+        "sweep's best: "
+        + "; ".join(rows)
+        + ". An estimate (`bench.load.attainable_ratio`): it assumes perfect overlap, and a continuous "
+        "batch wastes fewer steps on finished rows than the engine alone's fixed batches, which can "
+        "put a real server a little above it."
     )
 
 

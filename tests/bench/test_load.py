@@ -15,7 +15,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.load import BenchResult, check_targets, main, process_tree_cpu_seconds
+import pytest
+
+from bench.load import (
+    BenchResult,
+    GrpcFloor,
+    attainable_ratio,
+    check_targets,
+    main,
+    process_tree_cpu_seconds,
+)
 from bench.load_client import Caller, PhaseResult, Sample, closed_loop, open_loop, warm_up
 from bench.load_engine import EngineResult
 from bench.load_report import render
@@ -109,6 +118,13 @@ def test_the_benchmark_runs_end_to_end_and_writes_its_results(tmp_path: Path) ->
     assert "continuous batching" in page and "python -m bench.load" in page
     assert "| continuous batching, 2 worker processes | 4 clients |" in page
     assert "In 2 worker processes (`--workers 2`)" in page
+
+    # the bare grpc.aio server's loop, with twice the clients, and what it allows
+    floor = result["grpc_floor"]
+    assert floor["clients"] == 4 and floor["calls_per_s"] > 0
+    assert floor["server_ms_per_call"] > 0 and floor["client_ms_per_call"] > 0
+    assert "The most this machine allows" in result["targets"][0]["measured"]
+    assert "What these cores allow" in page and "at most about" in page
 
 
 # --- the spread over connections ---------------------------------------------------------------------
@@ -233,6 +249,24 @@ def test_the_throughput_target_reads_the_best_server_and_names_it() -> None:
     assert "(one server process)" in paragraphs.measured and "8 texts per call" in paragraphs.name
 
 
+FLOOR = GrpcFloor(clients=64, calls_per_s=3_000.0, server_ms_per_call=0.5, client_ms_per_call=0.3)
+
+
+def test_the_attainable_ratio_charges_every_call_grpc_and_the_load_generator() -> None:
+    # the best one-text loop: 100 calls/s, 81 output tokens per call, the load generator 0.2 cores →
+    # 2 ms per call, plus the echo server's 0.5 ms; the engine: 2 cores / 16,000 tok/s per token
+    best = CLOSED[3]
+    want = 1 / (1 + 16_000 * 0.0025 / (81 * 2))
+    assert attainable_ratio(best, ENGINE[0], FLOOR, 2) == pytest.approx(want)
+    # the same per-call costs spread over ten times the tokens per call: closer to the engine
+    longer = dataclasses.replace(best, output_tokens_per_s=81_000.0)
+    assert want < attainable_ratio(longer, ENGINE[0], FLOOR, 2) < 1  # type: ignore[operator]
+    assert attainable_ratio(dataclasses.replace(best, requests=0), ENGINE[0], FLOOR, 2) is None
+    single, *_ = check_targets(CLOSED, [], ENGINE, None, FLOOR, 2)
+    assert f"about {want:.2f} of the sweep's best" in single.measured
+    assert "about" not in check_targets(CLOSED, [], ENGINE, None)[0].measured  # no floor: no estimate
+
+
 def test_the_report_shows_the_worker_rows_and_compares_them_with_one_process() -> None:
     machine = Machine("cpu", ("avx2",), 2, 2, 0.5, "1.0", "2.0", "3.11", "Linux")
     result = BenchResult(
@@ -254,7 +288,8 @@ def test_the_report_shows_the_worker_rows_and_compares_them_with_one_process() -
         engine=ENGINE,
         step_cost=[],
         kv=None,
-        targets=check_targets(CLOSED, [], ENGINE, None),
+        grpc_floor=FLOOR,
+        targets=check_targets(CLOSED, [], ENGINE, None, FLOOR, 2),
         minutes=1.0,
         load_before=0.5,
         machine=machine,
@@ -268,6 +303,9 @@ def test_the_report_shows_the_worker_rows_and_compares_them_with_one_process() -
         "(×1.35), on 1.20 server cores against 1.10; with 8 texts per call, 8,500 output tok/s against "
         "one process's 9,000 (×0.94), on 1.20 server cores against 1.10." in page
     )
+    assert "used 0.500 ms of CPU per call and the load generator 0.300 ms (3,000 calls/s)" in page
+    assert "one text per call (81.0 output tokens per call, the load generator 2.00 ms" in page
+    assert f"at most about {1 / (1 + 16_000 * 0.0025 / (81 * 2)):.2f}, measured 0.51" in page
     # the one-process figures of the paragraph are still the one process's
     assert "with 64 clients instead of 32 it served 6,000 output tok/s instead of 5,000" in page
     assert (
