@@ -112,9 +112,10 @@ def resolve_parallelism(config: Config, device: str, usable_cores: int) -> Confi
     worker process: the usable cores are split evenly between `server.workers` first.
 
     On CPU: one instance per usable core (at most MAX_AUTO_INSTANCES, and fewer when the threads
-    per run are set), and the cores shared out between the instances' graph runs — on 2 cores, two
-    instances with one thread each decoded ~1.2x faster behind gRPC than one with two threads
-    (docs/benchmarks.md). On CUDA: one instance, onnxruntime's default threads.
+    per run are set), and the cores shared out between the instances' graph runs — on 2 cores the
+    engine alone decodes faster as two callers with one thread each than as one caller with two
+    threads (docs/benchmarks.md, the engine-alone table). On CUDA: one instance, onnxruntime's
+    default threads.
     """
     instances, threads = config.scheduler.instances, config.engine.intra_op_threads
     cores = max(1, usable_cores // max(1, config.server.workers))

@@ -6,9 +6,9 @@
 Each instance is a `service.scheduler.Scheduler` with its own decode thread, queue and running
 batch (Triton's model instances). They share the engine's onnxruntime sessions, which release the
 GIL while they run, so one instance's graph runs overlap the others' Python bookkeeping and graph
-runs: on a 2-core CPU two instances with one intra-op thread each decode faster than one instance
-with two threads (docs/benchmarks.md). A request goes to the instance with the fewest requests
-outstanding (queued or decoding) and stays there. The configured limits (max_sequences,
+runs: on a 2-core CPU two callers with one intra-op thread each decode faster than one caller with
+two threads (docs/benchmarks.md, the engine-alone table). A request goes to the instance with the
+fewest requests outstanding (queued or decoding) and stays there. The configured limits (max_sequences,
 max_kv_cache_tokens, max_queue_size) are the server's, split evenly between its worker processes
 (--workers, service/workers.py) and then between each worker's instances; the gauges each
 instance sets are summed into the process's figure, and the workers' into the server's.

@@ -16,7 +16,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -184,8 +184,7 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
 
     def _refuse_while_loading(self) -> None:
         if self._engine is None:
-            self.metrics.request_rejected("not_ready")
-            raise NotReadyError(_STARTING)
+            self._not_ready()
 
     @contextlib.asynccontextmanager
     async def _handled(self, rpc: str, context: grpc.aio.ServicerContext) -> AsyncIterator[CallRecord]:
@@ -250,12 +249,19 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
         """`message` if gRPC can send it (see responses.ResponseTooLargeError)."""
         return within_message_limit(message, self.config.server.max_message_bytes, ask_for)
 
+    def _refuse_until_warm(self) -> None:
+        """Decoding waits for the warm-up: until then a call that would decode is refused."""
+        if not self.ready:
+            self._not_ready()
+
+    def _not_ready(self) -> NoReturn:
+        self.metrics.request_rejected("not_ready")
+        raise NotReadyError(_STARTING)
+
     def _jobs(
         self, texts: Sequence[str], options: pb.TranslateOptions, call: CallRecord, *, streaming: bool
     ) -> tuple[ModelInfo, list[TextJob]]:
-        if not self.ready:
-            self.metrics.request_rejected("not_ready")
-            raise NotReadyError(_STARTING)
+        self._refuse_until_warm()
         name, info = self._model(options.model)
         call.model = name
         jobs = translate_jobs(
@@ -364,8 +370,7 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
                         f"limit of {limits.effective_max_output_tokens}"
                     )
             else:
-                if not self.ready:
-                    raise NotReadyError(_STARTING)
+                self._refuse_until_warm()
                 (job,) = translate_jobs(
                     [request.source], pb.TranslateOptions(), tokenizer, limits, new_seed=int
                 )

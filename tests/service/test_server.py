@@ -309,6 +309,7 @@ def test_the_port_answers_not_serving_while_the_model_loads(
         for call in (
             lambda: stub.Translate(pb.TranslateRequest(texts=["Hello."]), timeout=10),
             lambda: stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10),
+            lambda: stub.Attend(pb.AttendRequest(source="Hello."), timeout=10),
         ):
             with pytest.raises(grpc.RpcError) as err:
                 call()
