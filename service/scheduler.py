@@ -268,6 +268,7 @@ class Scheduler:
                 group = self._collect_group()
                 if group is None:
                     return
+            self._observe_admitted(group)
             batch = self._batch(group[0].request.model)
             self._finish(batch.admit(group))
             del group  # the batch holds them now; waiting for the next group must not keep them alive
@@ -388,12 +389,17 @@ class Scheduler:
                 self._waiting.remove(t)
             if taken:
                 self._publish_queue()
-        now = self.clock()
-        for t in taken:
-            if self.metrics is not None:
-                self.metrics.observe_queue_wait(now - t.submitted_at)
-                self.metrics.add_tokens(input_tokens=len(t.request.source))
+        self._observe_admitted(taken)
         return taken
+
+    def _observe_admitted(self, tickets: Sequence[Ticket]) -> None:
+        """Requests leaving the queue for the batch: their queue wait and source tokens."""
+        if self.metrics is None:
+            return
+        now = self.clock()
+        for t in tickets:
+            self.metrics.observe_queue_wait(now - t.submitted_at)
+            self.metrics.add_tokens(input_tokens=len(t.request.source))
 
     def _step(self, batch: RunningBatch) -> None:
         if not len(batch):

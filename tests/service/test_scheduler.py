@@ -417,6 +417,23 @@ def test_every_request_ends_in_exactly_one_outcome() -> None:
     run(main)
 
 
+@pytest.mark.parametrize("mode", ["continuous", "collect"])
+def test_admitted_requests_count_their_queue_wait_and_source_tokens(mode: str) -> None:
+    async def main() -> None:
+        metrics = Metrics(CollectorRegistry())
+        scheduler = Scheduler(FakeEngine(), config(mode=mode, max_wait_ms=1.0), metrics)
+        scheduler.start()
+        sources = FAKE_SOURCES[:4]
+        for handle in [scheduler.submit(Request("fake", tuple(s), options())) for s in sources]:
+            await handle.result()
+        value = metrics.registry.get_sample_value
+        assert value("translator_queue_wait_seconds_count") == len(sources)
+        assert value("translator_input_tokens_total") == sum(len(s) for s in sources)
+        scheduler.stop()
+
+    run(main)
+
+
 def test_drain_lets_in_flight_finish_and_refuses_new_requests() -> None:
     async def main() -> None:
         scheduler = Scheduler(FakeEngine(step_delay=0.002), config(max_sequences=2))
