@@ -56,7 +56,8 @@ EXPECTED_CODES = (
 # Why a request was turned away before it was queued (its status is RESOURCE_EXHAUSTED for
 # queue_full, UNAVAILABLE for the other two).
 REJECT_REASONS = ("queue_full", "draining", "not_ready")
-# Why a sentence left the running batch; one count per request, whatever its number of beams.
+# Why a request left the scheduler (the queue or the running batch); one count per request, whatever
+# its number of beams.
 FINISH_REASONS = ("end_of_sequence", "length", "cancelled", "deadline", "error")
 
 # Whole requests, queue waits and the first token: from about 1 ms (a cached GetModelInfo, an idle
@@ -111,7 +112,8 @@ class Metrics:
         )
         self._finished = counter(
             "sequences_finished",
-            "Sentences that left the running batch, by finish reason (one per request, all beams).",
+            "Requests that left the scheduler (the queue or the running batch), by finish reason (one per "
+            "request, all beams).",
             ("reason",),
         )
         self._queue_wait = histogram(
@@ -126,12 +128,15 @@ class Metrics:
         )
         self._time_per_output_token = histogram(
             "time_per_output_token_seconds",
-            "Time between consecutive output tokens of one request.",
+            "Mean time between the consecutive output tokens (decoder steps) of a request, one "
+            "observation per translation.",
             STEP_BUCKETS,
         )
         self._input_tokens = counter("input_tokens", "Source tokens admitted for translation.")
         self._output_tokens = counter(
-            "output_tokens", "Target tokens returned to clients (a beam search: its returned hypothesis)."
+            "output_tokens",
+            "Target tokens of the translations returned, end token included (a beam search: its best "
+            "hypothesis).",
         )
         self._step_batch_size = histogram(
             "decode_step_batch_size",
@@ -195,7 +200,7 @@ class Metrics:
         self._rejected.labels(reason).inc()
 
     def sequence_finished(self, reason: str) -> None:
-        """Count one request leaving the batch; `reason` is one of FINISH_REASONS."""
+        """Count one request leaving the scheduler; `reason` is one of FINISH_REASONS."""
         _child(self._finished_by_reason, reason, "finish reason").inc()
 
     def observe_queue_wait(self, seconds: float) -> None:
@@ -208,7 +213,8 @@ class Metrics:
         self._time_per_output_token.observe(seconds)
 
     def add_tokens(self, *, input_tokens: int = 0, output_tokens: int = 0) -> None:
-        """Add to the token counters (at admission for input, as tokens are emitted for output).
+        """Add to the token counters (at admission for input; for output, when a request ends with a
+        translation: its tokens as Translation.output_tokens counts them, end token included).
 
         Raises:
             ValueError: a count is negative (counters only go up).

@@ -27,7 +27,7 @@ is strictly FIFO: the first request that does not fit waits, and the ones behind
 Collect mode (the baseline the benchmark compares): wait until max_batch_size requests of one
 model are queued or max_wait_ms has passed since the oldest, then decode that group to completion
 with nothing joining (finished rows still leave); cancellation and deadlines are checked between
-steps, as in continuous mode.
+steps, in the group and in the queue, as in continuous mode.
 
 The decode thread is the only caller of the engine; onnxruntime releases the GIL, so the event
 loop keeps running. Outcomes and stream tokens cross to the submitter's event loop with
@@ -172,10 +172,11 @@ class Scheduler:
                 raise QueueFullError(self.config.max_queue_size)
             self._waiting.append(ticket)
             self._accepted += 1
+            # Published under the lock, as every change of the queue is: published after it, this
+            # depth could land after the decode thread had taken the request and published the
+            # emptier queue, and stay, a request shown waiting on an idle server.
+            self._publish_queue()
             self._cond.notify_all()
-            depth = len(self._waiting)
-        if self.metrics is not None:
-            self.metrics.set_queue_depth(depth, instance=self.instance)
         return handle
 
     async def drain(self, timeout: float | None = None) -> bool:
@@ -212,7 +213,8 @@ class Scheduler:
 
     def _cancel(self, ticket: Ticket) -> None:
         with self._cond:
-            ticket.cancelled = True
+            if ticket.cancelled_at is None:  # a call cancels its texts again as it ends: the first counts
+                ticket.cancelled_at = self.clock()
             self._cond.notify_all()
 
     def _check_fits(self, request: Request) -> None:
@@ -259,7 +261,7 @@ class Scheduler:
             batch = self._batch(model)
             self._finish(batch.retire(self.clock()))
             if self._admit_now(batch):
-                self._finish(batch.admit(self._take(model)))
+                self._admit(batch, self._take(model))
             self._step(batch)
 
     def _run_collect(self) -> None:
@@ -268,16 +270,18 @@ class Scheduler:
                 group = self._collect_group()
                 if group is None:
                     return
-            self._observe_admitted(group)
             batch = self._batch(group[0].request.model)
-            self._finish(batch.admit(group))
+            self._admit(batch, group)
             del group  # the batch holds them now; waiting for the next group must not keep them alive
             self._publish()
             while len(batch):
                 with self._cond:
                     if self._stopping:
                         return
-                self._finish(batch.retire(self.clock()))
+                    # The waiting requests too, as in continuous mode: one that was cancelled or
+                    # expired leaves now, not when the group ends, nor holds a place in the queue.
+                    gone = self._sweep_queue()
+                self._finish(gone + batch.retire(self.clock()))
                 self._step(batch)
 
     def _collect_group(self) -> list[Ticket] | None:
@@ -326,14 +330,10 @@ class Scheduler:
         now = self.clock()
         gone: list[Retired] = []
         for t in list(self._waiting):
-            deadline = t.request.deadline
-            if t.cancelled:
-                gone.append(Retired(t, RequestCancelledError("the request was cancelled"), "cancelled"))
-            elif deadline is not None and now >= deadline:
-                gone.append(Retired(t, DeadlineExceededError("the deadline passed in the queue"), "deadline"))
-            else:
-                continue
-            self._waiting.remove(t)
+            leaving = t.leaving(now, "in the queue")
+            if leaving is not None:
+                gone.append(leaving)
+                self._waiting.remove(t)
         if gone:
             self._publish_queue()
         return gone
@@ -389,17 +389,19 @@ class Scheduler:
                 self._waiting.remove(t)
             if taken:
                 self._publish_queue()
-        self._observe_admitted(taken)
         return taken
 
-    def _observe_admitted(self, tickets: Sequence[Ticket]) -> None:
-        """Requests leaving the queue for the batch: their queue wait and source tokens."""
-        if self.metrics is None:
-            return
-        now = self.clock()
-        for t in tickets:
-            self.metrics.observe_queue_wait(now - t.submitted_at)
-            self.metrics.add_tokens(input_tokens=len(t.request.source))
+    def _admit(self, batch: RunningBatch, tickets: Sequence[Ticket]) -> None:
+        """Requests leaving the queue join `batch` (both modes come through here)."""
+        retired = batch.admit(tickets)
+        if self.metrics is not None:
+            for t in tickets:
+                # the admission time the batch stamped, which the response's Timings.queue_seconds
+                # also reports: the histogram holds the very values the clients were told
+                assert t.admitted_at is not None
+                self.metrics.observe_queue_wait(t.admitted_at - t.submitted_at)
+                self.metrics.add_tokens(input_tokens=len(t.request.source))
+        self._finish(retired)
 
     def _step(self, batch: RunningBatch) -> None:
         if not len(batch):
@@ -422,9 +424,9 @@ class Scheduler:
             with self._cond:
                 self._outcomes += 1  # before the handle can see its outcome
             r.ticket.settle(r.outcome)
+        if retired:  # before the handles hear of it: a caller that has its outcome finds it gone
+            self._publish()  # from the stats and the gauges (in flight, KV cache used)
         self._outbox.flush()
-        if retired:
-            self._publish()
 
     def _observe_end(self, r: Retired) -> None:
         if self.metrics is None:
@@ -433,13 +435,17 @@ class Scheduler:
         if not isinstance(r.outcome, Generation):
             return
         g = r.outcome
-        self.metrics.add_tokens(output_tokens=g.output_tokens)
+        # The end token counts, as Translation.output_tokens counts it (service.responses.
+        # hypothesis_length): it took a decoder step like any other.
+        self.metrics.add_tokens(output_tokens=g.output_tokens + int(g.hypotheses[0].finished))
         if g.timings.time_to_first_token_s is not None:
             self.metrics.observe_time_to_first_token(g.timings.time_to_first_token_s)
-            # from the first token to the end, over the tokens after the first
+            # The mean gap between its decoder steps, from the first token's to the last's (the end
+            # token's, when chosen): a greedy request takes one step per output token, the end
+            # token included, as Translation.output_tokens counts them.
             after_first = g.timings.queue_wait_s + g.timings.decode_s - g.timings.time_to_first_token_s
-            if g.output_tokens > 1:
-                self.metrics.observe_time_per_output_token(max(0.0, after_first) / (g.output_tokens - 1))
+            if g.steps > 1:
+                self.metrics.observe_time_per_output_token(max(0.0, after_first) / (g.steps - 1))
 
     def _fail_all(self, error: SchedulerError) -> None:
         with self._cond:

@@ -42,7 +42,8 @@ Emit = Callable[[Sequence[int]], None]  # tokens newly chosen for a streaming re
 class Ticket:
     """A submitted request on its way through the scheduler (mutable; the decode thread's view).
 
-    `cancelled` is the only field another thread writes (a plain bool assignment).
+    `cancelled_at` is the only field another thread writes (one assignment, under the scheduler's
+    lock; the decode thread reads it without).
     """
 
     def __init__(self, request: Request, emit: Emit, settle: Callable[[Outcome], None], now: float) -> None:
@@ -50,7 +51,7 @@ class Ticket:
         self.emit = emit  # called from the decode thread with new token ids (stream requests only)
         self.settle = settle  # called exactly once, from the decode thread, with the outcome
         self.submitted_at = now
-        self.cancelled = False
+        self.cancelled_at: float | None = None  # when the submitter cancelled it (the scheduler's clock)
         self.admitted_at: float | None = None
         self.first_token_at: float | None = None
         self.emitted = 0  # tokens already emitted to the stream
@@ -64,6 +65,23 @@ class Ticket:
     def max_slots(self) -> int:
         """The most self-attention cache slots one of its rows can reach."""
         return self.request.options.max_output_tokens
+
+    def leaving(self, now: float, where: str) -> Retired | None:
+        """The outcome of a request that must leave before it finishes, or None: its deadline passed,
+        or it was cancelled. `where` it was, for the deadline's message ("in the queue").
+
+        A cancellation from the time its deadline had passed is the deadline's, as the servicer
+        counts the call (DEADLINE_EXCEEDED): gRPC cancels a call at its deadline, and the other
+        texts of a call when one of them expires. One from before is the client's (CANCELLED), even
+        when the deadline has passed by the time the decode thread looks.
+        """
+        deadline, cancelled_at = self.request.deadline, self.cancelled_at
+        expired = deadline is not None and (now if cancelled_at is None else cancelled_at) >= deadline
+        if expired:
+            return Retired(self, DeadlineExceededError(f"the deadline passed {where}"), "deadline")
+        if cancelled_at is not None:
+            return Retired(self, RequestCancelledError("the request was cancelled"), "cancelled")
+        return None
 
 
 @dataclass(frozen=True)
@@ -130,14 +148,9 @@ class RunningBatch:
         first = 0
         for e in self.entries:
             n = len(e.state.live)
-            deadline = e.ticket.request.deadline
-            if e.ticket.cancelled:
-                gone.append(
-                    Retired(e.ticket, RequestCancelledError("the request was cancelled"), "cancelled")
-                )
-            elif deadline is not None and now >= deadline:
-                err = DeadlineExceededError(f"the deadline passed after {e.state.step} decoder steps")
-                gone.append(Retired(e.ticket, err, "deadline"))
+            leaving = e.ticket.leaving(now, f"after {e.state.step} decoder steps")
+            if leaving is not None:
+                gone.append(leaving)
             else:
                 kept.append(e)
                 keep_rows.extend(range(first, first + n))
