@@ -148,8 +148,10 @@ class Scheduler:
             self._thread = threading.Thread(target=self._run, name=f"scheduler-{self.instance}", daemon=True)
             self._thread.start()
 
-    def submit(self, request: Request) -> Handle:
+    def submit(self, request: Request, *, count_queue_full: bool = True) -> Handle:
         """Queue a request; call from a coroutine (the handle belongs to the running event loop).
+        `count_queue_full` False: a full queue is not counted as a rejection (the caller tries
+        another instance's queue first, and counts the request's refusal itself if every one is full).
 
         Raises:
             QueueFullError: max_queue_size requests are already waiting.
@@ -168,7 +170,8 @@ class Scheduler:
                 self._reject("draining")
                 raise SchedulerClosedError("the server is shutting down and takes no new requests")
             if len(self._waiting) >= self.config.max_queue_size:
-                self._reject("queue_full")
+                if count_queue_full:
+                    self._reject("queue_full")
                 raise QueueFullError(self.config.max_queue_size)
             self._waiting.append(ticket)
             self._accepted += 1

@@ -81,16 +81,30 @@ class SchedulerPool:
             scheduler.start()
 
     def submit(self, request: Request) -> Handle:
-        """Queue `request` on the least loaded instance; raises what `Scheduler.submit` raises, with
-        the limits named as configured for the server rather than as one instance's share."""
+        """Queue `request` on the least loaded instance, or, when its queue is full, on the next
+        least loaded whose queue has room; raises what `Scheduler.submit` raises, with the limits
+        named as configured for the server rather than as one instance's share.
+
+        Least loaded counts requests outstanding, queued or decoding, so an instance whose rows a
+        beam search holds can have a full queue while another's has room: the request is refused
+        (RESOURCE_EXHAUSTED, counted once) only when every instance's queue is full.
+        """
         with self._lock:
-            index = min(range(len(self.instances)), key=self._outstanding.__getitem__)
+            order = sorted(range(len(self.instances)), key=self._outstanding.__getitem__)
+        for attempt, index in enumerate(order):
+            last = attempt == len(order) - 1
+            try:
+                return self._submit_to(index, request, count_queue_full=last)
+            except QueueFullError:
+                if last:
+                    raise QueueFullError(self.config.max_queue_size) from None
+        raise AssertionError("unreachable: a pool has at least one instance")
+
+    def _submit_to(self, index: int, request: Request, *, count_queue_full: bool) -> Handle:
+        with self._lock:
             self._outstanding[index] += 1
         try:
-            handle = self.instances[index].submit(request)
-        except QueueFullError:
-            self._ended(index)
-            raise QueueFullError(self.config.max_queue_size) from None
+            handle = self.instances[index].submit(request, count_queue_full=count_queue_full)
         except RequestTooLargeError as err:
             self._ended(index)
             if not self.split:

@@ -121,6 +121,26 @@ def test_refusals_name_the_process_limits() -> None:
     run(main)
 
 
+def test_a_full_queue_sends_the_request_to_another_instance_and_counts_one_refusal() -> None:
+    async def main() -> None:
+        metrics = Metrics(CollectorRegistry())
+        # not started: nothing leaves the queues. Each instance: 2 waiting requests.
+        pool = SchedulerPool(FakeEngine(), config(instances=2, max_queue_size=4), metrics)
+        # instance 0's queue filled past the pool (as a beam search holding its rows would leave it),
+        # while the pool, counting outstanding requests, still sees both instances alike
+        direct = [pool.instances[0].submit(Request("fake", (4, 2), options())) for _ in range(2)]
+        handles = [pool.submit(Request("fake", (5, 2), options())) for _ in range(2)]  # both go to 1
+        assert pool.instances[1].stats().queued == 2
+        with pytest.raises(QueueFullError, match=r"\(4 waiting, --max-queue-size\)"):
+            pool.submit(Request("fake", (6, 2), options()))  # every queue full now
+        rejected = metrics.registry.get_sample_value
+        assert rejected("translator_requests_rejected_total", {"reason": "queue_full"}) == 1
+        pool.stop()  # fails what waits
+        await asyncio.gather(*(h.result() for h in direct + handles), return_exceptions=True)
+
+    run(main)
+
+
 def test_a_worker_names_the_workers_splitting_the_limits() -> None:
     async def main() -> None:
         # a worker of 2: 2 instances of 10 KV-cache slots each out of the server's 40
