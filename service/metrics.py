@@ -152,7 +152,10 @@ class Metrics:
             "sequences_in_flight", "Requests being decoded in the running batch (all beams count once)."
         )
         self._queue_depth = gauge("queue_depth", "Requests waiting to join the running batch.")
-        self._kv_used = gauge("kv_cache_used_tokens", "Tokens held in the KV cache by running rows.")
+        self._kv_used = gauge(
+            "kv_cache_used_tokens",
+            "Self-attention cache slots held by running rows (rows x the batch's slot capacity, in chunks).",
+        )
         self._kv_capacity = gauge(
             "kv_cache_capacity_tokens", "KV-cache tokens the scheduler may admit work up to."
         )
