@@ -333,7 +333,7 @@ class Scheduler:
         now = self.clock()
         gone: list[Retired] = []
         for t in list(self._waiting):
-            leaving = t.leaving(now, "in the queue")
+            leaving = t.leaving(now)
             if leaving is not None:
                 gone.append(leaving)
                 self._waiting.remove(t)

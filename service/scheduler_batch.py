@@ -66,9 +66,11 @@ class Ticket:
         """The most self-attention cache slots one of its rows can reach."""
         return self.request.options.max_output_tokens
 
-    def leaving(self, now: float, where: str) -> Retired | None:
+    def leaving(self, now: float, steps: int | None = None) -> Retired | None:
         """The outcome of a request that must leave before it finishes, or None: its deadline passed,
-        or it was cancelled. `where` it was, for the deadline's message ("in the queue").
+        or it was cancelled. `steps`: the decoder steps it took in the batch; None in the queue
+        (for the deadline's message, written only when it leaves: this runs for every row at every
+        step).
 
         A cancellation from the time its deadline had passed is the deadline's, as the servicer
         counts the call (DEADLINE_EXCEEDED): gRPC cancels a call at its deadline, and the other
@@ -78,6 +80,7 @@ class Ticket:
         deadline, cancelled_at = self.request.deadline, self.cancelled_at
         expired = deadline is not None and (now if cancelled_at is None else cancelled_at) >= deadline
         if expired:
+            where = "in the queue" if steps is None else f"after {steps} decoder steps"
             return Retired(self, DeadlineExceededError(f"the deadline passed {where}"), "deadline")
         if cancelled_at is not None:
             return Retired(self, RequestCancelledError("the request was cancelled"), "cancelled")
@@ -148,7 +151,7 @@ class RunningBatch:
         first = 0
         for e in self.entries:
             n = len(e.state.live)
-            leaving = e.ticket.leaving(now, f"after {e.state.step} decoder steps")
+            leaving = e.ticket.leaving(now, e.state.step)
             if leaving is not None:
                 gone.append(leaving)
             else:
