@@ -14,7 +14,6 @@ import numpy as np
 
 from service.engine import Engine
 from service.reference_decoder import translate_ids
-from service.responses import hypothesis_length
 from service.tokenizer import Tokenizer
 
 KV_BATCH, KV_TOKENS = 64, 64
@@ -71,7 +70,7 @@ def measure_engine(
         tokens = 0
         for i in range(0, len(share), batch):
             for hyps in translate_ids(graphs, share[i : i + batch]):
-                tokens += hypothesis_length(hyps[0])
+                tokens += hyps[0].length
         return tokens
 
     def decode(pool: ThreadPoolExecutor, batch: int) -> int:

@@ -42,6 +42,12 @@ class Hypothesis:
     # than `tokens` when finished); empty from export.generate, which keeps only the sum
     token_log_probs: tuple[float, ...] = ()
 
+    @property
+    def length(self) -> int:
+        """Generated tokens with the end token (when produced): what length penalties divide by,
+        and what Translation.output_tokens and the output-token metric count."""
+        return len(self.tokens) + int(self.finished)
+
 
 @dataclass(frozen=True)
 class Sampling:

@@ -51,11 +51,6 @@ def within_message_limit(message: M, limit: int, ask_for: str) -> M:
     return message
 
 
-def hypothesis_length(h: Hypothesis) -> int:
-    """Generated tokens with the end token (when produced): what length penalties divide by."""
-    return len(h.tokens) + int(h.finished)
-
-
 def token_messages(h: Hypothesis, tokenizer: Tokenizer, prefix_len: int) -> list[pb.Token]:
     """Every generated token of `h` with its log-probability, the end token last when produced."""
     ids = [*h.tokens, *([tokenizer.special.eos] if h.finished else [])]
@@ -81,7 +76,7 @@ def translation_message(
         hyp = pb.Hypothesis(
             text=tokenizer.decode(list(h.tokens)),
             score=float(h.score),
-            normalized_score=normalized_score(h.score, hypothesis_length(h), job.options.length_penalty),
+            normalized_score=normalized_score(h.score, h.length, job.options.length_penalty),
             finish_reason=pb.FINISH_REASON_END_OF_SEQUENCE if h.finished else pb.FINISH_REASON_LENGTH,
         )
         if options.return_tokens:
@@ -93,7 +88,7 @@ def translation_message(
         finish_reason=FINISH_REASONS[gen.finish_reason],
         hypotheses=hypotheses,
         input_tokens=gen.input_tokens,
-        output_tokens=hypothesis_length(best),
+        output_tokens=best.length,
     )
     if options.return_timings:
         t = gen.timings

@@ -438,9 +438,8 @@ class Scheduler:
         if not isinstance(r.outcome, Generation):
             return
         g = r.outcome
-        # The end token counts, as Translation.output_tokens counts it (service.responses.
-        # hypothesis_length): it took a decoder step like any other.
-        self.metrics.add_tokens(output_tokens=g.output_tokens + int(g.hypotheses[0].finished))
+        # The end token counts, as Translation.output_tokens counts it: it took a decoder step too.
+        self.metrics.add_tokens(output_tokens=g.hypotheses[0].length)
         if g.timings.time_to_first_token_s is not None:
             self.metrics.observe_time_to_first_token(g.timings.time_to_first_token_s)
             # The mean gap between its decoder steps, from the first token's to the last's (the end
