@@ -329,7 +329,7 @@ def _greedy_moved(state: SearchState, token: int, token_log_prob: float, score: 
     moved = SearchState(
         opts, step, (Beam((*beam.tokens, token), score, (*beam.log_probs, token_log_prob)),), state.finished
     )
-    return _at_limit(moved) if step >= opts.max_output_tokens else moved
+    return _at_limit(moved)
 
 
 def _banned(state: SearchState) -> tuple[int, ...]:
