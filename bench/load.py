@@ -499,6 +499,16 @@ async def measure_grpc_floor(
     return GrpcFloor(clients, calls, 1000 * server_cores / calls, 1000 * result.client_cores / calls)
 
 
+def best_service(closed: Sequence[PhaseResult], texts: int) -> PhaseResult | None:
+    """The closed loop the throughput target reads for calls of `texts` texts: continuous batching's
+    best (the saturating one), in one process or in worker processes, whichever did better."""
+    return max(
+        (r for r in closed if r.mode == "continuous" and r.texts_per_call == texts),
+        key=lambda r: r.output_tokens_per_s,
+        default=None,
+    )
+
+
 def attainable_ratio(
     service: PhaseResult, engine: EngineResult, floor: GrpcFloor, cores: int
 ) -> float | None:
@@ -577,16 +587,9 @@ def check_targets(
         if ceiling
         else ""
     )
-    # continuous batching in one process and in worker processes: the service is the better of them
-    continuous = [r for r in closed if r.mode == "continuous"]
-    for texts in sorted({1, *(r.texts_per_call for r in continuous)}):
+    for texts in sorted({1, *(r.texts_per_call for r in closed if r.mode == "continuous")}):
         calls = "one text per call" if texts == 1 else f"{texts} texts per call"
-        # the service's best closed loop (the saturating one) against the engine alone
-        service = max(
-            (r for r in continuous if r.texts_per_call == texts),
-            key=lambda r: r.output_tokens_per_s,
-            default=None,
-        )
+        service = best_service(closed, texts)
         ratio: float | None = None
         best = "continuous batching's best output tok/s under the closed loops"
         if service is not None:

@@ -11,6 +11,7 @@ from bench.load import (
     READY_CHECKS,
     BenchResult,
     attainable_ratio,
+    best_service,
     mode_label,
     open_loop_p99_ratios,
 )
@@ -100,11 +101,7 @@ def _attainable(r: BenchResult) -> str:
         return ""
     rows = []
     for texts in sorted({p.texts_per_call for p in r.closed if p.mode == "continuous"}):
-        service = max(
-            (p for p in r.closed if p.mode == "continuous" and p.texts_per_call == texts),
-            key=lambda p: p.output_tokens_per_s,
-            default=None,
-        )
+        service = best_service(r.closed, texts)
         bound = None if service is None else attainable_ratio(service, ceiling, floor, cores)
         if service is None or bound is None or service.client_cores is None:
             continue
