@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import replace
 
 from service.config import Config, SchedulerConfig, ServerConfig
@@ -57,3 +59,11 @@ class ServerThread:
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.running.port}"
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Poll `condition` until it holds or `timeout` seconds have passed; its last value."""
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return condition()

@@ -35,7 +35,7 @@ from service.api.translator.v1 import translator_pb2 as pb
 from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
 from service.metrics import FINISH_REASONS, REJECT_REASONS, RPCS
 from service.tokenizer import Tokenizer
-from tests.service.server_fixture import ServerThread, loopback_config
+from tests.service.server_fixture import ServerThread, loopback_config, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 TEXTS = ["I love cats.", "The old man gives the red book to the child.", "We see a small dog."]
@@ -403,13 +403,6 @@ def test_every_series_agrees_with_the_calls_made(server: ServerThread) -> None:
     check_warm_up(scrape(port), processes=1)
     calls_then_check(port, client, greedy_calls)
     calls_then_check(port, client, mixed_calls)
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.005)
-    return condition()
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -38,7 +38,7 @@ from service.reference_decoder import translate_texts
 from service.responses import text_delta
 from service.server import setup_logging
 from service.tokenizer import Tokenizer
-from tests.service.server_fixture import ServerThread, loopback_config
+from tests.service.server_fixture import ServerThread, loopback_config, wait_until
 
 SERVICE = "translator.v1.Translator"
 TEXTS = ["I love cats.", "The old man gives the red book to the child.", "We see a small dog."]
@@ -371,13 +371,6 @@ def requests_ended(running: ServerThread, rpc: str, code: str) -> float:
     """translator_requests_total{rpc, code} of a running server."""
     labels = {"rpc": rpc, "code": code}
     return running.running.metrics.registry.get_sample_value("translator_requests_total", labels) or 0.0
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return condition()
 
 
 def test_a_full_queue_is_resource_exhausted_and_the_texts_queued_first_are_cancelled(engine: Engine) -> None:
