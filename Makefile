@@ -1,6 +1,6 @@
 # Every target sets itself up from a fresh clone. `make setup` is a chain of stamped steps, each
 # re-run only when what it depends on changes:
-#   .venv (runtime + export/training + dev dependencies; torch pinned ==2.13.0, CPU build)
+#   .venv (exactly requirements/dev.txt, the lock: runtime + export/training + dev; torch 2.13.0+cpu)
 #   → the gRPC code generated from protos/   → the model variants derived from the fp32 graphs
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -12,15 +12,28 @@ MODEL_DIR ?= models/en-fr-small
 CORPUS_DIR ?= data/corpus
 SEED ?= 1234
 
-.PHONY: setup proto corpus train eval translate export variants verify bench-kv bench-calls bench-gc bench run test lint clean \
-	compose-up compose-down
+.PHONY: setup lock proto corpus train eval translate export variants verify bench-kv bench-calls bench-gc bench run \
+	test test-full lint clean compose-up compose-down
 
 setup: $(SETUP_DONE)
 
-$(VENV_DONE): pyproject.toml
+# The venv installs the lock, hashes checked, and nothing else (pip-sync removes what the lock no
+# longer has); then the project itself, editable, built by the locked setuptools. The last step fails
+# setup if the environment is not exactly the lock (`pip freeze` = requirements/dev.txt).
+LOCK := requirements/dev.txt
+
+$(VENV_DONE): $(LOCK) pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[export,dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check --require-hashes --no-deps -r $(LOCK)
+	$(VENV)/bin/pip-sync --quiet $(LOCK)
+	$(PY) -m pip install -qq --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(PY) -m requirements.lock --check
 	touch $@
+
+# Re-resolve requirements/*.txt to the newest versions pyproject.toml allows (≈5 min; the one way to
+# upgrade a dependency: then `make test-full`, and commit the locks with what the upgrade needed).
+lock: $(VENV_DONE)
+	$(PY) -m requirements.lock
 
 # The Python code of the gRPC API: protos/**/*.proto → service/api/translator/… (messages, stubs,
 # servicers and their .pyi; service/api/codegen.py). Generated, never committed; regenerated when a
@@ -112,8 +125,14 @@ compose-up:
 compose-down:
 	docker compose -f deploy/docker-compose.yml --profile cpu --profile gpu down
 
+# The developer's loop (≈4 min on 2 cores): every test but the long end-to-end ones marked `full`.
 test: $(SETUP_DONE)
+	$(PY) -m pytest -q -m 'not full'
+
+# Everything CI runs (≈10 min): the whole suite, then make verify (the whole test split vs PyTorch).
+test-full: $(SETUP_DONE)
 	$(PY) -m pytest -q
+	$(MAKE) verify
 
 lint: $(SETUP_DONE)
 	$(VENV)/bin/ruff check .

@@ -1,26 +1,50 @@
-"""Requirements for the image builds, read from pyproject.toml so the Dockerfiles repeat no version.
+"""The dependency locks: the exact versions, with hashes, that every install of the project takes.
 
-    python deploy/docker/pyproject_requirements.py                      # the runtime `dependencies`
-    python deploy/docker/pyproject_requirements.py --extra dev --only grpcio-tools,mypy-protobuf
-    python deploy/docker/pyproject_requirements.py --replace onnxruntime=onnxruntime-gpu==1.31.1
+    python -m requirements.lock            # make lock: re-resolve to the newest allowed versions
+    python -m requirements.lock --check    # the running environment is exactly requirements/dev.txt
 
-Prints a requirements file (one requirement per line) on stdout. `--only` keeps the named
-requirements, `--replace` swaps one for another (the GPU image: onnxruntime-gpu instead of the CPU
-onnxruntime wheel, which would otherwise be installed next to it and shadow it). A name that the
-list does not have is an error, so renaming a dependency in pyproject.toml fails the image build
-instead of silently dropping it. Standard library only: it runs before anything is installed.
+pyproject.toml keeps the ranges a user of the package needs; the files here pin what the suite last
+passed with, so that a fresh clone, CI and the images install the same thing next week as today:
+
+  dev.txt          make setup and .ci/run: the runtime, export and dev sets (torch ==2.13.0+cpu)
+  runtime.txt      Dockerfile.cpu's runtime venv: pyproject's `dependencies`
+  runtime-gpu.txt  Dockerfile.gpu's runtime venv: the same, onnxruntime-gpu in place of onnxruntime
+  build.txt        both images' builder venv: the code generators, what builds the variants
+                   (onnx, sacrebleu, never torch) and the build backend (setuptools)
+
+pip-compile (pip-tools) resolves them, with every file's sha256, build backend and pip included.
+The last three are resolved under dev.txt as a constraint, so they pin the same versions as CI
+tests. onnxruntime is held at the newest release that onnxruntime-gpu also has (the GPU wheels
+can lag the CPU ones by days), so that CI and both images run one onnxruntime.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import os
 import re
+import subprocess
 import sys
+import tempfile
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+LOCK_DIR = ROOT / "requirements"
+DEV, RUNTIME, RUNTIME_GPU, BUILD = "dev.txt", "runtime.txt", "runtime-gpu.txt", "build.txt"
+# What the images' builder venv needs from the extras: the code generators (make proto) and what
+# `python -m export.variants` imports besides the runtime.
+BUILD_TOOLS = {"dev": ("grpcio-tools", "mypy-protobuf"), "export": ("onnx", "sacrebleu")}
+# The extras that make setup installs (everything: training, export and the test/lint tools).
+DEV_EXTRAS = ("export", "dev")
+COMPILE_COMMAND = "make lock"
+
 _NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
+_PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)")
+_HASH = re.compile(r"--hash=(sha256:[0-9a-f]{64})")
 
 
 def canonical(name: str) -> str:
@@ -37,14 +61,17 @@ def requirement_name(requirement: str) -> str:
 
 
 def requirements(
-    pyproject: dict[str, object],
+    pyproject: Mapping[str, object],
     *,
     extra: str | None = None,
     only: Sequence[str] = (),
-    replace: dict[str, str] | None = None,
+    replace: Mapping[str, str] | None = None,
 ) -> list[str]:
     """The requirement strings of `[project].dependencies` (or of an optional-dependencies extra).
 
+    Args:
+        only: keep just these names.
+        replace: swap a requirement for another (name → requirement string).
     Raises:
         KeyError: the extra, a name of `only` or a name of `replace` is not there.
     """
@@ -63,25 +90,155 @@ def requirements(
     return [swaps.get(n, r) for n, r in by_name.items() if not wanted or n in wanted]
 
 
+def read_pyproject(root: Path = ROOT) -> dict[str, object]:
+    return tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))
+
+
+@dataclass(frozen=True)
+class Pin:
+    name: str  # canonical
+    version: str
+    hashes: tuple[str, ...]  # "sha256:…", every file of that release the resolver saw
+
+
+def read_lock(path: Path) -> dict[str, Pin]:
+    """The pins of a pip-compile output file, by canonical name.
+
+    Raises:
+        ValueError: a requirement line that is not an exact `name==version` pin.
+    """
+    pins: dict[str, Pin] = {}
+    current: tuple[str, str] | None = None
+    hashes: list[str] = []
+
+    def close() -> None:
+        if current is not None:
+            pins[current[0]] = Pin(current[0], current[1], tuple(hashes))
+
+    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("--hash="):
+            hashes += _HASH.findall(line)
+            continue
+        if line.startswith("-"):
+            continue  # a pip option line (--index-url, -c, …)
+        close()
+        match = _PIN.match(line)
+        if match is None:
+            raise ValueError(f"{path}:{number}: not an exact pin: {line!r}")
+        current, hashes = (canonical(match.group(1)), match.group(2)), _HASH.findall(line)
+    close()
+    return pins
+
+
+def environment_differences(lock: Mapping[str, Pin], project: str) -> list[str]:
+    """How the running Python environment differs from `lock` (empty: it is exactly the lock).
+
+    The project itself (installed editable, not locked) is the one distribution allowed beyond it.
+    """
+    installed = {canonical(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()}
+    found = []
+    for name, pin in sorted(lock.items()):
+        version = installed.get(name)
+        if version is None:
+            found.append(f"{name}=={pin.version} is locked but not installed")
+        elif version != pin.version:
+            found.append(f"{name} {version} is installed, the lock says {pin.version}")
+    extra = sorted(set(installed) - set(lock) - {canonical(project)})
+    found += [f"{name} {installed[name]} is installed but not locked" for name in extra]
+    return found
+
+
+def pip_compile(
+    source: str | Path,
+    out: Path,
+    *,
+    stdin: str = "",
+    options: Sequence[str] = (),
+    relabel: Mapping[str, str] | None = None,
+) -> None:
+    """Run pip-compile on `source` (a file, or "-" for `stdin`) into `out`, hashes and all.
+
+    `relabel` rewrites the names of inputs in the "# via" notes (stdin, temporary files).
+    """
+    command = [
+        sys.executable,
+        "-m",
+        "piptools",
+        "compile",
+        "--quiet",
+        "--upgrade",
+        "--generate-hashes",
+        "--allow-unsafe",  # pip and setuptools are part of what gets installed: lock them too
+        "--strip-extras",
+        "--no-emit-index-url",  # the machine's own package sources stay out of the file
+        "--no-emit-find-links",
+        *options,
+        "--output-file",
+        str(out),
+        str(source),
+    ]
+    env = {**os.environ, "CUSTOM_COMPILE_COMMAND": COMPILE_COMMAND}
+    subprocess.run(command, input=stdin, text=True, check=True, env=env, cwd=ROOT)
+    text = out.read_text(encoding="utf-8")
+    for old, new in {"-r -": "pyproject.toml", **(relabel or {})}.items():
+        text = text.replace(old, new)
+    out.write_text(text, encoding="utf-8")
+
+
+def _runtime(pyproject: Mapping[str, object], **replace: str) -> list[str]:
+    return requirements(pyproject, replace=replace)
+
+
+def lock(lock_dir: Path = LOCK_DIR) -> None:
+    """Re-resolve every lock file to the newest versions pyproject.toml allows (see the top)."""
+    pyproject = read_pyproject()
+    build_system = pyproject["build-system"]
+    assert isinstance(build_system, dict)
+    (onnxruntime,) = [r for r in _runtime(pyproject) if requirement_name(r) == "onnxruntime"]
+    gpu = "onnxruntime-gpu" + onnxruntime[len("onnxruntime") :]
+    with tempfile.TemporaryDirectory() as tmp:
+        # The newest onnxruntime-gpu within pyproject's onnxruntime range, and that release for all.
+        probe = Path(tmp) / "gpu.txt"
+        pip_compile("-", probe, stdin="\n".join(_runtime(pyproject, onnxruntime=gpu)))
+        release = read_lock(probe)["onnxruntime-gpu"].version
+        held = Path(tmp) / "onnxruntime.txt"
+        held.write_text(f"onnxruntime=={release}\n", encoding="utf-8")
+        options = [*(f"--extra={e}" for e in DEV_EXTRAS), "--build-deps-for=editable", "-c", str(held)]
+        pip_compile("pyproject.toml", lock_dir / DEV, options=options, relabel={str(held): "onnxruntime-gpu"})
+    under_dev = ["-c", str((lock_dir / DEV).relative_to(ROOT))]
+    pip_compile("pyproject.toml", lock_dir / RUNTIME, options=under_dev)
+    gpu_pinned = f"onnxruntime-gpu=={release}"
+    gpu_set = "\n".join(_runtime(pyproject, onnxruntime=gpu_pinned))
+    pip_compile("-", lock_dir / RUNTIME_GPU, stdin=gpu_set, options=under_dev)
+    tools = [
+        r for extra, names in BUILD_TOOLS.items() for r in requirements(pyproject, extra=extra, only=names)
+    ]
+    build = [*_runtime(pyproject), *tools, *build_system["requires"]]
+    pip_compile("-", lock_dir / BUILD, stdin="\n".join(build), options=under_dev)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pyproject", type=Path, default=Path("pyproject.toml"))
-    parser.add_argument("--extra", default=None, help="an optional-dependencies group instead")
-    parser.add_argument("--only", default="", help="comma-separated names to keep")
     parser.add_argument(
-        "--replace", action="append", default=[], metavar="NAME=REQUIREMENT", help="swap one requirement"
+        "--check", action="store_true", help="compare the running environment with dev.txt instead"
     )
     args = parser.parse_args(argv)
-    replace = dict(item.split("=", 1) for item in args.replace)
-    only = [n.strip() for n in args.only.split(",") if n.strip()]
-    data = tomllib.loads(args.pyproject.read_text(encoding="utf-8"))
-    try:
-        lines = requirements(data, extra=args.extra, only=only, replace=replace)
-    except KeyError as err:
-        print(f"{parser.prog}: {err.args[0]}", file=sys.stderr)
-        return 1
-    print("\n".join(lines))
-    return 0
+    if not args.check:
+        lock()
+        return 0
+    project = read_pyproject()["project"]
+    assert isinstance(project, dict)
+    found = environment_differences(read_lock(LOCK_DIR / DEV), project["name"])
+    for line in found:
+        print(f"requirements.lock: {line}", file=sys.stderr)
+    if found:
+        print(
+            "requirements.lock: run `make setup` (or `make clean setup`) to install the lock", file=sys.stderr
+        )
+    return 1 if found else 0
 
 
 if __name__ == "__main__":

@@ -6,14 +6,13 @@ repository or filtered out of the context by .dockerignore, `COPY --from=` namin
 unpinned base images, and the runtime stage's contract (non-root numeric USER, a grpc.health.v1
 HEALTHCHECK, exec-form ENTRYPOINT, the ports and model path the server uses, no build tools). The
 builder derives the baked-in model's variant (int8 for CPU, fp16 for GPU: what `auto` loads) with
-`python -m export.variants` in a throwaway venv: the tests evaluate the requirement files the stage
-writes (deploy/docker/pyproject_requirements.py) and check that the venv gets no torch, has every
-distribution export.variants imports, and stays out of the runtime stage with export/.
+`python -m export.variants` in a throwaway venv: the tests read the locks the stage installs
+(requirements/*.txt, every install with --require-hashes) and check that the venv gets no torch, has
+every distribution export.variants imports, and stays out of the runtime stage with export/.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import importlib.metadata
 import json
 import posixpath
@@ -29,7 +28,7 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-from deploy.docker import pyproject_requirements as pr
+from requirements import lock
 from service.config import SETTINGS, ServerConfig
 from service.engine import _DEFAULT_VARIANT
 
@@ -427,7 +426,7 @@ class VariantBuild:
     """A `<python> -m export.variants ...` command of a RUN."""
 
     instruction: Instruction
-    python: str  # the interpreter, e.g. /opt/variants/bin/python
+    python: str  # the interpreter, e.g. /opt/build/bin/python
     options: dict[str, str]  # --model-dir, --only, ...
 
     @property
@@ -462,47 +461,29 @@ def variant_builds(stage: Stage) -> list[VariantBuild]:
     return found
 
 
-def requirement_files(parsed: Dockerfile, stage: Stage) -> dict[str, list[str]]:
-    """What each `pyproject_requirements.py ... > file` (or `>>`) of the stage writes, evaluated here."""
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-    files: dict[str, list[str]] = {}
+def installs(stage: Stage) -> list[tuple[Instruction, str, list[str]]]:
+    """(RUN, venv, words) of every `pip install` / `uv pip install` command of the stage."""
+    found = []
     for run in stage.all("RUN"):
         for words in commands(run):
-            if not any(w.endswith("pyproject_requirements.py") for w in words):
-                continue
-            words = [substitute(w, parsed.global_args) for w in words]
-            redirect = next(i for i, w in enumerate(words) if w in (">", ">>"))
-            args = words[next(i for i, w in enumerate(words) if w.endswith(".py")) + 1 : redirect]
-            options: dict[str, list[str]] = {}
-            for flag, value in zip(args[::2], args[1::2], strict=True):
-                options.setdefault(flag, []).append(value)
-            lines = pr.requirements(
-                pyproject,
-                extra=options.get("--extra", [None])[0],
-                only=[n for v in options.get("--only", []) for n in v.split(",")],
-                replace=dict(v.split("=", 1) for v in options.get("--replace", [])),
-            )
-            target = words[redirect + 1]
-            files[target] = (files.get(target, []) if words[redirect] == ">>" else []) + lines
-    return files
-
-
-def venv_requirements(parsed: Dockerfile, stage: Stage, venv: str) -> list[str]:
-    """Every requirement the stage installs into `venv` (pip or uv pip, `-r file`)."""
-    files = requirement_files(parsed, stage)
-    installed: list[str] = []
-    for run in stage.all("RUN"):
-        for words in commands(run):
-            if "install" not in words:
+            if "install" not in words or "pip" not in " ".join(words):
                 continue
             python = words[words.index("--python") + 1] if "--python" in words else words[0]
-            if posixpath.dirname(posixpath.dirname(python)) != venv:
-                continue
+            found.append((run, posixpath.dirname(posixpath.dirname(python)), words))
+    return found
+
+
+def venv_requirements(stage: Stage, venv: str) -> list[str]:
+    """The canonical names of every distribution the stage installs into `venv` from a lock."""
+    names: list[str] = []
+    for run, target, words in installs(stage):
+        if target == venv:
             for i, word in enumerate(words):
                 if word == "-r":
-                    assert words[i + 1] in files, f"line {run.line}: {words[i + 1]} is written by no command"
-                    installed += files[words[i + 1]]
-    return installed
+                    path = absolute(stage, run, words[i + 1])
+                    assert path.startswith("/src/requirements/"), f"line {run.line}: {path} is not a lock"
+                    names += lock.read_lock(ROOT / posixpath.relpath(path, "/src"))
+    return names
 
 
 def runtime_model_copy(kind: str) -> tuple[dict[str, str], str]:
@@ -554,7 +535,7 @@ def test_the_variant_venv_stays_in_the_builder_and_has_no_torch(kind: str) -> No
     flags, _ = runtime_model_copy(kind)
     stage = parsed.stage(flags["from"])
     (build,) = variant_builds(stage)
-    names = [pr.requirement_name(r) for r in venv_requirements(parsed, stage, build.venv)]
+    names = venv_requirements(stage, build.venv)
     assert {"onnx", "sacrebleu"} <= set(names), f"{build.venv}: what export.variants imports"
     assert not [n for n in names if n.startswith("torch")], f"{build.venv}: {names}"
     # Neither that venv nor the sources (export/) reach the runtime stage.
@@ -571,18 +552,35 @@ def test_the_variant_venv_stays_in_the_builder_and_has_no_torch(kind: str) -> No
 
 
 @pytest.mark.parametrize("kind", DOCKERFILES)
-def test_export_comes_into_the_builder_after_the_project_is_installed(kind: str) -> None:
-    """`pip install .` finds the export package when export/ is there: it would reach the runtime
+def test_export_comes_into_the_builder_after_the_project_is_built(kind: str) -> None:
+    """The project's wheel takes the export package when export/ is there: it would reach the runtime
     venv (check_runtime.py refuses it too, at build time)."""
     builder = dockerfile(kind).stage("builder")
-    installs = [r.line for r in builder.all("RUN") for w in commands(r) if "install" in w and "." in w]
+    builds = [
+        r.line for r in builder.all("RUN") for w in commands(r) if "." in w and {"wheel", "--wheel"} & set(w)
+    ]
     export_copies = [
         i.line
         for i in builder.all("COPY")
         if any(s.rstrip("/") == "export" for s in i.flags_and_words()[1][:-1])
     ]
-    assert installs and export_copies
-    assert min(export_copies) > max(installs)
+    assert builds and export_copies
+    assert min(export_copies) > max(builds)
+
+
+@pytest.mark.parametrize("kind", DOCKERFILES)
+def test_every_install_takes_a_lock_with_hashes(kind: str) -> None:
+    """What the image holds is what CI tested: locked versions, checked hashes, and no resolver run.
+
+    The one exception is the project's own wheel, built in the stage (--no-deps)."""
+    builder = dockerfile(kind).stage("builder")
+    for run, venv, words in installs(builder):
+        if any(w.endswith(".whl") for w in words):
+            assert "--no-deps" in words, f"line {run.line}: the project's wheel brings no dependencies"
+            continue
+        assert "--require-hashes" in words and "-r" in words, f"line {run.line}: install {venv} from a lock"
+    wanted = lock.RUNTIME_GPU if kind == "gpu" else lock.RUNTIME
+    assert set(venv_requirements(builder, "/opt/venv")) == set(lock.read_lock(ROOT / "requirements" / wanted))
 
 
 @cache
@@ -614,7 +612,7 @@ def requirement_closure(names: set[str]) -> set[str]:
         for line in requires:
             requirement = Requirement(line)
             if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
-                todo.append(pr.canonical(requirement.name))
+                todo.append(lock.canonical(requirement.name))
     return seen
 
 
@@ -627,16 +625,16 @@ def test_the_variant_venv_has_what_export_variants_imports(kind: str) -> None:
     flags, _ = runtime_model_copy(kind)
     stage = parsed.stage(flags["from"])
     (build,) = variant_builds(stage)
-    names = {pr.requirement_name(r) for r in venv_requirements(parsed, stage, build.venv)}
+    names = set(venv_requirements(stage, build.venv))
     available = requirement_closure(names)
     available |= {SAME_MODULES[n] for n in available if n in SAME_MODULES}
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["name"]
-    available.add(pr.canonical(project))  # export/ and service/: the build's own sources
+    available.add(lock.canonical(project))  # export/ and service/: the build's own sources
     distributions = importlib.metadata.packages_distributions()
     missing = {
         module: distributions[module]
         for module in modules_export_variants_imports()
-        if module in distributions and not {pr.canonical(d) for d in distributions[module]} & available
+        if module in distributions and not {lock.canonical(d) for d in distributions[module]} & available
     }
     assert not missing, f"Dockerfile.{kind}: {build.venv} lacks {missing}"
 
@@ -659,7 +657,7 @@ def test_runtime_stage_installs_no_build_tools(kind: str) -> None:
     for instruction in final.all("COPY"):
         flags, words = instruction.flags_and_words()
         if "from" in flags:
-            assert not any("codegen" in w for w in words), "the code generators stay in the builder"
+            assert not any(w.startswith("/opt/build") for w in words), "the builder's tools stay there"
 
 
 @pytest.mark.parametrize("kind", DOCKERFILES)
@@ -676,39 +674,11 @@ def test_builder_checks_the_runtime_environment(kind: str) -> None:
 
 def test_gpu_image_matches_onnxruntime_gpu_cuda_major() -> None:
     parsed = dockerfile("gpu")
-    requirement = Requirement(parsed.global_args["ONNXRUNTIME_GPU"])
-    assert requirement.name == "onnxruntime-gpu"
-    (spec,) = requirement.specifier
-    assert spec.operator == "==", "pin onnxruntime-gpu exactly: its CUDA major decides the base image"
-    release = ".".join(spec.version.split(".")[:2])
+    version = lock.read_lock(ROOT / "requirements" / lock.RUNTIME_GPU)["onnxruntime-gpu"].version
+    release = ".".join(version.split(".")[:2])
     assert release in ORT_GPU_CUDA_MAJOR, f"onnxruntime-gpu {release}: add its CUDA major to the test"
     base = parsed.global_args["CUDA_IMAGE"]
     match = re.fullmatch(r"nvidia/cuda:(\d+)\.\d+\.\d+-cudnn-runtime-ubuntu\d+\.\d+", base)
     assert match, f"{base}: a pinned NVIDIA CUDA runtime image with cuDNN"
     assert int(match.group(1)) == ORT_GPU_CUDA_MAJOR[release]
     assert parsed.stage("runtime").base == base and parsed.stage("builder").base == base
-
-
-def test_gpu_requirements_swap_onnxruntime_for_onnxruntime_gpu() -> None:
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-    wanted = dockerfile("gpu").global_args["ONNXRUNTIME_GPU"]
-    lines = pr.requirements(pyproject, replace={"onnxruntime": wanted})
-    names = [pr.requirement_name(line) for line in lines]
-    assert "onnxruntime" not in names and names.count("onnxruntime-gpu") == 1
-    # The rest is pyproject's runtime list, and the pinned onnxruntime-gpu is within its range.
-    cpu = pr.requirements(pyproject)
-    assert len(lines) == len(cpu) and set(cpu) - set(lines) == {
-        r for r in cpu if pr.requirement_name(r) == "onnxruntime"
-    }
-    (declared,) = [Requirement(r) for r in cpu if pr.requirement_name(r) == "onnxruntime"]
-    (spec,) = Requirement(wanted).specifier
-    assert declared.specifier.contains(spec.version)
-
-
-def test_codegen_requirements_come_from_the_dev_extra() -> None:
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-    lines = pr.requirements(pyproject, extra="dev", only=["grpcio-tools", "mypy-protobuf"])
-    assert sorted(pr.requirement_name(line) for line in lines) == ["grpcio-tools", "mypy-protobuf"]
-    with pytest.raises(KeyError):
-        pr.requirements(pyproject, replace={"no-such-package": "x"})
-    assert not any(fnmatch.fnmatch(pr.requirement_name(r), "torch*") for r in pr.requirements(pyproject))
