@@ -5,9 +5,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from bench.call_cost import main
 
 
+@pytest.mark.full  # ≈12 s: make test-full and CI
 def test_the_call_cost_benchmark_writes_its_page(tmp_path: Path) -> None:
     out, corpus = tmp_path / "call-cost.md", tmp_path / "test.tsv"
     # a few sentences for the encoder rows (a clean clone has no data/corpus: generating it is slow)

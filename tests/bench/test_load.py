@@ -34,6 +34,7 @@ from service.api.translator.v1 import translator_pb2 as pb
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.full  # ≈45 s: make test-full and CI
 def test_the_benchmark_runs_end_to_end_and_writes_its_results(tmp_path: Path) -> None:
     out, js = tmp_path / "benchmarks.md", tmp_path / "benchmarks.json"
     argv = [
