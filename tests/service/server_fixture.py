@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
+from typing import Any
+
+import pytest
 
 from service.config import Config, SchedulerConfig, ServerConfig
 from service.engine import Engine
@@ -67,3 +71,26 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
     while not condition() and time.monotonic() < deadline:
         time.sleep(0.005)
     return condition()
+
+
+PACE_S = 0.1  # paced_steps: the wait before each decoder step; the longest decode (128 steps) 12.8 s
+
+
+@contextlib.contextmanager
+def paced_steps(engine: Any) -> Iterator[None]:
+    """While in the block, each decoder step of `engine` first waits PACE_S: a long call is still
+    decoding when the test looks, however slowly the machine runs the test, while the scheduler
+    still sweeps its queue and retires cancelled or expired requests between steps (which a held
+    step would stop). Once out of the block, the steps run at full speed again."""
+    step, done = engine.step, threading.Event()
+
+    def paced(*args: Any, **kwargs: Any) -> Any:
+        done.wait(PACE_S)
+        return step(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine, "step", paced)
+        try:
+            yield
+        finally:
+            done.set()

@@ -13,6 +13,7 @@ interleaving of its threads that load brings about at random.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -35,7 +36,7 @@ from service.api.translator.v1 import translator_pb2 as pb
 from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
 from service.metrics import FINISH_REASONS, REJECT_REASONS, RPCS
 from service.tokenizer import Tokenizer
-from tests.service.server_fixture import ServerThread, loopback_config, wait_until
+from tests.service.server_fixture import ServerThread, loopback_config, paced_steps, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 TEXTS = ["I love cats.", "The old man gives the red book to the child.", "We see a small dog."]
@@ -43,12 +44,16 @@ MODES = ["continuous", "collect"]
 KV_BUDGET = 65536  # the default --max-kv-cache-tokens; 2 instances or 2 workers split it evenly
 # The longest decode the model allows (128 positions), kept going to the limit: beam 8 over 8 texts
 # is 64 rows × 128 steps, about a second on 2 cores (half that over 2 instances): SHORT_DEADLINE_S
-# passes long before it ends, and long after every text has joined the batch.
+# passes long before it ends, and long after every text has joined the batch (tens of ms, about
+# 0.1 s on a busy machine): the one window left, for a server in another process. A server in this
+# one has its decoder steps paced (server_fixture.paced_steps: such a decode takes 12.8 s at least),
+# and a call that must expire in its queue or batch gets PACED_DEADLINE_S to get there.
 LONG = pb.TranslateOptions(
     beam=pb.BeamSearch(beam_size=8),
     stopping=pb.StoppingCriteria(max_output_tokens=128, min_output_tokens=127),
 )
 SHORT_DEADLINE_S = 0.3
+PACED_DEADLINE_S = 1.0
 OK = grpc.StatusCode.OK
 T = TypeVar("T")
 TOKENIZER = Tokenizer.from_file(ROOT / "models/en-fr-small/tokenizer.json")
@@ -107,10 +112,15 @@ class Ledger:
 
 
 class Client:
-    """Calls translator.v1.Translator and records what happened in `ledger`."""
+    """Calls translator.v1.Translator and records what happened in `ledger`. `paced`: the server's
+    decoder steps paced around a call that must expire while decoding (an in-process server)."""
 
-    def __init__(self, connect: Callable[[], grpc.Channel]) -> None:
-        self.connect, self.ledger = connect, Ledger()
+    def __init__(
+        self,
+        connect: Callable[[], grpc.Channel],
+        paced: Callable[[], contextlib.AbstractContextManager[object]] | None = None,
+    ) -> None:
+        self.connect, self.ledger, self.paced = connect, Ledger(), paced
 
     def _call(self, rpc: str, code: grpc.StatusCode, call: Callable[[pb_grpc.TranslatorStub], T]) -> T | None:
         with self.connect() as channel:
@@ -164,7 +174,12 @@ class Client:
 
     def expired(self, texts: list[str]) -> None:
         """A call that cannot finish before its deadline: every text joins the batch, then expires."""
-        self.translate(texts, LONG, code=grpc.StatusCode.DEADLINE_EXCEEDED, timeout=SHORT_DEADLINE_S)
+        expiring = grpc.StatusCode.DEADLINE_EXCEEDED
+        if self.paced is None:
+            self.translate(texts, LONG, code=expiring, timeout=SHORT_DEADLINE_S)
+        else:
+            with self.paced():
+                self.translate(texts, LONG, code=expiring, timeout=PACED_DEADLINE_S)
         self.ledger.expiring = len(texts)
         self.ledger.gone["deadline"] += len(texts)
         self.ledger.admitted_gone.extend(source_tokens(t) for t in texts)
@@ -397,7 +412,7 @@ def server(request: pytest.FixtureRequest) -> Iterator[ServerThread]:
 
 def test_every_series_agrees_with_the_calls_made(server: ServerThread) -> None:
     """Greedy calls first (every sum exact), then every RPC ended every way, on 2 instances."""
-    client = Client(lambda: grpc.insecure_channel(server.target))
+    client = Client(lambda: grpc.insecure_channel(server.target), lambda: paced_steps(server.running.engine))
     port = server.running.metrics_port
     assert port is not None
     check_warm_up(scrape(port), processes=1)
@@ -407,9 +422,11 @@ def test_every_series_agrees_with_the_calls_made(server: ServerThread) -> None:
 
 @pytest.mark.parametrize("mode", MODES)
 def test_calls_refused_expired_and_cancelled_in_the_queue(mode: str) -> None:
-    """One instance full with a long call (about a second), and calls waiting behind it: one that
-    its client cancels, one refused (the queue is full; the texts it had queued leave) and one that
-    expires. Each leaves the queue at once, while the long call decodes, in either mode."""
+    """One instance full with a long call, and calls waiting behind it: one refused (the queue is
+    full; the texts it had queued leave), one that its client cancels and one that expires. Each
+    leaves the queue at once, while the long call decodes, in either mode. The long call's steps are
+    paced until the checks are done: it is still decoding however slowly this runs, and the queue is
+    swept between its steps."""
     config = loopback_config(mode=mode, instances=1, max_queue_size=8)
     with ServerThread(config) as server, grpc.insecure_channel(server.target) as channel:
         stub, port = pb_grpc.TranslatorStub(channel), server.running.metrics_port
@@ -418,31 +435,34 @@ def test_calls_refused_expired_and_cancelled_in_the_queue(mode: str) -> None:
         ledger = client.ledger
 
         def queue_depth_becomes(n: int) -> bool:
-            return wait_until(lambda: scrape(port)["translator_queue_depth", frozenset()] == n, timeout=0.15)
+            return wait_until(lambda: scrape(port)["translator_queue_depth", frozenset()] == n)
 
         before = scrape(port)
         long = timed(LONG)
-        decoding = stub.Translate.future(pb.TranslateRequest(texts=(TEXTS * 3)[:8], options=long), timeout=60)
-        assert wait_until(lambda: server.running.scheduler.stats().in_flight == 8)  # 8 × 8 beams: all rows
-        one = pb.TranslateRequest(texts=TEXTS[:1])
-        expiring = stub.Translate.future(one, timeout=0.5)
-        abandoned = stub.Translate.future(one, timeout=60)
-        assert wait_until(lambda: scrape(port)["translator_queue_depth", frozenset()] == 2)
+        with paced_steps(server.running.engine):
+            request = pb.TranslateRequest(texts=(TEXTS * 3)[:8], options=long)
+            decoding = stub.Translate.future(request, timeout=60)  # 8 × 8 beams: all the rows
+            assert wait_until(lambda: server.running.scheduler.stats().in_flight == 8)
+            one = pb.TranslateRequest(texts=TEXTS[:1])
+            abandoned = stub.Translate.future(one, timeout=60)
+            assert queue_depth_becomes(1)
 
-        assert abandoned.cancel()
-        ledger.calls["Translate", "CANCELLED"] += 1
-        ledger.gone["cancelled"] += 1
-        assert queue_depth_becomes(1)
-        client.translate((TEXTS * 3)[:8], code=grpc.StatusCode.RESOURCE_EXHAUSTED)  # 7 queued, 1 refused
-        ledger.rejected["queue_full"] += 1
-        ledger.gone["cancelled"] += 7  # they leave the queue rather than wait to decode for nobody
-        assert queue_depth_becomes(1)
-        assert expiring.exception(timeout=10).code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[union-attr]
-        ledger.calls["Translate", "DEADLINE_EXCEEDED"] += 1
-        ledger.gone["deadline"] += 1
-        ledger.expiring = 1
-        assert queue_depth_becomes(0)
-        assert not decoding.done()  # all of it while the long call decoded
+            client.translate((TEXTS * 3)[:8], code=grpc.StatusCode.RESOURCE_EXHAUSTED)  # 7 queued, 1 refused
+            ledger.rejected["queue_full"] += 1
+            ledger.gone["cancelled"] += 7  # they leave the queue rather than wait to decode for nobody
+            assert queue_depth_becomes(1)
+            assert abandoned.cancel()
+            ledger.calls["Translate", "CANCELLED"] += 1
+            ledger.gone["cancelled"] += 1
+            assert queue_depth_becomes(0)
+            expiring = stub.Translate.future(one, timeout=PACED_DEADLINE_S)
+            assert queue_depth_becomes(1)
+            assert expiring.exception(timeout=30).code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[union-attr]
+            ledger.calls["Translate", "DEADLINE_EXCEEDED"] += 1
+            ledger.gone["deadline"] += 1
+            ledger.expiring = 1
+            assert queue_depth_becomes(0)
+            assert not decoding.done()  # all of it while the long call decoded
         client.record(decoding.result(), long)
         ledger.calls["Translate", "OK"] += 1
 
@@ -537,12 +557,12 @@ def test_a_call_cancelled_before_its_deadline_is_cancelled_though_looked_at_afte
     with ServerThread(loopback_config(mode=mode, instances=1)) as server:
         engine, port = server.running.engine, server.running.metrics_port
         assert port is not None
-        step, hold = engine.step, threading.Event()
+        step, held_up, release = engine.step, threading.Event(), threading.Event()
 
         def held(*args: Any) -> Any:
-            if hold.is_set():
-                hold.clear()
-                time.sleep(0.6)  # past the call's deadline
+            if not held_up.is_set():  # the call's first step (its row has joined the batch)
+                held_up.set()
+                release.wait(30)
             return step(*args)
 
         monkeypatch.setattr(engine, "step", held)
@@ -551,11 +571,15 @@ def test_a_call_cancelled_before_its_deadline_is_cancelled_though_looked_at_afte
         before = scrape(port)
         with grpc.insecure_channel(server.target) as channel:
             request = pb.TranslateRequest(texts=TEXTS[:1], options=LONG)
-            call = pb_grpc.TranslatorStub(channel).Translate.future(request, timeout=0.4)
-            assert wait_until(lambda: server.running.scheduler.stats().in_flight == 1)
-            hold.set()
-            time.sleep(0.05)  # the decode thread is in the held step
-            assert call.cancel()
+            call = pb_grpc.TranslatorStub(channel).Translate.future(request, timeout=PACED_DEADLINE_S)
+            try:
+                assert held_up.wait(30)  # the decode thread is in the held step
+                # The server's deadline: the call's arrival, before now, plus at most its timeout.
+                past_deadline = time.monotonic() + PACED_DEADLINE_S + 0.05
+                assert call.cancel()
+                time.sleep(max(0.0, past_deadline - time.monotonic()))
+            finally:
+                release.set()
         ledger.calls["Translate", "CANCELLED"] += 1
         ledger.gone["cancelled"] += 1
         ledger.admitted_gone.append(source_tokens(TEXTS[0]))

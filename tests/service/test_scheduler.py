@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import hashlib
+import threading
 import time
 import weakref
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -60,6 +62,48 @@ def fake_log_probs(source: Sequence[int], prefix: Sequence[int]) -> np.ndarray:
     return (logits - np.log(np.exp(logits).sum())).astype(np.float32)
 
 
+class StepHold:
+    """Holds an engine's decoder steps for a test: after `after(n)`, each decode thread's steps past
+    its first n wait until the limit is raised or `release()`d. What is in flight stays in flight and
+    the queue stays as it is (the decode thread is in the held step) while the test looks at them
+    or adds to them, however slowly the machine runs the test: no wall-clock window to hit."""
+
+    TIMEOUT_S = 30.0  # a step held longer fails (StepFailedError): the test never let it go
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._limit: int | None = None
+        self._taken: Counter[str] = Counter()  # steps begun, by decode thread
+
+    def after(self, steps: int | None) -> None:
+        with self._changed:
+            self._limit = steps
+            self._changed.notify_all()
+
+    def release(self) -> None:
+        self.after(None)
+
+    def wait_turn(self) -> None:
+        """The decode thread's side, at the start of each step."""
+        thread = threading.current_thread().name
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._free(thread), timeout=self.TIMEOUT_S):
+                raise RuntimeError(f"a decoder step held for {self.TIMEOUT_S:.0f} s")
+            self._taken[thread] += 1
+
+    def _free(self, thread: str) -> bool:
+        return self._limit is None or self._taken[thread] < self._limit
+
+    def wrap(self, step: Callable[..., Any]) -> Callable[..., Any]:
+        """`step` (a real engine's), held as this says."""
+
+        def held(*args: Any, **kwargs: Any) -> Any:
+            self.wait_turn()
+            return step(*args, **kwargs)
+
+        return held
+
+
 @dataclass(frozen=True)
 class _Dims:
     bos_id: int = BOS
@@ -78,6 +122,7 @@ class FakeEngine:
         self.step_delay = step_delay
         self.fail_next_steps = 0  # the next this many steps raise
         self.steps: list[tuple[str, int]] = []  # (model, rows) of each step
+        self.hold = StepHold()
 
     def encode(self, model: str | None, sources: Sequence[Sequence[int]]) -> KV:
         width = max(len(s) for s in sources)
@@ -93,6 +138,7 @@ class FakeEngine:
     def step(self, model: str | None, tokens: np.ndarray, cache: KVCache) -> np.ndarray:
         """What the decoder-step graph does with the cache, over fake_log_probs: each row's past
         slots hold its earlier tokens, its cross slots its source."""
+        self.hold.wait_turn()
         self.steps.append((str(model), len(tokens)))
         if self.step_delay:
             time.sleep(self.step_delay)
@@ -204,11 +250,13 @@ async def _collect(handle: Handle) -> list[int]:
 def test_fake_rows_join_the_running_batch_in_continuous_mode() -> None:
     async def main() -> None:
         engine = FakeEngine(step_delay=0.002)
+        engine.hold.after(2)  # the first (6 tokens) still decodes when the second comes
         scheduler = Scheduler(engine, config())
         scheduler.start()
         first = scheduler.submit(Request("fake", (9, 8, 7, 6, 5, 4, 3, 2), options(max_out=30)))
         await wait_for_steps(scheduler, 2)
         second = scheduler.submit(Request("fake", (4, 2), options(max_out=30)))
+        engine.hold.release()
         await asyncio.gather(first.result(), second.result())
         assert 2 in [rows for _, rows in engine.steps], "the second request never shared a step"
         scheduler.stop()
@@ -225,11 +273,13 @@ def test_a_newcomer_joins_after_at_most_max_admit_delay_steps() -> None:
         engine = FakeEngine(step_delay=0.01)
         # admit_ratio 2: one waiting row never outweighs the running one; only the delay lets it in
         scheduler = Scheduler(engine, config(admit_ratio=2.0, max_admit_delay_steps=6))
+        engine.hold.after(2)  # the first (12 steps) still decodes when the second comes
         scheduler.start()
         first = scheduler.submit(Request("fake", (ENDLESS, 2), options(max_out=12)))
         await wait_for_steps(scheduler, 2)
         second = scheduler.submit(Request("fake", (4, 2), options(max_out=12)))
         late = scheduler.stats().steps + 1  # steps begun by the time it was queued (a slow machine)
+        engine.hold.release()
         await asyncio.gather(first.result(), second.result())
         # the first was admitted before step 0, so the next admission comes before step 6, not sooner
         assert 6 <= _first_step_with(engine, 2) <= max(6, late), engine.steps
@@ -242,13 +292,17 @@ def test_newcomers_join_together_once_they_reach_admit_ratio() -> None:
     async def main() -> None:
         engine = FakeEngine(step_delay=0.01)
         scheduler = Scheduler(engine, config(admit_ratio=0.5, max_admit_delay_steps=1000))
+        engine.hold.after(2)  # the running four (40 steps) still decode when both late ones come
         scheduler.start()
         running = [scheduler.submit(Request("fake", (ENDLESS, i, 2), options(max_out=40))) for i in range(4)]
         await wait_for_steps(scheduler, 2)
         late = [scheduler.submit(Request("fake", (4, 2), options(max_out=40)))]
-        await wait_for_steps(scheduler, scheduler.stats().steps + 3)
+        steps = scheduler.stats().steps + 3
+        engine.hold.after(steps)
+        await wait_for_steps(scheduler, steps)
         assert max(r for _, r in engine.steps) == 4, "one waiting row (< 0.5 × 4 running) joined alone"
         late.append(scheduler.submit(Request("fake", (5, 2), options(max_out=40))))
+        engine.hold.release()
         await asyncio.gather(*(h.result() for h in running + late))
         assert 5 not in [r for _, r in engine.steps[: _first_step_with(engine, 6)]], engine.steps
         scheduler.stop()
@@ -292,12 +346,14 @@ def test_a_request_that_can_never_fit_is_refused_at_submit() -> None:
 def test_cancel_mid_decode_frees_the_rows() -> None:
     async def main() -> None:
         engine = FakeEngine(step_delay=0.003)
+        engine.hold.after(2)  # the victim still decodes when cancelled
         scheduler = Scheduler(engine, config())
         scheduler.start()
         victim = scheduler.submit(Request("fake", (3, 2), options(beam=2, max_out=200), stream=True))
         other = scheduler.submit(Request("fake", (5, 9, 11, 2), options()))
         await wait_for_steps(scheduler, 2)
         victim.cancel()
+        engine.hold.release()
         with pytest.raises(RequestCancelledError):
             await victim.result()
         assert _collect_done(victim)
@@ -339,7 +395,7 @@ def test_a_finished_request_is_freed_without_the_cyclic_garbage_collector(mode: 
         del handles, handle
         # The decode thread may still hold the last step's retired list for a moment after the
         # outcomes reached us; with the collector off, a cycle would keep them for good.
-        deadline = time.monotonic() + 2.0
+        deadline = time.monotonic() + 10.0
         while any(r() is not None for r in refs) and time.monotonic() < deadline:
             await asyncio.sleep(0.001)
         assert [r() for r in refs] == [None, None]
@@ -375,9 +431,9 @@ def test_a_failed_step_fails_only_its_requests_and_the_loop_goes_on() -> None:
     async def main() -> None:
         engine = FakeEngine(names=("a", "b"), step_delay=0.002)
         scheduler = Scheduler(engine, config())
-        scheduler.start()
         engine.fail_next_steps = 1
         doomed = [scheduler.submit(Request("a", tuple(s), options())) for s in FAKE_SOURCES[:3]]
+        scheduler.start()  # after the three are queued: its first step has them all, and fails
         outcomes = [await outcome(h) for h in doomed]
         assert all(isinstance(o, StepFailedError) for o in outcomes), outcomes
         later = scheduler.submit(Request("a", tuple(FAKE_SOURCES[3]), options(beam=2)))
@@ -460,7 +516,8 @@ def test_stop_fails_what_is_left_with_scheduler_closed() -> None:
     async def main() -> None:
         scheduler = Scheduler(FakeEngine(step_delay=0.002), config())
         scheduler.start()
-        handle = scheduler.submit(Request("fake", (3, 2), options(beam=2, max_out=200)))
+        # endless, and its length limit 20 s away: it is still decoding when stopped
+        handle = scheduler.submit(Request("fake", (3, 2), options(beam=2, max_out=10_000)))
         await wait_for_steps(scheduler, 1)
         scheduler.stop()
         with pytest.raises(SchedulerClosedError):
@@ -583,7 +640,7 @@ MIXED_SENTENCES = [  # the first 24 of the test split: 5 to 16 words
 
 @pytest.mark.parametrize("kv_cache", ["host", "device"])
 def test_real_engine_mixed_beams_and_cancellations_share_steps_as_if_alone(
-    kv_cache: str, request: pytest.FixtureRequest
+    kv_cache: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Greedy and beam requests of many lengths join a running batch every few steps while others
     finish or are cancelled: rows leave, branch and move in the cache, its capacity grows and
@@ -603,6 +660,11 @@ def test_real_engine_mixed_beams_and_cancellations_share_steps_as_if_alone(
     cancelled = set(sorted(range(len(sources) - 2), key=lambda i: -len(sources[i]))[:2])
     want = [translate_ids(graphs, [s], beam_size=b, n_best=b)[0] for s, b in zip(sources, beams, strict=True)]
 
+    # Exactly 1 to 3 steps between arrivals, however slowly this runs: the decode thread waits in
+    # the next step while a request arrives, so a cancelled one cannot have finished meanwhile.
+    hold = StepHold()
+    monkeypatch.setattr(engine, "step", hold.wrap(engine.step))
+
     async def main() -> None:
         scheduler = Scheduler(engine, config(mode="continuous", max_sequences=24))
         scheduler.start()
@@ -612,7 +674,10 @@ def test_real_engine_mixed_beams_and_cancellations_share_steps_as_if_alone(
             handles.append(scheduler.submit(Request(info.name, tuple(source), state.options)))
             if i - 2 in cancelled:  # two arrivals later: decoding by then, not finished
                 handles[i - 2].cancel()
-            await wait_for_steps(scheduler, scheduler.stats().steps + 1 + i % 3)
+            steps = scheduler.stats().steps + 1 + i % 3
+            hold.after(steps)
+            await wait_for_steps(scheduler, steps)
+        hold.release()
         for i, (handle, hyps) in enumerate(zip(handles, want, strict=True)):
             if i in cancelled:
                 with pytest.raises(RequestCancelledError):
@@ -631,7 +696,9 @@ def test_the_decode_loop_does_not_block_the_event_loop(engine: Any) -> None:
 
     info = engine.model()
     tokenizer = Tokenizer.from_file(MODEL_DIR / "tokenizer.json")
-    sources = [tokenizer.encode_source(text, 128) for text in SENTENCES]
+    # About 0.4 s of decoding on 2 idle cores (30 beams of 4): long enough that the event loop's
+    # thread losing its core for a while on a busy machine (tens of ms) is not a quarter of it.
+    sources = [tokenizer.encode_source(text, 128) for text in SENTENCES * 5]
 
     async def main() -> None:
         metrics = Metrics(CollectorRegistry())

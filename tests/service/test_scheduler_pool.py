@@ -76,9 +76,9 @@ def test_requests_spread_over_the_instances_and_decode_as_if_alone() -> None:
 def test_gauges_are_the_sum_over_the_instances() -> None:
     async def main() -> None:
         registry = CollectorRegistry()
-        pool = SchedulerPool(
-            FakeEngine(step_delay=0.002), config(instances=2, max_kv_cache_tokens=1000), Metrics(registry)
-        )
+        engine = FakeEngine(step_delay=0.002)
+        engine.hold.after(2)  # each instance's request still decodes while the gauges are read
+        pool = SchedulerPool(engine, config(instances=2, max_kv_cache_tokens=1000), Metrics(registry))
         assert registry.get_sample_value("translator_kv_cache_capacity_tokens") == 1000
         pool.start()
         # two endless requests: the least loaded instance takes each, so one per instance
@@ -90,6 +90,7 @@ def test_gauges_are_the_sum_over_the_instances() -> None:
         assert pool.stats().in_flight == 2
         for handle in handles:
             handle.cancel()
+        engine.hold.release()
         await asyncio.gather(*(h.result() for h in handles), return_exceptions=True)
         assert await pool.drain(5)
         pool.stop()
@@ -100,9 +101,10 @@ def test_gauges_are_the_sum_over_the_instances() -> None:
 def test_refusals_name_the_process_limits() -> None:
     async def main() -> None:
         # each instance: 1 row, 1 waiting request, 20 KV-cache slots
+        engine = FakeEngine(step_delay=0.002)
+        engine.hold.after(1)  # the running ones (15 steps) still decode, the waiting ones still wait
         pool = SchedulerPool(
-            FakeEngine(step_delay=0.002),
-            config(instances=2, max_sequences=2, max_queue_size=2, max_kv_cache_tokens=40),
+            engine, config(instances=2, max_sequences=2, max_queue_size=2, max_kv_cache_tokens=40)
         )
         pool.start()
         running = [pool.submit(Request("fake", (ENDLESS, i, 2), options(max_out=15))) for i in range(2)]
@@ -115,6 +117,7 @@ def test_refusals_name_the_process_limits() -> None:
             pool.submit(Request("fake", (4, 2), options(max_out=30)))  # 30 slots > 20 per instance
         for handle in running + waiting:
             handle.cancel()
+        engine.hold.release()
         await asyncio.gather(*(h.result() for h in running + waiting), return_exceptions=True)
         pool.stop()
 

@@ -38,7 +38,7 @@ from service.reference_decoder import translate_texts
 from service.responses import text_delta
 from service.server import setup_logging
 from service.tokenizer import Tokenizer
-from tests.service.server_fixture import ServerThread, loopback_config, wait_until
+from tests.service.server_fixture import ServerThread, loopback_config, paced_steps, wait_until
 
 SERVICE = "translator.v1.Translator"
 TEXTS = ["I love cats.", "The old man gives the red book to the child.", "We see a small dog."]
@@ -256,7 +256,8 @@ def test_max_connection_age_closes_connections_and_calls_go_on(engine: Engine) -
         stub = pb_grpc.TranslatorStub(channel)
         for _ in range(3):
             assert stub.Translate(pb.TranslateRequest(texts=TEXTS[:1]), timeout=30).translations[0].text
-            time.sleep(0.6)
+            # the GOAWAY at the connection's age takes the channel out of READY (until the next call)
+            assert wait_until(lambda: states[-1:] != [grpc.ChannelConnectivity.READY]), states
         # each GOAWAY takes the channel out of READY; it reconnects for the next call
         assert states.count(grpc.ChannelConnectivity.READY) >= 2, states
 
@@ -377,7 +378,11 @@ def test_a_full_queue_is_resource_exhausted_and_the_texts_queued_first_are_cance
     # one row decoding at a time, two waiting: a long text decodes, another waits, one place is left
     config = loopback_config(instances=1, max_sequences=1, max_queue_size=2)
     long = pb.TranslateOptions(stopping=pb.StoppingCriteria(max_output_tokens=128, min_output_tokens=127))
-    with ServerThread(config, engine) as small, grpc.insecure_channel(small.target) as ch:
+    with (
+        ServerThread(config, engine) as small,
+        grpc.insecure_channel(small.target) as ch,
+        paced_steps(engine),  # the long text still decodes, however slowly this runs, until cancelled
+    ):
         stub = pb_grpc.TranslatorStub(ch)
         scheduler, registry = small.running.scheduler, small.running.metrics.registry
         decoding = stub.Translate.future(pb.TranslateRequest(texts=TEXTS[:1], options=long), timeout=60)
@@ -590,14 +595,21 @@ def test_sigterm_drains_in_flight_calls_and_exits_zero() -> None:
     )
     try:
         assert process.stderr is not None
-        port = None
+        port = metrics_port = None
         deadline = time.monotonic() + 60
         while port is None and time.monotonic() < deadline:
             line = process.stderr.readline()
             assert line, "the server exited before listening"
-            match = re.search(r" port=(\d+)", line)
-            port = int(match.group(1)) if match else None
+            match = re.search(r" port=(\d+) metrics_port=(\d+)", line)
+            port, metrics_port = (int(match.group(1)), int(match.group(2))) if match else (None, None)
         assert port is not None
+
+        def decoding() -> bool:
+            url = f"http://127.0.0.1:{metrics_port}/metrics"
+            text = urllib.request.urlopen(url, timeout=10).read().decode()
+            match = re.search(r"^translator_sequences_in_flight (\S+)$", text, re.MULTILINE)
+            return match is not None and float(match.group(1)) > 0
+
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.TranslatorStub(channel)
             long = pb.TranslateOptions(
@@ -608,9 +620,17 @@ def test_sigterm_drains_in_flight_calls_and_exits_zero() -> None:
             long.beam.beam_size = 4
             many = TEXTS * 16
             in_flight = stub.Translate.future(pb.TranslateRequest(texts=many, options=long), timeout=60)
-            time.sleep(0.3)  # accepted and decoding
+            assert wait_until(decoding)  # accepted (every text submitted at once) and decoding
             process.send_signal(signal.SIGTERM)
-            time.sleep(0.2)
+
+            def draining() -> bool:
+                try:
+                    stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+                except grpc.RpcError as err:
+                    return err.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in err.details()  # type: ignore[attr-defined]
+                return False
+
+            assert wait_until(draining)  # it has taken the signal
 
             # every new call, decoding or not, is refused while the calls in flight finish
             attend = pb.AttendRequest(source=TEXTS[0], target="J'aime les chats.")
@@ -637,13 +657,11 @@ def test_a_cancelled_stream_leaves_the_batch(server: ServerThread, stub: pb_grpc
     cancelled = {"reason": "cancelled"}
     cancelled_before = registry.get_sample_value("translator_sequences_finished_total", cancelled) or 0.0
     before = server.running.scheduler.stats().outcomes
-    stream = stub.TranslateStream(request, timeout=30)
-    next(stream)  # decoding has started
-    stream.cancel()
-
-    deadline = time.monotonic() + 10
-    while server.running.scheduler.stats().outcomes == before and time.monotonic() < deadline:
-        time.sleep(0.01)
+    with paced_steps(server.running.engine):  # 120 steps: still decoding when the cancel arrives
+        stream = stub.TranslateStream(request, timeout=30)
+        next(stream)  # decoding has started
+        stream.cancel()
+        assert wait_until(lambda: server.running.scheduler.stats().outcomes != before)
     stats = server.running.scheduler.stats()
     assert stats.outcomes == before + 1 and stats.in_flight == 0
     assert registry.get_sample_value("translator_sequences_finished_total", cancelled) == cancelled_before + 1
