@@ -73,7 +73,7 @@ def decoded(request: M | UndecodableRequest) -> M:
 
 @dataclass(frozen=True)
 class SchedulerShare:
-    """What one scheduler instance holds (service/scheduler_pool.py): its share of the server's
+    """What one scheduler instance holds (service/scheduler/pool.py): its share of the server's
     --max-sequences and --max-kv-cache-tokens, and the queue of the process. A request decodes on
     one instance and must fit it empty, and every text of a call waits in the queue before it
     decodes, so these bound a request as surely as the model's limits do. A request beyond them is

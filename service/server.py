@@ -31,7 +31,7 @@ from service.config import Config, ServerConfig, resolve_parallelism, usable_cor
 from service.engine import CUDA, Engine, ModelInfo, choose_device
 from service.metrics import Metrics, MetricsServer, ServedModel, register_process_metrics, serve_metrics
 from service.requests import request_decoder
-from service.scheduler_pool import SchedulerPool
+from service.scheduler.pool import SchedulerPool
 from service.servicer import TranslatorServicer
 
 log = logging.getLogger(__name__)

@@ -53,7 +53,7 @@ from service.scheduler import (
     RequestTooLargeError,
     SchedulerClosedError,
 )
-from service.scheduler_pool import SchedulerPool
+from service.scheduler.pool import SchedulerPool
 from service.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ This process is the supervisor. It
   about than a server quietly running on fewer workers.
 
 The workers split the cores and the scheduler limits evenly (config.resolve_parallelism,
-scheduler_pool.instance_config). Each worker loads its own copy of the model. Health is each
+scheduler.pool.instance_config). Each worker loads its own copy of the model. Health is each
 worker's own: a client asking reaches the worker its connection landed on.
 """
 

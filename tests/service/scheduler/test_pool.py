@@ -11,8 +11,8 @@ from prometheus_client import CollectorRegistry
 from service.config import SchedulerConfig
 from service.metrics import Metrics
 from service.scheduler import Handle, QueueFullError, Request, RequestTooLargeError
-from service.scheduler_pool import SchedulerPool, instance_config
-from tests.service.test_scheduler import (
+from service.scheduler.pool import SchedulerPool, instance_config
+from tests.service.scheduler.test_scheduler import (
     ENDLESS,
     FAKE_SOURCES,
     FakeEngine,

@@ -7,8 +7,8 @@ import asyncio
 
 import pytest
 
-from service.scheduler_handle import Handle, Outbox
-from service.scheduler_types import RequestCancelledError
+from service.scheduler.handle import Handle, Outbox
+from service.scheduler.types import RequestCancelledError
 
 
 def test_stream_tokens_come_per_step_or_together_when_the_consumer_fell_behind() -> None:

@@ -22,7 +22,7 @@ import numpy as np
 
 from service.decoding import SearchState, advance_rows, start_search
 from service.kv_cache import BatchCache
-from service.scheduler_types import (
+from service.scheduler.types import (
     DeadlineExceededError,
     FinishReason,
     Generation,

@@ -32,7 +32,7 @@ steps, in the group and in the queue, as in continuous mode.
 The decode thread is the only caller of the engine; onnxruntime releases the GIL, so the event
 loop keeps running. Outcomes and stream tokens cross to the submitter's event loop with
 `loop.call_soon_threadsafe`. No grpc and no onnxruntime here: the servicer maps the errors of
-`service.scheduler_types` to status codes.
+`service.scheduler.types` to status codes.
 """
 
 from __future__ import annotations
@@ -48,45 +48,20 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from service.config import SchedulerConfig
-from service.decoding import Hypothesis
-from service.scheduler_batch import Retired, RunningBatch, Ticket
-from service.scheduler_handle import Handle, Outbox
-from service.scheduler_types import (
-    DeadlineExceededError,
-    FinishReason,
+from service.scheduler.batch import Retired, RunningBatch, Ticket
+from service.scheduler.handle import Handle, Outbox
+from service.scheduler.types import (
     Generation,
     QueueFullError,
     Request,
-    RequestCancelledError,
     RequestTooLargeError,
     SchedulerClosedError,
     SchedulerError,
     StepEngine,
-    StepFailedError,
-    Timings,
 )
 
 if TYPE_CHECKING:  # only the type: service.metrics imports grpc
     from service.metrics import Metrics
-
-__all__ = [
-    "DeadlineExceededError",
-    "FinishReason",
-    "Generation",
-    "Handle",
-    "Hypothesis",
-    "QueueFullError",
-    "Request",
-    "RequestCancelledError",
-    "RequestTooLargeError",
-    "Scheduler",
-    "SchedulerClosedError",
-    "SchedulerError",
-    "SchedulerStats",
-    "StepEngine",
-    "StepFailedError",
-    "Timings",
-]
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +86,7 @@ class Scheduler:
         config: mode, limits, queue size, collect-mode batch and wait.
         metrics: when given, queue, batch, cache, latency and token metrics are recorded.
         clock: monotonic seconds (deadlines are compared with it).
-        instance: its number among the instances of a `service.scheduler_pool.SchedulerPool` (the
+        instance: its number among the instances of a `service.scheduler.pool.SchedulerPool` (the
             gauges it sets are summed over instances).
     """
 

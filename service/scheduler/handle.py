@@ -11,8 +11,8 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
 
-from service.scheduler_batch import Outcome
-from service.scheduler_types import Generation
+from service.scheduler.batch import Outcome
+from service.scheduler.types import Generation
 
 _END = None  # the token stream's end marker
 

@@ -3,7 +3,7 @@
     pool = SchedulerPool(engine, config.scheduler, metrics)   # config.instances schedulers
     pool.start(); handle = pool.submit(request); await pool.drain(timeout); pool.stop()
 
-Each instance is a `service.scheduler.Scheduler` with its own decode thread, queue and running
+Each instance is a `service.scheduler.scheduler.Scheduler` with its own decode thread, queue and running
 batch (Triton's model instances). They share the engine's onnxruntime sessions, which release the
 GIL while they run, so one instance's graph runs overlap the others' Python bookkeeping and graph
 runs: on a 2-core CPU two callers with one intra-op thread each decode faster than one caller with
@@ -25,15 +25,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from service.config import SchedulerConfig
-from service.scheduler import (
-    Handle,
-    QueueFullError,
-    Request,
-    RequestTooLargeError,
-    Scheduler,
-    SchedulerStats,
-    StepEngine,
-)
+from service.scheduler.handle import Handle
+from service.scheduler.scheduler import Scheduler, SchedulerStats
+from service.scheduler.types import QueueFullError, Request, RequestTooLargeError, StepEngine
 
 if TYPE_CHECKING:
     from service.metrics import Metrics
