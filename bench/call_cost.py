@@ -49,7 +49,7 @@ from service.api.translator.v1 import translator_pb2 as pb
 from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
 from service.config import EngineConfig
 from service.engine import Engine
-from service.tokenizer import Tokenizer
+from service.modeldir.tokenizer import Tokenizer
 
 DEFAULT_OUT = Path("docs/call-cost.md")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from bench.report import Cell, Machine, Run, describe_machine, write_report
 from bench.variants import BASELINES, VARIANTS, ForcedLengthDecoders, Variant
 from export.corpus import CorpusConfig, generate_corpus, read_pairs
-from service.tokenizer import Tokenizer
+from service.modeldir.tokenizer import Tokenizer
 
 DEFAULT_MODEL_DIR = Path("models/en-fr-small")
 DEFAULT_CORPUS = Path("data/corpus/test.tsv")

@@ -78,8 +78,8 @@ from service.config import (
     usable_cores,
 )
 from service.engine import Engine
+from service.modeldir.tokenizer import Tokenizer
 from service.server import freeze_startup_objects, start_server
-from service.tokenizer import Tokenizer
 
 DEFAULT_MODEL_DIR = Path("models/en-fr-small")
 DEFAULT_CORPUS = Path("data/corpus/test.tsv")

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from service.engine import Engine
+from service.modeldir.tokenizer import Tokenizer
 from service.reference_decoder import translate_ids
-from service.tokenizer import Tokenizer
 
 KV_BATCH, KV_TOKENS = 64, 64
 

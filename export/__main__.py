@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from export.onnx_directory import export_model_directory
-from service.manifest import MANIFEST_FILE, Languages
+from service.modeldir.manifest import MANIFEST_FILE, Languages
 
 
 def main() -> None:

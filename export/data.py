@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from service.tokenizer import Tokenizer
+from service.modeldir.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)

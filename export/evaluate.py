@@ -20,7 +20,7 @@ from export.corpus import read_pairs
 from export.model import Transformer
 from export.scoring import DECODERS, Scores, cpu_name, score
 from export.translate import translate_texts
-from service.tokenizer import Tokenizer
+from service.modeldir.tokenizer import Tokenizer
 
 SPLITS = ("valid", "test", "heldout")
 SPLIT_TITLES = {"valid": "valid", "test": "test", "heldout": "held-out combinations"}

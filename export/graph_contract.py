@@ -1,5 +1,5 @@
 """The contract of the three graphs (docs/model-directory.md, "Graphs"): their signatures for a
-model config, and random inputs that satisfy them. numpy and service.manifest only, no torch: the
+model config, and random inputs that satisfy them. numpy and service.modeldir.manifest only, no torch: the
 exporter (export.onnx_export) traces and verifies against it, and the variants
 (export.variants, export.variant_checks) are built and checked against it where torch is not
 installed (the Docker images' builder stage).
@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from export.model_config import TransformerConfig
-from service.manifest import GraphSpec, TensorSpec
+from service.modeldir.manifest import GraphSpec, TensorSpec
 
 GRAPH_FILES = {"encoder": "encoder.onnx", "decoder_step": "decoder_step.onnx", "attention": "attention.onnx"}
 

@@ -21,7 +21,7 @@ from export.graph_contract import graph_specs
 from export.model import TransformerConfig
 from export.onnx_export import EXPORTER_KIND, OPSET, export_graph, verify_graph
 from export.onnx_weights import SafetensorsIndex
-from service.manifest import (
+from service.modeldir.manifest import (
     FORMAT_VERSION,
     MANIFEST_FILE,
     ExporterInfo,
@@ -31,7 +31,7 @@ from service.manifest import (
     checksums,
     write_manifest,
 )
-from service.tokenizer import SpecialIds, Tokenizer
+from service.modeldir.tokenizer import SpecialIds, Tokenizer
 
 MODEL_CARD_JSON = "model_card.json"
 DEFAULT_LANGUAGES = Languages(source="en", target="fr")

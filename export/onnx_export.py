@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from export.graph_contract import TRACE_SIZES, VERIFY_SIZES, example_inputs
 from export.model import Attentions, Transformer, causal_mask
 from export.onnx_weights import SafetensorsIndex, link_external_weights
-from service.manifest import GraphSpec, check_graph
+from service.modeldir.manifest import GraphSpec, check_graph
 
 OPSET = 18  # ≥ 17 for LayerNormalization as one op
 EXPORTER_KIND = "torchscript"

@@ -13,7 +13,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
 from export.corpus import read_pairs
-from service.tokenizer import SPECIAL_TOKENS
+from service.modeldir.tokenizer import SPECIAL_TOKENS
 
 
 def _texts(pairs: list[tuple[str, str]]) -> Iterator[str]:

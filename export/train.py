@@ -27,7 +27,7 @@ from export.data import Example, bucketed_batches, collate, encode_pairs
 from export.model import Transformer, TransformerConfig
 from export.tokenizer_training import train_tokenizer
 from export.translate import translate_texts
-from service.tokenizer import Tokenizer
+from service.modeldir.tokenizer import Tokenizer
 
 # The default model: small enough to train on 2 CPU cores in well under 45 minutes and to keep
 # everything committed under models/ within budget (≈2.5 M parameters ≈ 10 MB in fp32).

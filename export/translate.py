@@ -20,7 +20,7 @@ from export.checkpoint import TOKENIZER_FILE, load_model
 from export.data import pad
 from export.generate import beam_search, greedy_decode
 from export.model import Transformer
-from service.tokenizer import InputTooLongError, Tokenizer, translate_in_batches
+from service.modeldir.tokenizer import InputTooLongError, Tokenizer, translate_in_batches
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "en-fr-small"
 

@@ -21,8 +21,8 @@ from export.graph_contract import TRACE_SIZES, VERIFY_SIZES, example_inputs
 from export.model_config import TransformerConfig
 from export.scoring import DECODERS, Scores, cpu_name, score
 from service.graphs import OnnxGraphs
+from service.modeldir.tokenizer import Tokenizer
 from service.reference_decoder import pad_ids, translate_ids, translate_texts
-from service.tokenizer import Tokenizer
 
 MAX_BLEU_DROP = 0.5  # the bar for int8, in BLEU points below fp32, for each decoding
 OPTIMIZED_ATOL = 1e-4  # the optimized graphs against fp32: the exporter's own bar against PyTorch

@@ -50,7 +50,7 @@ from export.variant_checks import (
     require_fp32_parity,
 )
 from service.graphs import OnnxGraphs
-from service.manifest import (
+from service.modeldir.manifest import (
     MANIFEST_FILE,
     GraphSpec,
     Manifest,
@@ -60,7 +60,7 @@ from service.manifest import (
     sha256_file,
     write_manifest,
 )
-from service.tokenizer import Tokenizer
+from service.modeldir.tokenizer import Tokenizer
 
 VARIANTS = ("int8", "fp16", "optimized")  # sub-directory names, in build order
 Split = Sequence[tuple[str, str]]  # (English, French) pairs of the test split

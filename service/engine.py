@@ -37,7 +37,13 @@ from service.config import EngineConfig
 from service.decoding import Hypothesis
 from service.graphs import Attention, ModelDims, OnnxGraphs
 from service.kv_cache import KV, BatchCache
-from service.manifest import MANIFEST_FILE, Languages, Limits, ModelDirectoryError, derived_from_current
+from service.modeldir.manifest import (
+    MANIFEST_FILE,
+    Languages,
+    Limits,
+    ModelDirectoryError,
+    derived_from_current,
+)
 from service.reference_decoder import encode_sources, pad_ids, translate_ids
 
 if TYPE_CHECKING:  # only the type: service.metrics imports grpc, which the engine must not pull in

@@ -20,7 +20,7 @@ import onnxruntime as ort
 
 from service.device_kv_cache import DeviceKVCache, KVEditGraphs
 from service.kv_cache import BatchCache, KVCache, StepInputs
-from service.manifest import Manifest, check_graph, load_manifest
+from service.modeldir.manifest import Manifest, check_graph, load_manifest
 
 _FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -75,7 +75,7 @@ class Attention(NamedTuple):
 class OnnxGraphs:
     """The encoder, decoder-step and attention graphs of one model directory.
 
-    Raises ModelDirectoryError (service.manifest) when the directory or a graph is not what its
+    Raises ModelDirectoryError (service.modeldir.manifest) when the directory or a graph is not what its
     manifest says.
 
     Args:

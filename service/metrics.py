@@ -33,7 +33,7 @@ from prometheus_client import (
     start_http_server,
 )
 
-from service.manifest import GRAPH_NAMES
+from service.modeldir.manifest import GRAPH_NAMES
 
 PREFIX = "translator_"
 
@@ -260,7 +260,7 @@ class Metrics:
     # The engine
 
     def observe_graph_run(self, graph: str, seconds: float) -> None:
-        """Observe one onnxruntime run of `graph` (one of service.manifest.GRAPH_NAMES)."""
+        """Observe one onnxruntime run of `graph` (one of service.modeldir.manifest.GRAPH_NAMES)."""
         _child(self._graph_run_by_graph, graph, "graph").observe(seconds)
 
     def set_model_info(self, served: Sequence[ServedModel], *, build_version: str) -> None:

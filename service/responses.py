@@ -14,9 +14,9 @@ from google.protobuf.message import Message
 
 from service.api.translator.v1 import translator_pb2 as pb
 from service.decoding import Hypothesis, normalized_score
+from service.modeldir.tokenizer import Tokenizer
 from service.requests import InvalidRequestError, TextJob
 from service.scheduler import FinishReason, Generation
-from service.tokenizer import Tokenizer
 
 FINISH_REASONS = {
     FinishReason.END_OF_SEQUENCE: pb.FINISH_REASON_END_OF_SEQUENCE,

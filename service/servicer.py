@@ -26,6 +26,7 @@ from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
 from service.config import Config
 from service.engine import Engine, ModelInfo, ModelNotFoundError
 from service.metrics import Metrics
+from service.modeldir.tokenizer import Tokenizer
 from service.requests import (
     InvalidRequestError,
     RequestLimits,
@@ -54,7 +55,6 @@ from service.scheduler import (
     SchedulerClosedError,
 )
 from service.scheduler.pool import SchedulerPool
-from service.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 _Reply = TypeVar("_Reply", bound=Message)

@@ -10,7 +10,7 @@ import torch
 
 from export.data import Example, bucketed_batches, collate, encode_pairs, pad
 from export.tokenizer_training import train_tokenizer
-from service.tokenizer import Tokenizer
+from service.modeldir.tokenizer import Tokenizer
 
 PAIRS = [
     ("The cat sleeps.", "Le chat dort."),

@@ -14,7 +14,7 @@ from export.evaluate import score
 from export.model import Transformer
 from export.translate import DEFAULT_MODEL_DIR, translate_texts
 from export.variants import VARIANTS
-from service.tokenizer import InputTooLongError, Tokenizer
+from service.modeldir.tokenizer import InputTooLongError, Tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS_BUDGET_BYTES = 24 * 1000 * 1000  # the budget for everything under models/

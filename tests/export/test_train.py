@@ -13,7 +13,7 @@ from export.data import encode_pairs
 from export.model import Transformer
 from export.tokenizer_training import train_tokenizer
 from export.train import DEFAULT_MODEL, TrainConfig, learning_rate, train_model
-from service.tokenizer import Tokenizer
+from service.modeldir.tokenizer import Tokenizer
 
 NOUNS = [("cat", "chat"), ("dog", "chien"), ("car", "voiture"), ("book", "livre"), ("tree", "arbre")]
 ADJECTIVES = [("red", "rouge"), ("black", "noir"), ("small", "petit")]

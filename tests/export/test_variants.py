@@ -24,9 +24,15 @@ from export.model_config import TransformerConfig
 from export.translate import DEFAULT_MODEL_DIR
 from export.variants import VARIANTS, BuildOptions, build_variants, main
 from service.graphs import OnnxGraphs
-from service.manifest import MANIFEST_FILE, ModelDirectoryError, derived_from_current, load_manifest, to_json
+from service.modeldir.manifest import (
+    MANIFEST_FILE,
+    ModelDirectoryError,
+    derived_from_current,
+    load_manifest,
+    to_json,
+)
+from service.modeldir.tokenizer import Tokenizer
 from service.reference_decoder import translate_ids, translate_texts
-from service.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = 12  # test sentences translated by every variant here

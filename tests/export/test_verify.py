@@ -16,7 +16,7 @@ import torch
 
 from export.translate import DEFAULT_MODEL_DIR
 from export.verify import Check, compare_exports, run_checks
-from service.manifest import MANIFEST_FILE, sha256_file
+from service.modeldir.manifest import MANIFEST_FILE, sha256_file
 
 
 @pytest.fixture(scope="module")

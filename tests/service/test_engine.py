@@ -25,8 +25,8 @@ from service.engine import (
     choose_variant,
 )
 from service.graphs import OnnxGraphs
-from service.manifest import MANIFEST_FILE, ModelDirectoryError, load_manifest, write_manifest
 from service.metrics import Metrics
+from service.modeldir.manifest import MANIFEST_FILE, ModelDirectoryError, load_manifest, write_manifest
 from service.reference_decoder import pad_ids, translate_ids
 
 MODEL_DIR = Path("models/en-fr-small")

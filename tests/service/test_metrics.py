@@ -11,7 +11,6 @@ import grpc
 import pytest
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from service.manifest import GRAPH_NAMES
 from service.metrics import (
     EXPECTED_CODES,
     FINISH_REASONS,
@@ -24,6 +23,7 @@ from service.metrics import (
     ServedModel,
     serve_metrics,
 )
+from service.modeldir.manifest import GRAPH_NAMES
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
 # Histograms that do not measure time, and so rightly lack the `_seconds` suffix.

@@ -35,7 +35,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.api.translator.v1 import translator_pb2 as pb
 from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
 from service.metrics import FINISH_REASONS, REJECT_REASONS, RPCS
-from service.tokenizer import Tokenizer
+from service.modeldir.tokenizer import Tokenizer
 from tests.service.server_fixture import ServerThread, loopback_config, paced_steps, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -26,14 +26,14 @@ from service.decoding import (
     Hypothesis,
 )
 from service.graphs import OnnxGraphs
-from service.manifest import ModelDirectoryError
+from service.modeldir.manifest import ModelDirectoryError
+from service.modeldir.tokenizer import InputTooLongError, Tokenizer
 from service.reference_decoder import (
     translate_ids,
     translate_ids_staggered,
     translate_ids_without_cache,
     translate_texts,
 )
-from service.tokenizer import InputTooLongError, Tokenizer
 from tests.export.test_generate import reverse_task_batch
 
 PAD, BOS, EOS = 0, 1, 2

@@ -9,6 +9,7 @@ import pytest
 
 from export.translate import DEFAULT_MODEL_DIR
 from service.api.translator.v1 import translator_pb2 as pb
+from service.modeldir.tokenizer import Tokenizer
 from service.requests import (
     InvalidRequestError,
     RequestLimits,
@@ -18,7 +19,6 @@ from service.requests import (
     request_decoder,
     translate_jobs,
 )
-from service.tokenizer import Tokenizer
 
 LIMITS = RequestLimits(
     max_texts_per_request=4, max_beam_size=8, max_source_tokens=128, max_output_tokens=128, vocab_size=2000

@@ -580,8 +580,8 @@ SENTENCES = [
 @pytest.mark.parametrize("mode", ["continuous", "collect"])
 @pytest.mark.parametrize("beam", [1, 4])
 def test_real_engine_staggered_arrivals_equal_decoding_alone(engine: Any, mode: str, beam: int) -> None:
+    from service.modeldir.tokenizer import Tokenizer
     from service.reference_decoder import start_states, translate_ids
-    from service.tokenizer import Tokenizer
 
     info = engine.model()
     tokenizer = Tokenizer.from_file(MODEL_DIR / "tokenizer.json")
@@ -649,7 +649,7 @@ def test_real_engine_mixed_beams_and_cancellations_share_steps_as_if_alone(
     from service.reference_decoder import start_states, translate_ids
 
     engine = request.getfixturevalue("engine" if kv_cache == "host" else "device_cache_engine")
-    from service.tokenizer import Tokenizer
+    from service.modeldir.tokenizer import Tokenizer
 
     info = engine.model()
     graphs = engine.graphs(info.name)
@@ -691,8 +691,8 @@ def test_real_engine_mixed_beams_and_cancellations_share_steps_as_if_alone(
 
 
 def test_the_decode_loop_does_not_block_the_event_loop(engine: Any) -> None:
+    from service.modeldir.tokenizer import Tokenizer
     from service.reference_decoder import start_states
-    from service.tokenizer import Tokenizer
 
     info = engine.model()
     tokenizer = Tokenizer.from_file(MODEL_DIR / "tokenizer.json")

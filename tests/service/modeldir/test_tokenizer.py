@@ -6,7 +6,7 @@ import pytest
 
 from export.checkpoint import TOKENIZER_FILE
 from export.translate import DEFAULT_MODEL_DIR
-from service.tokenizer import InputTooLongError, Tokenizer
+from service.modeldir.tokenizer import InputTooLongError, Tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal, Protocol, TypeVar, cast, get_args
 
-from service.tokenizer import SpecialIds
+from service.modeldir.tokenizer import SpecialIds
 
 FORMAT_VERSION = 2  # the only manifest format this code reads and writes
 # Format 1: the decoder step took and returned the whole stacked cache (past_k → present_k);

@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 
 from export.onnx_directory import export_model_directory
-from service.manifest import (
+from service.modeldir.manifest import (
     MANIFEST_FILE,
     ModelDirectoryError,
     TensorSpec,
