@@ -48,7 +48,7 @@ from bench.report import describe_machine, machine_table
 from service.api.translator.v1 import translator_pb2 as pb
 from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
 from service.config import EngineConfig
-from service.engine import Engine
+from service.engine.engine import Engine
 from service.modeldir.tokenizer import Tokenizer
 
 DEFAULT_OUT = Path("docs/call-cost.md")

@@ -77,7 +77,7 @@ from service.config import (
     resolve_parallelism,
     usable_cores,
 )
-from service.engine import Engine
+from service.engine.engine import Engine
 from service.modeldir.tokenizer import Tokenizer
 from service.server import freeze_startup_objects, start_server
 

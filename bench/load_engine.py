@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.engine import Engine
+from service.engine.engine import Engine
 from service.modeldir.tokenizer import Tokenizer
 from service.reference_decoder import translate_ids
 

@@ -20,7 +20,7 @@ import onnxruntime as ort
 
 from bench.variants import DESCRIPTIONS, LABELS
 from service.config import usable_cores
-from service.graphs import ModelDims
+from service.engine.graphs import ModelDims
 
 INTERPRETATION_BEGIN = "<!-- interpretation: written by hand, kept when bench.kv_cache rewrites this page -->"
 INTERPRETATION_END = "<!-- end of interpretation -->"

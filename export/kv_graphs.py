@@ -1,9 +1,9 @@
 """The device KV cache's row and slot edits as tiny ONNX graphs: `python -m export.kv_graphs`.
 
 On CUDA the server keeps each batch's KV cache in device memory between decoder steps
-(service/device_kv_cache.py). Its edits must then run on the device too, and onnxruntime is the
+(service/engine/device_kv_cache.py). Its edits must then run on the device too, and onnxruntime is the
 only thing there that can run them (the server depends on neither torch nor CuPy). So they are
-graphs, one file per edit and float type, written into service/kv_graphs/ and committed (a few
+graphs, one file per edit and float type, written into service/engine/kv_graphs/ and committed (a few
 hundred bytes each; the server does not depend on the onnx package that builds them). They work on
 the stacked caches, (L, R, H, T, Dh), so that one file serves any model:
 
@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-OUT_DIR = Path(__file__).resolve().parents[1] / "service" / "kv_graphs"
+OUT_DIR = Path(__file__).resolve().parents[1] / "service" / "engine" / "kv_graphs"
 FLOAT_TYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
 EDITS = ("append", "select", "join")
 OPSET = 17

@@ -1,7 +1,7 @@
 """What a variant must show before its manifest is written: translation quality (int8) and
 agreement with the fp32 graphs (fp16, optimized).
 
-Everything runs the graphs through onnxruntime on CPU: `service.graphs.OnnxGraphs` (which verifies
+Everything runs the graphs through onnxruntime on CPU: `service.engine.graphs.OnnxGraphs` (which verifies
 each directory against its manifest) and the reference decoder `service.reference_decoder`.
 """
 
@@ -20,7 +20,7 @@ from export.corpus import CorpusConfig, generate_corpus, read_pairs
 from export.graph_contract import TRACE_SIZES, VERIFY_SIZES, example_inputs
 from export.model_config import TransformerConfig
 from export.scoring import DECODERS, Scores, cpu_name, score
-from service.graphs import OnnxGraphs
+from service.engine.graphs import OnnxGraphs
 from service.modeldir.tokenizer import Tokenizer
 from service.reference_decoder import pad_ids, translate_ids, translate_texts
 

@@ -49,7 +49,7 @@ from export.variant_checks import (
     require_finite,
     require_fp32_parity,
 )
-from service.graphs import OnnxGraphs
+from service.engine.graphs import OnnxGraphs
 from service.modeldir.manifest import (
     MANIFEST_FILE,
     GraphSpec,

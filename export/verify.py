@@ -40,7 +40,7 @@ from export.model import Transformer, padding_mask
 from export.onnx_directory import export_model_directory
 from export.onnx_export import graph_differences
 from export.translate import DEFAULT_MODEL_DIR, default_max_output_tokens
-from service.graphs import OnnxGraphs
+from service.engine.graphs import OnnxGraphs
 from service.modeldir.manifest import MANIFEST_FILE, ModelDirectoryError, load_manifest
 from service.modeldir.tokenizer import Tokenizer
 from service.reference_decoder import translate_ids, translate_ids_staggered

@@ -31,7 +31,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """What the engine loads and how onnxruntime runs it (service/engine.py)."""
+    """What the engine loads and how onnxruntime runs it (service/engine/engine.py)."""
 
     model_dirs: tuple[Path, ...] = (Path("models/en-fr-small"),)  # model directories, each served by its name
     default_model: str | None = None  # the model a request without a name gets; None: the first directory's
@@ -41,7 +41,7 @@ class EngineConfig:
     # instances, on CUDA onnxruntime's default)
     intra_op_threads: int = 0
     # where a batch's KV cache lives between decoder steps: auto is the execution provider's memory
-    # on CUDA (service/device_kv_cache.py, checked against host memory at load) and host memory on CPU
+    # on CUDA (service/engine/device_kv_cache.py, checked against host memory at load) and host memory on CPU
     kv_cache: KVCacheChoice = "auto"
 
 

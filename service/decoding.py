@@ -17,7 +17,7 @@ A sentence's search is a `SearchState` (frozen); `advance` takes the log-probabi
 rows and returns the next state plus, for each new live beam, its parent row and the token it
 feeds next. Rows of many sentences (of different requests) can therefore share one decoder step:
 the caller slices the step's log-probs per sentence and reorders the cache with the parents
-(`service.kv_cache.KVCache.keep`).
+(`service.engine.kv_cache.KVCache.keep`).
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ from typing import Literal, Protocol
 import numpy as np
 
 from service.decoding import Hypothesis, SearchOptions, SearchState, advance_rows, start_search
-from service.graphs import ModelDims, OnnxGraphs
-from service.kv_cache import KV
+from service.engine.graphs import ModelDims, OnnxGraphs
+from service.engine.kv_cache import KV
 from service.modeldir.tokenizer import Tokenizer, translate_in_batches
 
 __all__ = [  # the decoding entry points, and the pieces of the loop for decoders built on it

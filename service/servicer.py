@@ -24,7 +24,7 @@ from google.protobuf.message import Message
 from service.api.translator.v1 import translator_pb2 as pb
 from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
 from service.config import Config
-from service.engine import Engine, ModelInfo, ModelNotFoundError
+from service.engine.engine import Engine, ModelInfo, ModelNotFoundError
 from service.metrics import Metrics
 from service.modeldir.tokenizer import Tokenizer
 from service.requests import (

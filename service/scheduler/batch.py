@@ -5,7 +5,7 @@ beams of its requests, request by request (a request's beams are contiguous and 
 together). An iteration is: `retire` (cancelled / past deadline), `admit` (encode the newcomers
 together and merge them), `step` (one decoder step for every row with each row's own position,
 then `advance` each request's search, reorder the cache by the beams' parents and drop what
-finished). The cache is a `service.kv_cache.KVCache`: rows join and leave it without the others
+finished). The cache is a `service.engine.kv_cache.KVCache`: rows join and leave it without the others
 being copied. Every output equals the sentence decoded alone: rows never see each other (each
 row's own slots, masked beyond its length), which `tests/service/test_scheduler.py` checks
 against the reference.
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.decoding import SearchState, advance_rows, start_search
-from service.kv_cache import BatchCache
+from service.engine.kv_cache import BatchCache
 from service.scheduler.types import (
     DeadlineExceededError,
     FinishReason,

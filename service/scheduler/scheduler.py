@@ -82,7 +82,7 @@ class Scheduler:
     """Queue, batch and decode requests on one thread (see the module docstring).
 
     Args:
-        engine: the step-level engine (`service.engine.Engine`, or a fake in tests).
+        engine: the step-level engine (`service.engine.engine.Engine`, or a fake in tests).
         config: mode, limits, queue size, collect-mode batch and wait.
         metrics: when given, queue, batch, cache, latency and token metrics are recorded.
         clock: monotonic seconds (deadlines are compared with it).

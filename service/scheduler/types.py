@@ -16,7 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from service.decoding import Hypothesis, SearchOptions
-from service.kv_cache import KV, BatchCache
+from service.engine.kv_cache import KV, BatchCache
 
 # --- requests and results ----------------------------------------------------------------------------
 
@@ -109,7 +109,7 @@ class ModelLike(Protocol):
 
 
 class StepEngine(Protocol):
-    """The step-level calls of `service.engine.Engine` that one scheduler iteration makes."""
+    """The step-level calls of `service.engine.engine.Engine` that one scheduler iteration makes."""
 
     @property
     def models(self) -> Mapping[str, ModelLike]: ...

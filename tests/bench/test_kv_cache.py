@@ -18,7 +18,7 @@ from bench.report import (
     write_report,
 )
 from bench.variants import VARIANTS, ForcedLengthDecoders
-from service.graphs import ModelDims, OnnxGraphs
+from service.engine.graphs import ModelDims, OnnxGraphs
 from service.modeldir.tokenizer import Tokenizer
 from service.reference_decoder import translate_ids
 

@@ -30,7 +30,7 @@ from packaging.requirements import Requirement
 
 from requirements import lock
 from service.config import SETTINGS, ServerConfig
-from service.engine import _DEFAULT_VARIANT
+from service.engine.engine import _DEFAULT_VARIANT
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER_DIR = ROOT / "deploy" / "docker"

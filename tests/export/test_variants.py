@@ -23,7 +23,7 @@ from export.graph_contract import graph_specs
 from export.model_config import TransformerConfig
 from export.translate import DEFAULT_MODEL_DIR
 from export.variants import VARIANTS, BuildOptions, build_variants, main
-from service.graphs import OnnxGraphs
+from service.engine.graphs import OnnxGraphs
 from service.modeldir.manifest import (
     MANIFEST_FILE,
     ModelDirectoryError,

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from service.config import Config, SchedulerConfig, ServerConfig
-from service.engine import Engine
+from service.engine.engine import Engine
 from service.server import RunningServer, start_server
 
 

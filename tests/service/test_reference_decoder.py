@@ -25,7 +25,7 @@ from export.onnx_directory import export_model_directory
 from service.decoding import (
     Hypothesis,
 )
-from service.graphs import OnnxGraphs
+from service.engine.graphs import OnnxGraphs
 from service.modeldir.manifest import ModelDirectoryError
 from service.modeldir.tokenizer import InputTooLongError, Tokenizer
 from service.reference_decoder import (

@@ -33,7 +33,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from service.api.translator.v1 import translator_pb2 as pb
 from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
 from service.config import EngineConfig, ServerConfig
-from service.engine import Engine
+from service.engine.engine import Engine
 from service.modeldir.tokenizer import Tokenizer
 from service.reference_decoder import translate_texts
 from service.responses import text_delta

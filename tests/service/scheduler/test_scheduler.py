@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry
 
 from service.config import SchedulerConfig
 from service.decoding import Hypothesis, SearchOptions, start_search
-from service.kv_cache import KV, KVCache
+from service.engine.kv_cache import KV, KVCache
 from service.metrics import Metrics
 from service.reference_decoder import Prefixes, run_search
 from service.scheduler import (
@@ -545,7 +545,7 @@ def engine() -> Any:
     if not (MODEL_DIR / "manifest.json").is_file():
         pytest.skip("models/en-fr-small is not built (make setup)")
     from service.config import EngineConfig
-    from service.engine import Engine
+    from service.engine.engine import Engine
 
     # The variant the server picks on this CPU (int8): what ships is what must decode as if alone.
     return Engine(EngineConfig(model_dirs=(MODEL_DIR,), variant="auto", intra_op_threads=1))
@@ -553,12 +553,12 @@ def engine() -> Any:
 
 @pytest.fixture(scope="module")
 def device_cache_engine() -> Any:
-    """The engine with its KV caches in the provider's memory (service/device_kv_cache.py), which on
+    """The engine with its KV caches in the provider's memory (service/engine/device_kv_cache.py), which on
     this CPU-only machine runs the CUDA path's IOBinding and edit graphs on the CPU provider."""
     if not (MODEL_DIR / "manifest.json").is_file():
         pytest.skip("models/en-fr-small is not built (make setup)")
     from service.config import EngineConfig
-    from service.engine import Engine
+    from service.engine.engine import Engine
 
     engine = Engine(
         EngineConfig(model_dirs=(MODEL_DIR,), variant="fp32", intra_op_threads=1, kv_cache="device")

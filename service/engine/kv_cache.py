@@ -19,7 +19,7 @@ have gone, because every step attends over all of it (masked) and costs in propo
 scheduler's KV budget counts rows × their longest length limit; what is held can exceed that by
 the rounding to a chunk, at most chunk − 1 slots per row.)
 
-Host memory (numpy), for CPU; on CUDA the engine uses service/device_kv_cache.py instead.
+Host memory (numpy), for CPU; on CUDA the engine uses service/engine/device_kv_cache.py instead.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class KV:
 
 class BatchCache(Protocol):
     """What a scheduler does with a batch's cache, wherever it lives: `KVCache` (host memory) or
-    `service.device_kv_cache.DeviceKVCache` (the execution provider's); a decoder step goes
+    `service.engine.device_kv_cache.DeviceKVCache` (the execution provider's); a decoder step goes
     through `OnnxGraphs.step_cache`."""
 
     @property

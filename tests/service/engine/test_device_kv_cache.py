@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from service.config import EngineConfig
-from service.device_kv_cache import DeviceKVCache
-from service.engine import Engine, device_cache_difference
-from service.graphs import OnnxGraphs
-from service.kv_cache import KVCache
+from service.engine.device_kv_cache import DeviceKVCache
+from service.engine.engine import Engine, device_cache_difference
+from service.engine.graphs import OnnxGraphs
+from service.engine.kv_cache import KVCache
 from service.reference_decoder import encode_sources
 
-MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "en-fr-small"
+MODEL_DIR = Path(__file__).resolve().parents[3] / "models" / "en-fr-small"
 
 
 @pytest.fixture(scope="module")

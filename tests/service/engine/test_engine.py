@@ -1,4 +1,4 @@
-"""service.engine on the committed model (models/en-fr-small), CPU: loading, variant and provider
+"""service.engine.engine on the committed model (models/en-fr-small), CPU: loading, variant and provider
 choice, several models by name, and step-level results identical to OnnxGraphs called directly."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from service.config import EngineConfig
-from service.engine import (
+from service.engine.engine import (
     CPU,
     CUDA,
     Engine,
@@ -24,7 +24,7 @@ from service.engine import (
     choose_device,
     choose_variant,
 )
-from service.graphs import OnnxGraphs
+from service.engine.graphs import OnnxGraphs
 from service.metrics import Metrics
 from service.modeldir.manifest import MANIFEST_FILE, ModelDirectoryError, load_manifest, write_manifest
 from service.reference_decoder import pad_ids, translate_ids

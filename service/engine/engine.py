@@ -12,9 +12,9 @@ continuous-batching scheduler drives, one iteration at a time:
     cache.keep(parents)                                  # finished rows leave, beams branch
 
 Rows may have different positions and past lengths: each row's slots are its own and masked
-beyond its length. On CPU the cache (`service.kv_cache.KVCache`) is pre-allocated host memory, a
+beyond its length. On CPU the cache (`service.engine.kv_cache.KVCache`) is pre-allocated host memory, a
 step writes one slot per row, and the arrays pass straight into onnxruntime as views. On CUDA it
-is `service.device_kv_cache.DeviceKVCache`: the caches stay in device memory between steps (bound
+is `service.engine.device_kv_cache.DeviceKVCache`: the caches stay in device memory between steps (bound
 with IOBinding), and its edits run there as small graphs; the engine checks it against the host
 cache on a few steps when it loads a model, and keeps the host one if they disagree (`--kv-cache`).
 No grpc here: the servicer maps this module's errors.
@@ -35,8 +35,8 @@ import onnxruntime as ort
 
 from service.config import EngineConfig
 from service.decoding import Hypothesis
-from service.graphs import Attention, ModelDims, OnnxGraphs
-from service.kv_cache import KV, BatchCache
+from service.engine.graphs import Attention, ModelDims, OnnxGraphs
+from service.engine.kv_cache import KV, BatchCache
 from service.modeldir.manifest import (
     MANIFEST_FILE,
     Languages,

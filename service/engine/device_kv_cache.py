@@ -1,6 +1,6 @@
 """A batch's KV cache in the execution provider's memory (CUDA), edited there between steps.
 
-`KVCache` (service/kv_cache.py) keeps the caches in host memory and writes each step's new slot
+`KVCache` (service/engine/kv_cache.py) keeps the caches in host memory and writes each step's new slot
 in place; on CUDA, onnxruntime would copy every layer's past keys/values to the device at every
 step and the new ones back. `DeviceKVCache` keeps them on the device as onnxruntime values:
 
@@ -10,7 +10,7 @@ step and the new ones back. `DeviceKVCache` keeps them on the device as onnxrunt
   choosing the next tokens on the host) and the small per-row inputs (tokens, positions, masks)
   cross over;
 - the edits between steps — the new slot, rows leaving or branching, rows joining — run on the
-  device as the tiny graphs of service/kv_graphs/ (export/kv_graphs.py), model-independent since
+  device as the tiny graphs of service/engine/kv_graphs/ (export/kv_graphs.py), model-independent since
   they work on the stacked tensors. Each makes a new tensor (onnxruntime has no in-place update):
   one pass over the cache per step, which device memory bandwidth makes small next to the step.
 
@@ -21,7 +21,7 @@ translate. The encoder's cross-attention K/V arrive as host arrays and are uploa
 their rows join.
 
 The engine checks this cache against `KVCache` at warm-up and falls back to host memory if they
-disagree (service/engine.py). On CPU it runs too, through the same IOBinding path with
+disagree (service/engine/engine.py). On CPU it runs too, through the same IOBinding path with
 onnxruntime's CPU allocator — which is how the tests check it — but there it only adds copies.
 """
 
@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from service.kv_cache import KV
+from service.engine.kv_cache import KV
 
 EDITS = ("append", "select", "join")
 # At least one slot column (masked while no row has written it): a tensor with a zero-sized axis may
@@ -80,7 +80,7 @@ class KVEditGraphs:
 
 @functools.cache
 def _graph_bytes(edit: str, float_type: str) -> bytes:
-    return resources.files("service").joinpath("kv_graphs", f"{float_type}_{edit}.onnx").read_bytes()
+    return resources.files("service.engine").joinpath("kv_graphs", f"{float_type}_{edit}.onnx").read_bytes()
 
 
 class DeviceKVCache:

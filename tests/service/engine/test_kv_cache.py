@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.kv_cache import KV, KVCache
+from service.engine.kv_cache import KV, KVCache
 
 L, H, DH = 2, 1, 1
 

@@ -3,7 +3,7 @@
 A thin onnxruntime wrapper: one `InferenceSession` per graph, inputs and outputs named as in
 `docs/model-directory.md`. Loading verifies the directory against its `manifest.json` (checksums)
 and each session against the manifest's signature of its graph. Each call feeds only the inputs
-its session lists. `step_cache` runs a decoder step on the rows of a `service.kv_cache.KVCache`,
+its session lists. `step_cache` runs a decoder step on the rows of a `service.engine.kv_cache.KVCache`,
 which is how every decoder here (engine, reference decoder, benchmarks) steps.
 """
 
@@ -18,8 +18,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import onnxruntime as ort
 
-from service.device_kv_cache import DeviceKVCache, KVEditGraphs
-from service.kv_cache import BatchCache, KVCache, StepInputs
+from service.engine.device_kv_cache import DeviceKVCache, KVEditGraphs
+from service.engine.kv_cache import BatchCache, KVCache, StepInputs
 from service.modeldir.manifest import Manifest, check_graph, load_manifest
 
 _FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -131,7 +131,7 @@ class OnnxGraphs:
         return KVCache(d.decoder_layers, d.heads, d.head_dim, self.float_dtype)
 
     def new_device_cache(self) -> DeviceKVCache:
-        """An empty cache in the decoder-step session's device memory (service/device_kv_cache.py)."""
+        """An empty cache in the decoder-step session's device memory (service/engine/device_kv_cache.py)."""
         d = self.dims
         return DeviceKVCache(self.decoder_step, self._kv_edits, d.decoder_layers, d.heads, d.head_dim)
 
