@@ -30,9 +30,9 @@ from service.api.translator.v1 import translator_pb2 as pb
 from service.config import Config, ServerConfig, resolve_parallelism, usable_cores
 from service.engine.engine import CUDA, Engine, ModelInfo, choose_device
 from service.metrics import Metrics, MetricsServer, ServedModel, register_process_metrics, serve_metrics
-from service.requests import request_decoder
+from service.rpc.requests import request_decoder
+from service.rpc.servicer import TranslatorServicer
 from service.scheduler.pool import SchedulerPool
-from service.servicer import TranslatorServicer
 
 log = logging.getLogger(__name__)
 

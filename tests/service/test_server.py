@@ -36,7 +36,7 @@ from service.config import EngineConfig, ServerConfig
 from service.engine.engine import Engine
 from service.modeldir.tokenizer import Tokenizer
 from service.reference_decoder import translate_texts
-from service.responses import text_delta
+from service.rpc.responses import text_delta
 from service.server import setup_logging
 from tests.service.server_fixture import ServerThread, loopback_config, paced_steps, wait_until
 
@@ -563,7 +563,7 @@ def test_request_bytes_that_do_not_decode_are_invalid_argument_counted_and_logge
     data: bytes,
     fault: str,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="service.servicer")
+    caplog.set_level(logging.INFO, logger="service.rpc.servicer")
     method = f"/{SERVICE}/{rpc}"
     same = {"request_serializer": lambda b: b, "response_deserializer": lambda b: b}
     metadata = (("x-request-id", f"raw-{rpc}-{data.hex()}"),)
@@ -678,7 +678,7 @@ def test_the_request_log_line_carries_the_fields(log_format: str) -> None:
         root.handlers[:] = handlers
         root.setLevel(level)
     fields = {"request_id": "abc", "rpc": "Translate", "status": "OK", "input_tokens": 7}
-    record = logging.LogRecord("service.servicer", logging.INFO, __file__, 1, "Translate OK", None, None)
+    record = logging.LogRecord("service.rpc.servicer", logging.INFO, __file__, 1, "Translate OK", None, None)
     record.fields = fields
     line = handler.format(record)
     if log_format == "json":

@@ -1,6 +1,6 @@
 """The gRPC servicer of `translator.v1.Translator`: proto ⇄ domain, and errors → status codes.
 
-Each RPC validates its request (`service.requests` for Translate/TranslateStream), submits one
+Each RPC validates its request (`service.rpc.requests` for Translate/TranslateStream), submits one
 scheduler `Request` per text with the call's deadline, awaits the outcomes and builds the response.
 `_handled` is the one place where exceptions become gRPC statuses; it also counts every call in
 the metrics and writes one structured log line per call.
@@ -27,7 +27,7 @@ from service.config import Config
 from service.engine.engine import Engine, ModelInfo, ModelNotFoundError
 from service.metrics import Metrics
 from service.modeldir.tokenizer import Tokenizer
-from service.requests import (
+from service.rpc.requests import (
     InvalidRequestError,
     RequestLimits,
     SchedulerShare,
@@ -36,7 +36,7 @@ from service.requests import (
     decoded,
     translate_jobs,
 )
-from service.responses import (
+from service.rpc.responses import (
     Kind,
     alignment,
     attention_matrices,

@@ -1,6 +1,6 @@
 """Response messages of `translator.v1` built from decoding results: pure functions, no I/O.
 
-The servicer (`service/servicer.py`) calls these to turn hypotheses, generations and attention
+The servicer (`service/rpc/servicer.py`) calls these to turn hypotheses, generations and attention
 arrays into proto messages; keeping them apart keeps the servicer to the protocol's flow.
 """
 
@@ -15,7 +15,7 @@ from google.protobuf.message import Message
 from service.api.translator.v1 import translator_pb2 as pb
 from service.decoding import Hypothesis, normalized_score
 from service.modeldir.tokenizer import Tokenizer
-from service.requests import InvalidRequestError, TextJob
+from service.rpc.requests import InvalidRequestError, TextJob
 from service.scheduler import FinishReason, Generation
 
 FINISH_REASONS = {

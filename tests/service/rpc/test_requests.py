@@ -1,4 +1,4 @@
-"""service.requests: every bad input of a Translate request is refused with the limit named."""
+"""service.rpc.requests: every bad input of a Translate request is refused with the limit named."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from export.translate import DEFAULT_MODEL_DIR
 from service.api.translator.v1 import translator_pb2 as pb
 from service.modeldir.tokenizer import Tokenizer
-from service.requests import (
+from service.rpc.requests import (
     InvalidRequestError,
     RequestLimits,
     SchedulerShare,

@@ -1,0 +1,6 @@
+"""The protocol layer: translator.v1 over gRPC, mapped onto the scheduler's domain.
+
+`servicer` implements the RPCs and turns every exception into its status code, `requests`
+validates a call and builds the scheduler's requests (each limit named in its message),
+`responses` builds the replies. Nothing below this layer imports grpc or the generated code.
+"""
