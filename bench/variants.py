@@ -32,11 +32,10 @@ from export.checkpoint import load_model
 from export.graph_contract import TRACE_SIZES, example_inputs
 from export.model import Transformer, causal_mask
 from export.onnx_export import trace_graph
-from service.engine.graphs import Attention, OnnxGraphs, StepOutput
+from service.engine.graphs import Attention, OnnxGraphs, StepOutput, pad_ids
 from service.modeldir.manifest import GraphSpec, TensorSpec
 from service.reference_decoder import (
     Prefixes,
-    pad_ids,
     run_search,
     start_states,
     translate_ids,

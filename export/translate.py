@@ -20,14 +20,10 @@ from export.checkpoint import TOKENIZER_FILE, load_model
 from export.data import pad
 from export.generate import beam_search, greedy_decode
 from export.model import Transformer
+from service.decoding import default_max_output_tokens
 from service.modeldir.tokenizer import InputTooLongError, Tokenizer, translate_in_batches
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "en-fr-small"
-
-
-def default_max_output_tokens(source_tokens: int, max_positions: int) -> int:
-    """A translation rarely needs more than twice the source plus a margin."""
-    return min(max_positions, 2 * source_tokens + 10)
 
 
 def translate_ids(

@@ -20,9 +20,9 @@ from export.corpus import CorpusConfig, generate_corpus, read_pairs
 from export.graph_contract import TRACE_SIZES, VERIFY_SIZES, example_inputs
 from export.model_config import TransformerConfig
 from export.scoring import DECODERS, Scores, cpu_name, score
-from service.engine.graphs import OnnxGraphs
+from service.engine.graphs import OnnxGraphs, pad_ids
 from service.modeldir.tokenizer import Tokenizer
-from service.reference_decoder import pad_ids, translate_ids, translate_texts
+from service.reference_decoder import translate_ids, translate_texts
 
 MAX_BLEU_DROP = 0.5  # the bar for int8, in BLEU points below fp32, for each decoding
 OPTIMIZED_ATOL = 1e-4  # the optimized graphs against fp32: the exporter's own bar against PyTorch

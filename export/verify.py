@@ -39,7 +39,8 @@ from export.graph_contract import VERIFY_SIZES, graph_specs
 from export.model import Transformer, padding_mask
 from export.onnx_directory import export_model_directory
 from export.onnx_export import graph_differences
-from export.translate import DEFAULT_MODEL_DIR, default_max_output_tokens
+from export.translate import DEFAULT_MODEL_DIR
+from service.decoding import default_max_output_tokens
 from service.engine.graphs import OnnxGraphs
 from service.modeldir.manifest import MANIFEST_FILE, ModelDirectoryError, load_manifest
 from service.modeldir.tokenizer import Tokenizer

@@ -435,3 +435,8 @@ def _moved(state: SearchState, parents: Sequence[int]) -> Advance:
         parents = []
     tokens = [b.tokens[-1] for b in state.live]
     return Advance(state, np.asarray(parents, dtype=np.int64), np.asarray(tokens, dtype=np.int64))
+
+
+def default_max_output_tokens(source_tokens: int, max_positions: int) -> int:
+    """A translation rarely needs more than twice the source plus a margin."""
+    return min(max_positions, 2 * source_tokens + 10)

@@ -19,9 +19,15 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from service.decoding import Hypothesis, SearchOptions, SearchState, advance_rows, start_search
-from service.engine.graphs import ModelDims, OnnxGraphs
-from service.engine.kv_cache import KV
+from service.decoding import (
+    Hypothesis,
+    SearchOptions,
+    SearchState,
+    advance_rows,
+    default_max_output_tokens,
+    start_search,
+)
+from service.engine.graphs import ModelDims, OnnxGraphs, encode_sources, pad_ids
 from service.modeldir.tokenizer import Tokenizer, translate_in_batches
 
 __all__ = [  # the decoding entry points, and the pieces of the loop for decoders built on it
@@ -36,11 +42,6 @@ __all__ = [  # the decoding entry points, and the pieces of the loop for decoder
     "translate_ids_staggered",
     "translate_ids_without_cache",
 ]
-
-
-def default_max_output_tokens(source_tokens: int, max_positions: int) -> int:
-    """A translation rarely needs more than twice the source plus a margin (as export/translate.py)."""
-    return min(max_positions, 2 * source_tokens + 10)
 
 
 def translate_ids(
@@ -249,22 +250,6 @@ def _unique_in_order(sentences: np.ndarray) -> list[int]:
 
 
 # --- log-probabilities with and without a cache --------------------------------------------------
-
-
-def pad_ids(sources: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Right-padded ids (B, S) and their mask (B, S)."""
-    width = max(len(s) for s in sources)
-    ids = np.full((len(sources), width), pad_id, dtype=np.int64)
-    for row, source in enumerate(sources):
-        ids[row, : len(source)] = source
-    return ids, ids != pad_id
-
-
-def encode_sources(graphs: OnnxGraphs, sources: Sequence[Sequence[int]]) -> KV:
-    """Cross-attention K/V of the padded sources, one row per sentence, masked by src_mask."""
-    src_ids, src_mask = pad_ids(sources, graphs.dims.pad_id)
-    encoded = graphs.encode(src_ids, src_mask)
-    return KV(encoded.cross_k, encoded.cross_v, src_mask)
 
 
 class _CachedSteps:

@@ -28,14 +28,13 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
 
 from service.config import EngineConfig
-from service.decoding import Hypothesis
-from service.engine.graphs import Attention, ModelDims, OnnxGraphs
+from service.engine.graphs import Attention, ModelDims, OnnxGraphs, encode_sources, pad_ids
 from service.engine.kv_cache import KV, BatchCache
 from service.modeldir.manifest import (
     MANIFEST_FILE,
@@ -44,7 +43,6 @@ from service.modeldir.manifest import (
     ModelDirectoryError,
     derived_from_current,
 )
-from service.reference_decoder import encode_sources, pad_ids, translate_ids
 
 if TYPE_CHECKING:  # only the type: service.metrics imports grpc, which the engine must not pull in
     from service.metrics import Metrics
@@ -271,12 +269,6 @@ class Engine:
     ) -> Attention:
         """Teacher-forced pass for Attend: sources and targets (start token + target ids), unpadded."""
         return self._runner(model).attention(sources, targets)
-
-    def translate_ids(
-        self, model: str | None, sources: Sequence[Sequence[int]], **options: Any
-    ) -> list[list[Hypothesis]]:
-        """Convenience: `service.reference_decoder.translate_ids` on a model (not timed into metrics)."""
-        return translate_ids(self.graphs(model), sources, **options)
 
     def warm_up(self, steps: int = 3) -> None:
         """One short encode and a few decoder steps per model, so that the first request is not slow."""

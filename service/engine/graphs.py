@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -19,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from service.engine.device_kv_cache import DeviceKVCache, KVEditGraphs
-from service.engine.kv_cache import BatchCache, KVCache, StepInputs
+from service.engine.kv_cache import KV, BatchCache, KVCache, StepInputs
 from service.modeldir.manifest import Manifest, check_graph, load_manifest
 
 _FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -247,3 +248,19 @@ def _input_names(session: ort.InferenceSession) -> list[str]:
     if names is None:
         names = _INPUT_NAMES[session] = [i.name for i in session.get_inputs()]
     return names
+
+
+def pad_ids(sources: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded ids (B, S) and their mask (B, S)."""
+    width = max(len(s) for s in sources)
+    ids = np.full((len(sources), width), pad_id, dtype=np.int64)
+    for row, source in enumerate(sources):
+        ids[row, : len(source)] = source
+    return ids, ids != pad_id
+
+
+def encode_sources(graphs: OnnxGraphs, sources: Sequence[Sequence[int]]) -> KV:
+    """Cross-attention K/V of the padded sources, one row per sentence, masked by src_mask."""
+    src_ids, src_mask = pad_ids(sources, graphs.dims.pad_id)
+    encoded = graphs.encode(src_ids, src_mask)
+    return KV(encoded.cross_k, encoded.cross_v, src_mask)

@@ -15,9 +15,8 @@ import numpy as np
 from google.protobuf.message import DecodeError, Message
 
 from service.api.translator.v1 import translator_pb2 as pb
-from service.decoding import Sampling, SearchOptions
+from service.decoding import Sampling, SearchOptions, default_max_output_tokens
 from service.modeldir.tokenizer import InputTooLongError, Tokenizer
-from service.reference_decoder import default_max_output_tokens
 
 DEFAULT_BEAM_SIZE = 4
 LENGTH_PENALTY_RANGE = (0.0, 2.0)

@@ -11,9 +11,8 @@ import pytest
 from service.config import EngineConfig
 from service.engine.device_kv_cache import DeviceKVCache
 from service.engine.engine import Engine, device_cache_difference
-from service.engine.graphs import OnnxGraphs
+from service.engine.graphs import OnnxGraphs, encode_sources
 from service.engine.kv_cache import KVCache
-from service.reference_decoder import encode_sources
 
 MODEL_DIR = Path(__file__).resolve().parents[3] / "models" / "en-fr-small"
 

@@ -24,10 +24,10 @@ from service.engine.engine import (
     choose_device,
     choose_variant,
 )
-from service.engine.graphs import OnnxGraphs
+from service.engine.graphs import OnnxGraphs, pad_ids
 from service.metrics import Metrics
 from service.modeldir.manifest import MANIFEST_FILE, ModelDirectoryError, load_manifest, write_manifest
-from service.reference_decoder import pad_ids, translate_ids
+from service.reference_decoder import translate_ids
 
 MODEL_DIR = Path("models/en-fr-small")
 SOURCES = [[5, 17, 42, 9, 2], [33, 2], [7, 8, 9, 10, 11, 12, 2]]  # unpadded, each ending with </s>
@@ -197,19 +197,19 @@ def test_rows_joining_later_get_their_own_positions(fp32_engine: Engine) -> None
     np.testing.assert_allclose(together[1], alone[0], atol=1e-5)
 
 
-def test_attention_and_translate_ids(fp32_engine: Engine) -> None:
+def test_attention(fp32_engine: Engine) -> None:
     dims = fp32_engine.model().dims
     attention = fp32_engine.attention(None, SOURCES[:2], [[dims.bos_id, 40, 41], [dims.bos_id]])
     assert attention.log_probs.shape == (2, 3, dims.vocab_size)
-    expected = translate_ids(fp32_engine.graphs(), SOURCES, beam_size=2)
-    assert fp32_engine.translate_ids(None, SOURCES, beam_size=2) == expected
 
 
 @needs_int8
 def test_int8_engine_equals_its_graphs() -> None:
     engine = _engine()
     sources = SOURCES[:1]
-    assert engine.translate_ids(None, sources) == translate_ids(OnnxGraphs(MODEL_DIR / "int8"), sources)
+    assert translate_ids(engine.graphs(None), sources) == translate_ids(
+        OnnxGraphs(MODEL_DIR / "int8"), sources
+    )
 
 
 def test_graph_runs_are_observed_and_warm_up_runs_every_graph() -> None:
