@@ -24,7 +24,7 @@ from collections.abc import Sequence
 # the variants (the project's export package, onnx, sacrebleu: the builder's throwaway venv).
 FORBIDDEN_MODULES = ("torch", "grpc_tools", "mypy_protobuf", "onnx", "sacrebleu", "export")
 # The modules the server and the health check import, the generated gRPC code among them.
-REQUIRED_MODULES = ("service.server", "service.cli", "service.api.translator.v1.translator_pb2_grpc")
+REQUIRED_MODULES = ("service.server", "service.client.cli", "service.api.translator.v1.translator_pb2_grpc")
 
 
 def problems(provider: str | None, absent: Sequence[str]) -> list[str]:

@@ -387,7 +387,7 @@ def test_runtime_stage_health_check_speaks_grpc_health(kind: str) -> None:
     assert check is not None
     options, _, command = check.args.partition("CMD ")
     assert command, "HEALTHCHECK CMD …"
-    assert "-m service.cli" in command and re.search(r"\bhealth\b", command)
+    assert "-m service.client" in command and re.search(r"\bhealth\b", command)
     assert "${TRANSLATOR_PORT}" in command or "$TRANSLATOR_PORT" in command  # follows the server's port
     assert "--start-period=" in options  # warm-up is not a failure
 

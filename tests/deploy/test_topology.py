@@ -6,7 +6,7 @@ compose file's) pointed at them, and Prometheus
 with deploy/prometheus/prometheus.yml.template rendered for them (1 s scrapes) and the repository's
 alert rules. The tests then run in order on that one topology (module-scoped: starting it is most of
 the time): traffic reaches every replica through nginx; a replica killed (SIGKILL) or stopped
-(SIGTERM) mid-load loses no request of clients that retry (service/client.py's retry policy);
+(SIGTERM) mid-load loses no request of clients that retry (service/client/client.py's retry policy);
 Prometheus scraped every replica,
 every query of every panel of the Grafana dashboard returns data, and the alert rules are loaded
 and evaluate (the killed replica's TranslatorReplicaDown is pending).

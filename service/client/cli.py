@@ -1,9 +1,9 @@
-"""`python -m service.cli [--address HOST:PORT] {translate,attend,info,health}`: the client on a terminal.
+"""`python -m service.client [--address HOST:PORT] {translate,attend,info,health}`: the client on a terminal.
 
-    python -m service.cli translate "I love cats."            # J'aime les chats.
-    printf 'I love cats.\\n\\nWe see a dog.\\n' | python -m service.cli translate
-    python -m service.cli translate --stream "I love cats."
-    python -m service.cli attend "I love cats." --png cats.png
+    python -m service.client translate "I love cats."            # J'aime les chats.
+    printf 'I love cats.\\n\\nWe see a dog.\\n' | python -m service.client translate
+    python -m service.client translate --stream "I love cats."
+    python -m service.client attend "I love cats." --png cats.png
 
 A blank TEXT (empty or only spaces), given as an argument or as a stdin line, prints an empty line
 and sends nothing, so that output line i is always the translation of input i (one line per text
@@ -21,7 +21,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from service.client import (
+from service.client.client import (
     ATTENTION_KINDS,
     UINT32_MAX,
     UINT64_MAX,
@@ -337,7 +337,7 @@ def cmd_health(client: TranslatorClient, args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m service.cli", description="translator gRPC client")
+    parser = argparse.ArgumentParser(prog="python -m service.client", description="translator gRPC client")
     parser.add_argument("--address", default=DEFAULT_ADDRESS, help="server host:port (%(default)s)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per call (%(default)s)")
     commands = parser.add_subparsers(dest="command", required=True)

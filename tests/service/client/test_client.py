@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.cli import build_parser, display_token
 from service.client import TranslatorClient, TranslatorError, translate_options
+from service.client.cli import build_parser, display_token
 from tests.service.server_fixture import ServerThread, loopback_config
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 CATS = "I love cats."
 TEXTS = [CATS, "The old man gives the red book to the child.", "We see a small dog."]
 
@@ -33,7 +33,7 @@ def client(server: ServerThread) -> Iterator[TranslatorClient]:
 
 
 def cli(server: ServerThread, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "service.cli", "--address", server.target, *args]
+    command = [sys.executable, "-m", "service.client", "--address", server.target, *args]
     env = os.environ | {"PYTHONPATH": str(ROOT)}
     return subprocess.run(command, input=stdin, capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
 
