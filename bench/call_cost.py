@@ -22,28 +22,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 
-from bench.load import (
-    DEFAULT_CORPUS,
-    DEFAULT_MODEL_DIR,
-    load_texts,
-    process_tree_cpu_seconds,
-    reserved_port,
-    stop_process,
-    wait_serving,
-)
+from bench.inputs import DEFAULT_CORPUS, DEFAULT_MODEL_DIR, load_texts
 from bench.load_client import OWN_CONNECTION
+from bench.processes import process_tree_cpu_seconds, serving_process
 from bench.report import describe_machine, machine_table
 from service.api.translator.v1 import translator_pb2 as pb
 from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
@@ -124,22 +114,6 @@ async def closed_loop(
     finally:
         for channel in channels:
             await channel.close()
-
-
-@asynccontextmanager
-async def serving_process(argv: list[str]) -> AsyncIterator[tuple[str, int]]:
-    """Start `argv` (completed with `--port P`) as a subprocess on 127.0.0.1, yield its target and
-    pid once it serves, stop it (SIGTERM) at the end."""
-    with reserved_port() as port:
-        pass  # a free port, released: a lone `python -m service` refuses one another socket holds
-    with tempfile.TemporaryFile() as output:
-        process = subprocess.Popen([*argv, "--port", str(port)], stdout=output, stderr=subprocess.STDOUT)
-        try:
-            target = f"127.0.0.1:{port}"
-            await wait_serving(target, process, output, 120.0)
-            yield target, process.pid
-        finally:
-            stop_process(process, 30.0)
 
 
 async def measure_server(

@@ -26,8 +26,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.call_cost import closed_loop, serving_process
-from bench.load import DEFAULT_MODEL_DIR
+from bench.call_cost import closed_loop
+from bench.inputs import DEFAULT_MODEL_DIR
+from bench.processes import serving_process
 from bench.report import describe_machine, machine_table
 from service.api.translator.v1 import translator_pb2 as pb
 

@@ -6,17 +6,17 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.load import (
+from bench.load_client import Percentiles, PhaseResult
+from bench.processes import READY_CHECKS
+from bench.report import machine_table
+from bench.results import (
     MODE_LABELS,
-    READY_CHECKS,
     BenchResult,
     attainable_ratio,
     best_service,
     mode_label,
     open_loop_p99_ratios,
 )
-from bench.load_client import Percentiles, PhaseResult
-from bench.report import machine_table
 
 
 def write_report(path: Path, result: BenchResult) -> None:

@@ -17,18 +17,13 @@ from typing import Any
 
 import pytest
 
-from bench.load import (
-    BenchResult,
-    GrpcFloor,
-    attainable_ratio,
-    check_targets,
-    main,
-    process_tree_cpu_seconds,
-)
+from bench.load import check_targets, main
 from bench.load_client import Caller, PhaseResult, Sample, closed_loop, open_loop, warm_up
 from bench.load_engine import EngineResult
 from bench.load_report import render
+from bench.processes import process_tree_cpu_seconds
 from bench.report import Machine
+from bench.results import BenchResult, GrpcFloor, attainable_ratio
 from service.api.translator.v1 import translator_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[2]
