@@ -55,7 +55,7 @@ VARIANT_MANIFESTS := $(foreach v,int8 fp16 optimized,$(MODEL_DIR)/$(v)/manifest.
 FP32_FILES := $(addprefix $(MODEL_DIR)/,manifest.json encoder.onnx decoder_step.onnx attention.onnx \
 	model.safetensors tokenizer.json)
 
-$(VARIANT_MANIFESTS) &: $(FP32_FILES) $(wildcard export/variant*.py) $(VENV_DONE)
+$(VARIANT_MANIFESTS) &: $(FP32_FILES) $(wildcard export/variants/*.py) $(VENV_DONE)
 	$(PY) -m export.variants --model-dir $(MODEL_DIR) --sentences 200
 
 variants: $(VENV_DONE)

@@ -1,5 +1,5 @@
 """Translation scores and where they were measured: what the model card (export.evaluate) and the
-variants' quality gate (export.variant_checks) report. sacreBLEU and the standard library only, no
+variants' quality gate (export.variants.checks) report. sacreBLEU and the standard library only, no
 torch: the variants are built where torch is not installed (the Docker images' builder stage).
 
 BLEU and chrF are sacreBLEU's corpus scores (default 13a tokenisation, so figures are comparable

@@ -102,7 +102,7 @@ class Manifest:
     files: Mapping[str, str]  # relative path → sha256 hex of every file this variant needs
     quality: Mapping[str, Any] | None  # the model card's results for this variant, if evaluated
     exporter: ExporterInfo
-    # A derived variant (export/variants.py): the fp32 manifest it came from, the tool and options
+    # A derived variant (export/variants/build.py): the fp32 manifest it came from, the tool and options
     # that made it, and the checks it passed. None for graphs exported from a checkpoint.
     derivation: Mapping[str, Any] | None = None
 

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import pytest
 
-import export.variant_checks as checks
+import export.variants.checks as checks
 from export.corpus import CorpusConfig, generate_corpus
 from export.graph_contract import graph_specs
 from export.model_config import TransformerConfig
@@ -85,7 +85,7 @@ def test_int8_quantizes_the_matmuls(model_dir: Path) -> None:
     assert graphs.manifest.variant == "int8"
     for spec in graphs.manifest.graphs.values():
         ops = _op_types(model_dir / "int8" / spec.file)
-        # every activation row quantized on its own (export.variant_graphs.quantize_rows_apart)
+        # every activation row quantized on its own (export.variants.graphs.quantize_rows_apart)
         assert "MatMulInteger" in ops and "DynamicQuantizeLinear" not in ops, spec.file
 
 
@@ -298,7 +298,7 @@ def _python_without_torch(code: str, *args: str) -> subprocess.CompletedProcess[
 
 def test_the_variant_modules_import_without_torch() -> None:
     code = (
-        "import export.variants, export.variant_checks, export.variant_graphs\n"
+        "import export.variants, export.variants.checks, export.variants.graphs\n"
         "loaded = sorted(m for m, v in sys.modules.items() if v is not None and m.split('.')[0] == 'torch')\n"
         "assert not loaded, loaded\n"
     )

@@ -11,7 +11,7 @@ and no PyTorch model runs — by `make setup`, and never committed. torch is not
 (tests/export/test_variants.py checks): the Docker images' builder stage builds int8 (CPU image)
 or fp16 (GPU image) with onnx, onnxruntime and sacrebleu only.
 
-Checks (export.variant_checks), before the manifest is written:
+Checks (export.variants.checks), before the manifest is written:
     int8       BLEU / chrF / exact match, greedy and beam 4, next to fp32's on the same test
                sentences; BLEU may drop by at most 0.5. The first `--sentences` (default 200,
                what `make setup` measures; 0 = the whole split, what `make variants` measures).
@@ -37,10 +37,10 @@ from typing import Any
 import onnx
 import onnxruntime as ort
 
-from export import variant_graphs as vg
 from export.graph_contract import graph_specs
 from export.model_config import TransformerConfig
-from export.variant_checks import (
+from export.variants import graphs as vg
+from export.variants.checks import (
     OPTIMIZED_ATOL,
     VariantCheckError,
     cpu_parity,
@@ -129,7 +129,7 @@ def build_int8(source: Source, split: Split, options: BuildOptions) -> Manifest:
         variant="int8",
         transform=vg.quantize_int8,
         specs=source.manifest.graphs,
-        tool="onnxruntime.quantization.quantize_dynamic, then export.variant_graphs.quantize_rows_apart",
+        tool="onnxruntime.quantization.quantize_dynamic, then export.variants.graphs.quantize_rows_apart",
         options={
             **{k: getattr(v, "name", v) for k, v in vg.INT8_OPTIONS.items()},  # QuantType → its name
             "activations": "per row (last axis), symmetric: scale max|x|/127, uint8 zero point 128",
@@ -319,7 +319,3 @@ def _summary(manifest: Manifest) -> str:
             f"{100 * parity['greedy_identical']:.1f}% of {parity['sentences']} sentences"
         )
     return ""
-
-
-if __name__ == "__main__":
-    main()
