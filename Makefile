@@ -90,7 +90,7 @@ export: $(VENV_DONE)
 # ONNX vs PyTorch: parity, cache equivalence, token-identical decoding of the whole test set,
 # batch invariance, checksums, and the committed directory equal to a fresh export.
 verify: $(SETUP_DONE)
-	$(PY) -m export.verify --model-dir $(MODEL_DIR) --corpus-dir $(CORPUS_DIR)
+	$(PY) -m export.onnx.verify --model-dir $(MODEL_DIR) --corpus-dir $(CORPUS_DIR)
 
 # The KV-cache speed-up benchmark (a measurement, not a test; ≈2 min on 2 cores): the cached loop
 # against recomputing the prefix, 16/32/64 output tokens at batch 1 and 32 → docs/kv-cache-benchmark.md.

@@ -5,7 +5,7 @@ the per-step bookkeeping is the same code everywhere; only where a step's log-pr
 from differs (`DESCRIPTIONS`). `recompute` is the honest no-cache baseline: it redoes what the
 cache saves and nothing more. The model directory has no graph for it (the service never needs
 one), so it is exported here, in memory, from the same checkpoint with the project's exporter
-settings (`export.onnx_export`).
+settings (`export.onnx.export`).
 
 Forced length: the end token's log-probability is set to -inf before the search sees it (the
 search does the same to padding and the start token through `SearchOptions.never_ids`) and the
@@ -25,13 +25,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from export.checkpoint import load_model
+from export.model import Transformer, causal_mask
 
 # Private helpers, on purpose: the benchmark must drive the reference decoder's own search loop,
 # so that every variant pays the same bookkeeping, and trace with the exporter's own settings.
 # The smoke test (tests/bench) breaks loudly if they change.
-from export.graph_contract import TRACE_SIZES, example_inputs
-from export.model import Transformer, causal_mask
-from export.onnx_export import trace_graph
+from export.onnx.contract import TRACE_SIZES, example_inputs
+from export.onnx.export import trace_graph
 from service.engine.graphs import Attention, OnnxGraphs, StepOutput, pad_ids
 from service.modeldir.manifest import GraphSpec, TensorSpec
 from service.reference_decoder import (

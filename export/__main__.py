@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from export.onnx_directory import export_model_directory
+from export.onnx.directory import export_model_directory
 from service.modeldir.manifest import MANIFEST_FILE, Languages
 
 

@@ -1,7 +1,7 @@
 """The configuration of the Transformer family (export.model): plain data, no torch.
 
 Apart from export.model, so that what only reads a configuration (a manifest's `architecture`,
-the graph contract of export.graph_contract, the variants of export.variants) imports no torch.
+the graph contract of export.onnx.contract, the variants of export.variants) imports no torch.
 """
 
 from __future__ import annotations

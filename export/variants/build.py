@@ -37,8 +37,8 @@ from typing import Any
 import onnx
 import onnxruntime as ort
 
-from export.graph_contract import graph_specs
 from export.model_config import TransformerConfig
+from export.onnx.contract import graph_specs
 from export.variants import graphs as vg
 from export.variants.checks import (
     OPTIMIZED_ATOL,

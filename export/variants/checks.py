@@ -17,8 +17,8 @@ import numpy as np
 import onnxruntime as ort
 
 from export.corpus import CorpusConfig, generate_corpus, read_pairs
-from export.graph_contract import TRACE_SIZES, VERIFY_SIZES, example_inputs
 from export.model_config import TransformerConfig
+from export.onnx.contract import TRACE_SIZES, VERIFY_SIZES, example_inputs
 from export.scoring import DECODERS, Scores, cpu_name, score
 from service.engine.graphs import OnnxGraphs, pad_ids
 from service.modeldir.tokenizer import Tokenizer
@@ -114,7 +114,7 @@ def quality_against_fp32(
 
 def graph_parity(fp32: OnnxGraphs, graphs: OnnxGraphs) -> dict[str, dict[str, float]]:
     """Largest |difference| of every output of every graph from fp32's, on the contract's random
-    example inputs (export.graph_contract) at two sizes, one with an empty cache and padded rows.
+    example inputs (export.onnx.contract) at two sizes, one with an empty cache and padded rows.
 
     Float inputs reach the variant in its own float type; outputs are compared in float32.
     """

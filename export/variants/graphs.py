@@ -80,7 +80,7 @@ def prepare(path: Path) -> onnx.ModelProto:
     constants folded and shapes inferred (onnxruntime's quantization pre-processing).
 
     Folding matters: the exported graphs reference each stored weight W and transpose it in the
-    graph (export.onnx_weights), and dynamic quantization only quantizes a MatMul whose weight is
+    graph (export.onnx.weights), and dynamic quantization only quantizes a MatMul whose weight is
     an initializer. Symbolic shape inference is skipped: onnx's own suffices for these graphs.
     """
     model = onnx.load(str(path))  # resolves the external data, i.e. reads model.safetensors

@@ -10,7 +10,7 @@ step and the new ones back. `DeviceKVCache` keeps them on the device as onnxrunt
   choosing the next tokens on the host) and the small per-row inputs (tokens, positions, masks)
   cross over;
 - the edits between steps — the new slot, rows leaving or branching, rows joining — run on the
-  device as the tiny graphs of service/engine/kv_graphs/ (export/kv_graphs.py), model-independent since
+  device as the tiny graphs of service/engine/kv_graphs/ (export/onnx/kv_graphs.py), model-independent since
   they work on the stacked tensors. Each makes a new tensor (onnxruntime has no in-place update):
   one pass over the cache per step, which device memory bandwidth makes small next to the step.
 

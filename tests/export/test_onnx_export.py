@@ -24,11 +24,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from export.__main__ import main as export_main
 from export.checkpoint import TOKENIZER_FILE, WEIGHTS_FILE, load_model, save_model
-from export.graph_contract import GRAPH_FILES, graph_specs
 from export.model import Transformer, padding_mask
-from export.onnx_directory import export_model_directory
-from export.onnx_export import DecoderStepGraph
-from export.onnx_weights import INLINE_LIMIT_BYTES, SafetensorsIndex, inline_bytes, link_external_weights
+from export.onnx.contract import GRAPH_FILES, graph_specs
+from export.onnx.directory import export_model_directory
+from export.onnx.export import DecoderStepGraph
+from export.onnx.weights import INLINE_LIMIT_BYTES, SafetensorsIndex, inline_bytes, link_external_weights
 from export.tokenizer_training import train_tokenizer
 
 ATOL = 1e-4

@@ -19,8 +19,8 @@ import pytest
 
 import export.variants.checks as checks
 from export.corpus import CorpusConfig, generate_corpus
-from export.graph_contract import graph_specs
 from export.model_config import TransformerConfig
+from export.onnx.contract import graph_specs
 from export.translate import DEFAULT_MODEL_DIR
 from export.variants import VARIANTS, BuildOptions, build_variants, main
 from service.engine.graphs import OnnxGraphs

@@ -14,8 +14,8 @@ import onnx.numpy_helper
 import pytest
 import torch
 
+from export.onnx.verify import Check, compare_exports, run_checks
 from export.translate import DEFAULT_MODEL_DIR
-from export.verify import Check, compare_exports, run_checks
 from service.modeldir.manifest import MANIFEST_FILE, sha256_file
 
 

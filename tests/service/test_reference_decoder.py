@@ -21,7 +21,7 @@ from tokenizers import models, pre_tokenizers
 from export.checkpoint import TOKENIZER_FILE, save_model
 from export.generate import beam_search, greedy_decode
 from export.model import Transformer
-from export.onnx_directory import export_model_directory
+from export.onnx.directory import export_model_directory
 from service.decoding import (
     Hypothesis,
 )
@@ -77,7 +77,7 @@ def train_to_reverse(model: Transformer) -> Transformer:
 
 @pytest.fixture(scope="module", params=["random", "trained"])
 def exported(request, tiny_model, tmp_path_factory) -> tuple[Transformer, OnnxGraphs]:
-    """(the PyTorch model, its graphs exported by `export.onnx_directory` and loaded back)."""
+    """(the PyTorch model, its graphs exported by `export.onnx.directory` and loaded back)."""
     if request.param == "random":
         model = tiny_model(seed=3, vocab_size=VOCAB, final_logits_bias=True)
         with torch.no_grad():

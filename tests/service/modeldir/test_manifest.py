@@ -12,7 +12,7 @@ from typing import Any
 import onnxruntime as ort
 import pytest
 
-from export.onnx_directory import export_model_directory
+from export.onnx.directory import export_model_directory
 from service.modeldir.manifest import (
     MANIFEST_FILE,
     ModelDirectoryError,

@@ -6,9 +6,9 @@
 
 The wrappers only arrange the model's own methods (`encode`, `cross_kv`, `embed`, `decode`,
 `DecoderLayer.step`, `logits`); none of the math is written twice. After
-tracing, the graphs' weights are pointed into `model.safetensors` (see `export.onnx_weights`),
+tracing, the graphs' weights are pointed into `model.safetensors` (see `export.onnx.weights`),
 so the weights exist once in a model directory. The graphs' signatures and example inputs (the
-contract every graph is traced and verified against) are export.graph_contract's.
+contract every graph is traced and verified against) are export.onnx.contract's.
 
 Exporter: the TorchScript one (`dynamo=False`), on purpose. Both work for these graphs (the
 dynamo one handles an empty cache with `Dim(min=0)`), but on our 2-core machines the dynamo
@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from export.graph_contract import TRACE_SIZES, VERIFY_SIZES, example_inputs
 from export.model import Attentions, Transformer, causal_mask
-from export.onnx_weights import SafetensorsIndex, link_external_weights
+from export.onnx.contract import TRACE_SIZES, VERIFY_SIZES, example_inputs
+from export.onnx.weights import SafetensorsIndex, link_external_weights
 from service.modeldir.manifest import GraphSpec, check_graph
 
 OPSET = 18  # ≥ 17 for LayerNormalization as one op

@@ -1,6 +1,6 @@
 """Verify an exported model directory against its PyTorch checkpoint: nothing lost on the way.
 
-    python -m export.verify [--model-dir models/en-fr-small] [--sentences N]   (make verify)
+    python -m export.onnx.verify [--model-dir models/en-fr-small] [--sentences N]   (make verify)
 
 Checks, each printed with its figure; the exit status is 1 if any fails:
   manifest    every file's sha256 matches the manifest, and a tampered copy is refused;
@@ -35,10 +35,10 @@ from export.checkpoint import TOKENIZER_FILE, load_model
 from export.corpus import CorpusConfig, generate_corpus, read_pairs
 from export.data import pad
 from export.generate import beam_search, greedy_decode
-from export.graph_contract import VERIFY_SIZES, graph_specs
 from export.model import Transformer, padding_mask
-from export.onnx_directory import export_model_directory
-from export.onnx_export import graph_differences
+from export.onnx.contract import VERIFY_SIZES, graph_specs
+from export.onnx.directory import export_model_directory
+from export.onnx.export import graph_differences
 from export.translate import DEFAULT_MODEL_DIR
 from service.decoding import default_max_output_tokens
 from service.engine.graphs import OnnxGraphs

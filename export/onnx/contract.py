@@ -1,6 +1,6 @@
 """The contract of the three graphs (docs/model-directory.md, "Graphs"): their signatures for a
 model config, and random inputs that satisfy them. numpy and service.modeldir.manifest only, no torch: the
-exporter (export.onnx_export) traces and verifies against it, and the variants
+exporter (export.onnx.export) traces and verifies against it, and the variants
 (export.variants, export.variants.checks) are built and checked against it where torch is not
 installed (the Docker images' builder stage).
 """

@@ -17,10 +17,10 @@ import onnxruntime
 import torch
 
 from export.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, load_model
-from export.graph_contract import graph_specs
 from export.model import TransformerConfig
-from export.onnx_export import EXPORTER_KIND, OPSET, export_graph, verify_graph
-from export.onnx_weights import SafetensorsIndex
+from export.onnx.contract import graph_specs
+from export.onnx.export import EXPORTER_KIND, OPSET, export_graph, verify_graph
+from export.onnx.weights import SafetensorsIndex
 from service.modeldir.manifest import (
     FORMAT_VERSION,
     MANIFEST_FILE,

@@ -1,4 +1,4 @@
-"""The device KV cache's row and slot edits as tiny ONNX graphs: `python -m export.kv_graphs`.
+"""The device KV cache's row and slot edits as tiny ONNX graphs: `python -m export.onnx.kv_graphs`.
 
 On CUDA the server keeps each batch's KV cache in device memory between decoder steps
 (service/engine/device_kv_cache.py). Its edits must then run on the device too, and onnxruntime is the
@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-OUT_DIR = Path(__file__).resolve().parents[1] / "service" / "engine" / "kv_graphs"
+OUT_DIR = Path(__file__).resolve().parents[2] / "service" / "engine" / "kv_graphs"
 FLOAT_TYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
 EDITS = ("append", "select", "join")
 OPSET = 17
@@ -125,7 +125,9 @@ def file_name(edit: str, float_type: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export.kv_graphs", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m export.onnx.kv_graphs", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--out", type=Path, default=OUT_DIR)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
