@@ -72,11 +72,11 @@ corpus: $(CORPUS_DIR)/test.tsv
 
 # Corpus → tokenizer → Transformer, written to $(MODEL_DIR) (the committed default model).
 train: $(VENV_DONE)
-	$(PY) -m export.train --out $(MODEL_DIR) --corpus-dir $(CORPUS_DIR) --seed $(SEED)
+	$(PY) -m export.training.train --out $(MODEL_DIR) --corpus-dir $(CORPUS_DIR) --seed $(SEED)
 
 # BLEU / chrF / exact match on valid, test and held-out combinations; writes the model card.
 eval: $(VENV_DONE) $(CORPUS_DIR)/test.tsv
-	$(PY) -m export.evaluate --model-dir $(MODEL_DIR) --corpus-dir $(CORPUS_DIR)
+	$(PY) -m export.training.evaluate --model-dir $(MODEL_DIR) --corpus-dir $(CORPUS_DIR)
 
 # Interactive reference translator: one English sentence per line on stdin.
 translate: $(VENV_DONE)

@@ -19,7 +19,7 @@ import onnxruntime as ort
 from export.corpus import CorpusConfig, generate_corpus, read_pairs
 from export.model_config import TransformerConfig
 from export.onnx.contract import TRACE_SIZES, VERIFY_SIZES, example_inputs
-from export.scoring import DECODERS, Scores, cpu_name, score
+from export.training.scoring import DECODERS, Scores, cpu_name, score
 from service.engine.graphs import OnnxGraphs, pad_ids
 from service.modeldir.tokenizer import Tokenizer
 from service.reference_decoder import translate_ids, translate_texts
@@ -56,7 +56,7 @@ def machine(threads: int) -> str:
 def translation_scores(
     graphs: OnnxGraphs, tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]]
 ) -> dict[str, Scores]:
-    """BLEU, chrF and exact match of the reference decoder, greedy and beam 4 (export.scoring)."""
+    """BLEU, chrF and exact match of the reference decoder, greedy and beam 4 (export.training.scoring)."""
     sources, references = [en for en, _ in pairs], [fr for _, fr in pairs]
     out = {}
     for decoder, beam_size in DECODERS.items():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from export.data import Example, bucketed_batches, collate, encode_pairs, pad
-from export.tokenizer_training import train_tokenizer
+from export.training.tokenizer import train_tokenizer
 from service.modeldir.tokenizer import Tokenizer
 
 PAIRS = [

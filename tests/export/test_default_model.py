@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from export.checkpoint import TOKENIZER_FILE, load_model
-from export.evaluate import score
 from export.model import Transformer
+from export.training.evaluate import score
 from export.translate import DEFAULT_MODEL_DIR, translate_texts
 from export.variants import VARIANTS
 from service.modeldir.tokenizer import InputTooLongError, Tokenizer

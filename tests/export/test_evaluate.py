@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from export.evaluate import quality_bar, render_markdown, score
+from export.training.evaluate import quality_bar, render_markdown, score
 
 
 def test_identical_outputs_score_perfectly() -> None:

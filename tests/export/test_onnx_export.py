@@ -29,7 +29,7 @@ from export.onnx.contract import GRAPH_FILES, graph_specs
 from export.onnx.directory import export_model_directory
 from export.onnx.export import DecoderStepGraph
 from export.onnx.weights import INLINE_LIMIT_BYTES, SafetensorsIndex, inline_bytes, link_external_weights
-from export.tokenizer_training import train_tokenizer
+from export.training.tokenizer import train_tokenizer
 
 ATOL = 1e-4
 # Byte-level BPE has 256 byte tokens + 4 specials: the tiny model's vocabulary must hold them.

@@ -11,8 +11,8 @@ import torch
 
 from export.data import encode_pairs
 from export.model import Transformer
-from export.tokenizer_training import train_tokenizer
-from export.train import DEFAULT_MODEL, TrainConfig, learning_rate, train_model
+from export.training.tokenizer import train_tokenizer
+from export.training.train import DEFAULT_MODEL, TrainConfig, learning_rate, train_model
 from service.modeldir.tokenizer import Tokenizer
 
 NOUNS = [("cat", "chat"), ("dog", "chien"), ("car", "voiture"), ("book", "livre"), ("tree", "arbre")]
@@ -71,7 +71,7 @@ def test_training_is_reproducible_and_learns(tokenizer: Tokenizer) -> None:
 
 
 def _valid_loss(model: Transformer, tokenizer: Tokenizer) -> float:
-    from export.train import batch_loss
+    from export.training.train import batch_loss
 
     pairs = toy_pairs(400)[:20]
     loss, _ = batch_loss(model, encode_pairs(tokenizer, pairs, model.cfg.max_positions), 0.0)

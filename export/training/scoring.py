@@ -1,4 +1,4 @@
-"""Translation scores and where they were measured: what the model card (export.evaluate) and the
+"""Translation scores and where they were measured: what the model card (export.training.evaluate) and the
 variants' quality gate (export.variants.checks) report. sacreBLEU and the standard library only, no
 torch: the variants are built where torch is not installed (the Docker images' builder stage).
 

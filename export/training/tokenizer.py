@@ -1,6 +1,6 @@
 """Train the shared source/target byte-level BPE tokenizer on the corpus.
 
-`python -m export.tokenizer_training --corpus data/corpus --out data/tokenizer.json --vocab-size N`
+`python -m export.training.tokenizer --corpus data/corpus --out data/tokenizer.json --vocab-size N`
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Evaluate a model directory on the corpus splits and write its model card (JSON + markdown).
 
-    python -m export.evaluate --model-dir models/en-fr-small [--corpus-dir data/corpus]
+    python -m export.training.evaluate --model-dir models/en-fr-small [--corpus-dir data/corpus]
 
 BLEU and chrF are sacreBLEU's corpus scores, exact match the share of outputs identical to the
-reference (export.scoring, which the variants' quality gate shares).
+reference (export.training.scoring, which the variants' quality gate shares).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from export.checkpoint import TOKENIZER_FILE, WEIGHTS_FILE, load_model
 from export.corpus import read_pairs
 from export.model import Transformer
-from export.scoring import DECODERS, Scores, cpu_name, score
+from export.training.scoring import DECODERS, Scores, cpu_name, score
 from export.translate import translate_texts
 from service.modeldir.tokenizer import Tokenizer
 

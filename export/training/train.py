@@ -1,6 +1,6 @@
 """Train the default English→French model from scratch: corpus → tokenizer → Transformer.
 
-    python -m export.train --out models/en-fr-small
+    python -m export.training.train --out models/en-fr-small
 
 Teacher forcing with label-smoothed cross-entropy; Adam (β2 = 0.98) with linear warm-up then
 inverse-square-root decay; length-bucketed batches. Seeded: the same command on the same
@@ -25,7 +25,7 @@ from export.checkpoint import TOKENIZER_FILE, save_model
 from export.corpus import CorpusConfig, generate_corpus, write_corpus
 from export.data import Example, bucketed_batches, collate, encode_pairs
 from export.model import Transformer, TransformerConfig
-from export.tokenizer_training import train_tokenizer
+from export.training.tokenizer import train_tokenizer
 from export.translate import translate_texts
 from service.modeldir.tokenizer import Tokenizer
 
