@@ -11,8 +11,9 @@ DEFAULT_MODEL_DIR = Path("models/en-fr-small")
 DEFAULT_CORPUS = Path("data/corpus/test.tsv")
 
 
-def load_texts(corpus: Path, count: int) -> tuple[list[str], str]:
-    """The first `count` English sentences of `corpus` (the test split generated when it is missing)."""
+def load_texts(corpus: Path, count: int | None = None) -> tuple[list[str], str]:
+    """The first `count` (None: all) English sentences of `corpus`, the test split generated when it
+    is missing, and where they came from in words."""
     if corpus.is_file():
         english, origin = [en for en, _ in read_pairs(corpus)], f"`{corpus}`"
     else:
