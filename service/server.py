@@ -112,12 +112,9 @@ def freeze_startup_objects() -> None:
     """Move every object alive now out of the cyclic garbage collector's reach (`gc.freeze`).
 
     By the end of the warm-up the modules, the model's sessions and the server's structures are
-    loaded for good. Left tracked, each full (generation 2) collection walks them all while holding
-    the interpreter lock, so every request in flight stalls for its length: 14-19 ms each, about 25
-    times a minute under a 64-client load on the development machine (docs/gc-pauses.md, against
-    1.5-1.8 ms frozen) — the tail latency.
-    Frozen, a full collection walks only what requests allocated since. Collect first, so that
-    startup garbage is freed rather than frozen.
+    loaded for good; left tracked, every full collection walks them all with the interpreter lock
+    held, stalling every request in flight (docs/gc-pauses.md). Frozen, it walks only what requests
+    allocated since. Collect first, so that startup garbage is freed rather than frozen.
     """
     gc.collect()
     gc.freeze()

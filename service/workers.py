@@ -2,10 +2,9 @@
 
     exit_code = run_workers(config)      # service/__main__.py, when config.server.workers > 1
 
-Why: one server process runs gRPC's Python per-call work on one event loop, and that loop shares
-the interpreter lock with the decode loops' bookkeeping (measured on 2 cores: the event loop
-spent ~0.8 ms of CPU per call, and the decode threads stood waiting for the lock while cores were
-idle). Worker processes each have their own interpreter, as in gRPC's own multiprocessing example.
+Why: one server process runs gRPC's Python per-call work on one event loop, which shares the
+interpreter lock with the decode loops' bookkeeping (docs/call-cost.md, docs/benchmarks.md).
+Worker processes each have their own interpreter, as in gRPC's own multiprocessing example.
 
 This process is the supervisor. It
 - reserves the gRPC port (a socket bound with SO_REUSEPORT, never listening, so that port 0

@@ -20,23 +20,8 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
-# int8, measured on the default model (AMD EPYC with AVX-512 VNNI, onnxruntime 1.31): |Δ log p|
-# of the reference token vs fp32 on 256 test sentences teacher-forced; decoder step and encoder
-# at batch 64, 1 thread, median of 50 and 20 runs:
-#   QInt8 per-tensor    mean 1.39e-3  max 0.50   step 3.2 ms  encoder 20 ms
-#   QInt8 per-channel   mean 1.18e-3  max 0.34   step 3.0 ms  encoder 19 ms   ← chosen
-#   QUInt8 per-tensor   mean 1.30e-3  max 0.40   step 3.6 ms  encoder 31 ms
-#   QUInt8 per-channel  mean 1.13e-3  max 0.27   step 4.0 ms  encoder 32 ms
-#   QInt8 reduce_range  mean 1.89e-3  max 0.31   step 3.1 ms  encoder 20 ms
-#   fp32                                          step 4.4 ms  encoder 37 ms
-# Every setting kept greedy BLEU on the 1000 test sentences within 0.03 of fp32 (99.9-100 % of
-# the outputs identical). Signed weights with the unsigned activations of dynamic quantization
-# (u8×s8) take onnxruntime's fast integer kernels; u8×u8 ran the encoder 1.5× slower for an
-# accuracy gain too small to change a translation. Per-channel scales (one per output column of
-# each weight) cost nothing and cut the error. reduce_range (7-bit weights) guards against an
-# overflow of AVX2's u8×s8 instruction on CPUs without VNNI, at 60 % more error here; the quality
-# gate runs on the machine that builds the variant, so such a CPU would fail it loudly rather
-# than ship a worse model.
+# int8: signed per-channel weights (u8×s8 takes onnxruntime's fast integer kernels; per-channel
+# scales cut the error for nothing); the settings compared: docs/variants.md.
 INT8_OPTIONS: dict[str, Any] = {
     "weight_type": QuantType.QInt8,
     "per_channel": True,
@@ -99,22 +84,9 @@ def quantize_int8(model: onnx.ModelProto) -> onnx.ModelProto:
         return quantize_rows_apart(onnx.load(str(out)))
 
 
-# Per-row activation quantization, replacing DynamicQuantizeLinear. That op takes one scale and zero
-# point for its whole input: every token of every sentence in the batch. A sentence's result then
-# depended on what it was batched with — on the default model, log-probabilities moved by up to
-# 0.11 and 7 of 64 greedy translations changed between decoding a sentence alone and in a batch of
-# 64 — which breaks the scheduler's promise that an output equals decoding that sentence alone.
-# Here each row (the last axis: one token's features) gets its own scale, max |x| / 127, and the
-# fixed zero point 128: symmetric, so uint8 activations keep onnxruntime's fast u8×s8 kernels,
-# whose integer products are exact; the rest is elementwise per row. Decoding is then bit-identical
-# alone and in any batch (tests/export/test_variants.py). Cost, engine alone, 1 thread, 256 test
-# sentences (AMD EPYC, noisy): batch 32 0.38 s against 0.36 s per-tensor (fp32: 0.50 s); batch 1
-# 1.73 s against 1.50 s (fp32: 1.65 s) — nine small ops per quantized input instead of one.
-# Tried instead (one-off script, not kept): onnxruntime's MatMulNBits with 8-bit block-quantized
-# weights and int8 compute (accuracy_level 4; its kernel quantizes each row of the activation per
-# block, so it is batch-invariant too, and it needs no extra nodes): decoder step at batch 1 0.18 ms
-# against 0.25 ms here, but at batch 32 1.8-1.9 ms against 1.5-1.6 ms, and the encoder at batch 32
-# 20-22 ms against 12-13 ms (blocks of 32, 64 and 128 alike), so it loses where the service runs.
+# Per-row activation quantization, replacing DynamicQuantizeLinear (one scale for the whole batch):
+# each row gets scale max |x| / 127 and zero point 128, so a sentence decodes bit-identically alone
+# and in any batch, the scheduler's promise. Why, its cost and what was tried: docs/variants.md.
 _ROW_CONSTANTS: dict[str, np.ndarray] = {
     "int8_rows/last_axis": np.array([-1], np.int64),
     "int8_rows/127": np.array(127.0, np.float32),

@@ -10,8 +10,7 @@ its own and returns only the new token's keys/values; `KVCache` keeps, for the r
 
 Why this shape: the live rows always occupy the first `rows` physical rows, so every graph input is
 the view buffer[l, :rows] — contiguous, handed to onnxruntime without a copy — and a step writes
-one slot per row instead of copying the whole cache (the graph used to return the cache grown by
-one slot, and rows leaving or joining copied it again). Callers see the rows in their own order
+one slot per row instead of copying the whole cache. Callers see the rows in their own order
 (a request's beams together); physically, a row that leaves is filled by the last row (one row
 copied, not the tail), so `to_physical` / `to_logical` translate per-row arrays. Capacities grow
 in chunks when a row or a source needs more; the slot capacity shrinks again once the long rows
