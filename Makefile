@@ -125,11 +125,11 @@ compose-up:
 compose-down:
 	docker compose -f deploy/docker-compose.yml --profile cpu --profile gpu down
 
-# The developer's loop (≈4 min on 2 cores): every test but the long end-to-end ones marked `full`.
+# The developer's loop (≈3 min on 2 cores): every test but the long end-to-end ones marked `full`.
 test: $(SETUP_DONE)
 	$(PY) -m pytest -q -m 'not full'
 
-# Everything CI runs (≈10 min): the whole suite, then make verify (the whole test split vs PyTorch).
+# Everything CI runs (≈6 min quiet): the whole suite, then make verify (the whole test split vs PyTorch).
 test-full: $(SETUP_DONE)
 	$(PY) -m pytest -q
 	$(MAKE) verify

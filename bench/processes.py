@@ -69,13 +69,9 @@ async def wait_serving(
     in_a_row = 0
     while in_a_row < READY_CHECKS:
         if process.poll() is not None:
-            raise RuntimeError(
-                f"the worker server exited with code {process.returncode}:\n{output_tail(output)}"
-            )
+            raise RuntimeError(f"the server exited with code {process.returncode}:\n{output_tail(output)}")
         if time.monotonic() > deadline:
-            raise RuntimeError(
-                f"the worker server was not serving after {timeout_s:g} s:\n{output_tail(output)}"
-            )
+            raise RuntimeError(f"the server was not serving after {timeout_s:g} s:\n{output_tail(output)}")
         if await _health_serving(target):
             in_a_row += 1
         else:
