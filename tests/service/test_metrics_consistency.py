@@ -329,9 +329,15 @@ def _time_per_output_token(r: Result) -> float:
     return (t.queue_seconds + t.decode_seconds - t.time_to_first_token_seconds) / (r.output_tokens - 1)
 
 
+DECODER_RUNS = ("translator_onnxruntime_run_duration_seconds_count", frozenset({("graph", "decoder_step")}))
+
+
 def settled(metrics_port: int, before: Samples, ledger: Ledger, timeout: float = 15.0) -> Samples:
-    """/metrics once every call of the ledger has been counted and every text has left the
-    scheduler (a call that the client cancelled or saw expire ends a little later on the server)."""
+    """/metrics once every call of the ledger has been counted, every text has left the scheduler
+    (a call that the client cancelled or saw expire ends a little later on the server) and every
+    decoder graph run is matched by its observed step. The last: a clean-clone CI run once scraped
+    the two-worker server with 77 decoder runs against 76 steps, every text already counted; a
+    step still being observed settles, a run without a step would still fail the check."""
     calls = sum(ledger.calls.values())
     texts = len(ledger.results) + sum(ledger.gone.values())
     deadline = time.monotonic() + timeout
@@ -342,7 +348,11 @@ def settled(metrics_port: int, before: Samples, ledger: Ledger, timeout: float =
             before, "translator_sequences_finished_total"
         )
         idle = now["translator_sequences_in_flight", frozenset()] == 0
-        if (counted >= calls and left >= texts and idle) or time.monotonic() > deadline:
+        steps = _total(now, "translator_decode_step_duration_seconds_count") - _total(
+            before, "translator_decode_step_duration_seconds_count"
+        )
+        whole = steps == now.get(DECODER_RUNS, 0.0) - before.get(DECODER_RUNS, 0.0)
+        if (counted >= calls and left >= texts and idle and whole) or time.monotonic() > deadline:
             return now
         time.sleep(0.02)
 
