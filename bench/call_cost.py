@@ -31,7 +31,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 
-from bench.inputs import DEFAULT_CORPUS, DEFAULT_MODEL_DIR, load_texts
+from bench.cli import add_out, benchmark_parser
+from bench.inputs import load_texts
 from bench.load_client import OWN_CONNECTION
 from bench.processes import process_tree_cpu_seconds, serving_process
 from bench.report import describe_machine, machine_table
@@ -205,14 +206,8 @@ Encoder alone (library level, one thread), per sentence, on the test sentences:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.call_cost", description=__doc__.split("\n\n")[0] if __doc__ else None
-    )
-    parser.add_argument("--clients", type=int, default=64)
-    parser.add_argument("--duration", type=float, default=8.0, help="seconds per loop")
-    parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
-    parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser = benchmark_parser("bench.call_cost", __doc__, loop_seconds=8.0)
+    add_out(parser, DEFAULT_OUT)
     # the bare server's process: `--serve-echo --port P`
     parser.add_argument("--serve-echo", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.call_cost import closed_loop
-from bench.inputs import DEFAULT_MODEL_DIR
+from bench.cli import add_out, benchmark_parser
 from bench.processes import serving_process
 from bench.report import describe_machine, machine_table
 from service.api.translator.v1 import translator_pb2 as pb
@@ -123,13 +123,8 @@ the page.
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.gc_pauses", description=__doc__.split("\n\n")[0] if __doc__ else None
-    )
-    parser.add_argument("--clients", type=int, default=64)
-    parser.add_argument("--duration", type=float, default=20.0, help="seconds per loop")
-    parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser = benchmark_parser("bench.gc_pauses", __doc__, corpus=False, loop_seconds=20.0)
+    add_out(parser, DEFAULT_OUT)
     return parser
 
 

@@ -19,13 +19,12 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from bench.cli import add_out, benchmark_parser
 from bench.inputs import load_texts
 from bench.report import Cell, Machine, Run, describe_machine, write_report
 from bench.variants import BASELINES, VARIANTS, ForcedLengthDecoders, Variant
 from service.modeldir.tokenizer import Tokenizer
 
-DEFAULT_MODEL_DIR = Path("models/en-fr-small")
-DEFAULT_CORPUS = Path("data/corpus/test.tsv")
 DEFAULT_OUT = Path("docs/kv-cache-benchmark.md")
 SOURCE_TOKENS = (10, 20)  # source length range, end token included: ordinary sentences
 
@@ -108,11 +107,7 @@ def _summary(cell: Cell, variants: Sequence[str]) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.kv_cache", description=__doc__.split("\n\n")[0] if __doc__ else None
-    )
-    parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
-    parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="TSV whose English side is used")
+    parser = benchmark_parser("bench.kv_cache", __doc__)
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (all variants)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per variant and cell (median)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[16, 32, 64], help="output tokens")
@@ -120,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--baselines", nargs="+", choices=BASELINES, default=list(BASELINES), help="what the cache is against"
     )
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the markdown report")
+    add_out(parser, DEFAULT_OUT)
     return parser
 
 

@@ -50,7 +50,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.inputs import DEFAULT_CORPUS, DEFAULT_MODEL_DIR, load_texts
+from bench.cli import add_out, benchmark_parser
+from bench.inputs import load_texts
 from bench.load_client import DEFAULT_CONNECTIONS, Phase, PhaseResult, run_phase
 from bench.load_engine import (
     KV_BATCH,
@@ -466,11 +467,7 @@ def check_targets(
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.load", description=__doc__.split("\n\n")[0] if __doc__ else None
-    )
-    parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
-    parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="TSV whose English side is sent")
+    parser = benchmark_parser("bench.load", __doc__)
     parser.add_argument("--sentences", type=int, default=256, help="the first N test sentences are used")
     parser.add_argument("--duration", type=float, default=15.0, help="seconds per closed and per open loop")
     parser.add_argument("--concurrency", type=int, default=32, help="closed-loop clients")
@@ -524,7 +521,7 @@ def _parser() -> argparse.ArgumentParser:
         "--skip-grpc-floor", action="store_true", help="do not measure grpc.aio's own per-call work"
     )
     parser.add_argument("--seed", type=int, default=0, help="of the open loop's arrivals")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the markdown page")
+    add_out(parser, DEFAULT_OUT)
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="the results as JSON")
     return parser
 
