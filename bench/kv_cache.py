@@ -33,7 +33,7 @@ def load_sources(
     tokenizer: Tokenizer, corpus: Path, count: int, token_range: tuple[int, int] = SOURCE_TOKENS
 ) -> tuple[list[list[int]], str]:
     """The source ids of the first `count` English sentences of `corpus` whose length (end token
-    included) lies within `token_range`; the test split is generated (≈15 s) when the file is missing.
+    included) lies within `token_range`; the test split is generated when the file is missing.
 
     Returns:
         (the sources, where they come from in words).

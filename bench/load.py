@@ -1,32 +1,12 @@
 """The service under load against the engine alone: `python -m bench.load` (`make bench`).
 
-One run measures, on the committed test sentences and one loaded engine shared by everything:
-
-1. The engine alone, library level, no gRPC: greedy `translate_ids` on the same sentences in
-   batches of 1/8/32/64, by one caller, by as many callers as the service has instances, and by
-   one caller on every core → output tokens/s; the best is the ceiling.
-2. The real gRPC server, in this process on a loopback port (a fresh server per scheduler mode),
-   and the load generator in a child process (its own interpreter, as real clients would be):
-   continuous batching, the collect-then-run batcher, and no batching (the collect batcher with a
-   batch of 1 and no wait). Each takes a closed loop (N concurrent clients for a fixed time);
-   continuous batching also with 2N clients and with several texts per call, each of its closed
-   loops followed at once by the ceiling's setting measured again (the machine's speed drifts, so
-   the throughput target compares a loop with the engine measured right after it). Right after
-   continuous batching's loops, the same closed loops (2N clients, several texts per call) against
-   `python -m service --workers W` in a subprocess: W whole server processes on one port, each with
-   its own interpreter and its own copy of the model. Then continuous and collect take open loops
-   of Poisson arrivals at fractions (70 %, 90 %) of the continuous mode's closed-loop capacity,
-   alternating between the two servers, a few pairs per rate (`bench.load_client`). Every phase
-   spreads its clients over several connections (a worker-process server needs that to use its
-   workers, so the in-process servers get the same).
-3. grpc.aio's own per-call work: the same closed loop against a bare grpc.aio server that echoes
-   its texts (`bench.call_cost --serve-echo`, no model), its CPU per call and the load generator's.
-   With the engine's cost per token they bound what any Python gRPC server could reach on these
-   cores (`attainable_ratio`), however little its own per-call work cost.
-4. The KV-cache speed-up at batch 64 and 64 output tokens (`bench.kv_cache`'s own measurement).
-
-Then it checks the targets as ratios within the run and writes JSON and a markdown page
-(`bench.load_report`). A measurement, not a test: nothing asserts a speed.
+One run, on the test sentences and one engine loaded for everything: the engine alone (library
+level, no gRPC: the ceiling), the real gRPC server in each scheduler mode under closed and open
+loops (continuous batching also as `python -m service --workers W`), grpc.aio's own per-call work
+(`bench.call_cost`'s echo server) and the KV-cache speed-up (`bench.kv_cache`'s cell). Then it
+checks the targets as ratios within the run and writes JSON and a markdown page
+(`bench.load_report`), whose Method section says what each phase does (docs/benchmarks.md).
+A measurement, not a test: nothing asserts a speed.
 """
 
 from __future__ import annotations

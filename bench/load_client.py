@@ -1,8 +1,8 @@
 """The load generator of `bench.load`: grpc.aio clients against a running server, and their figures.
 
 `run_phase` runs one phase to completion in a process of its own (`bench.load` calls it through a
-process pool), so that the clients never share the server's interpreter, GIL or event loop: on
-the same event loop, the client half of every call cost the server a third of its throughput.
+process pool), so that the clients never share the server's interpreter, GIL or event loop, which
+real clients would not (docs/measured-choices.md has what sharing cost).
 
 Every request is one text, greedy, with `return_timings`. Most are unary `Translate` calls; every
 `stream_every`-th request (by arrival index) is a `TranslateStream` call instead, and only those give
@@ -49,8 +49,8 @@ _OPTIONS = pb.TranslateOptions(greedy=pb.Greedy(), return_timings=True)
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 # As many as the largest closed loop has clients: each client then has a connection of its own, as
 # separate clients would, and a worker-process server gets about as many clients per worker as the
-# kernel's random choice allows (with 8 connections a 5:3 split left one worker a third more clients
-# than the other, queueing beyond its share of --max-sequences). Unused channels never connect.
+# kernel's random choice allows (fewer connections split unevenly: docs/measured-choices.md).
+# Unused channels never connect.
 DEFAULT_CONNECTIONS = 64
 
 
