@@ -11,13 +11,13 @@ so the weights exist once in a model directory. The graphs' signatures and examp
 contract every graph is traced and verified against) are export.onnx.contract's.
 
 Exporter: the TorchScript one (`dynamo=False`), on purpose. Both work for these graphs (the
-dynamo one handles an empty cache with `Dim(min=0)`), but on our 2-core machines the dynamo
-exporter needs ≈5.5 s per graph against ≈0.3 s, which decides whether the export tests run in
-seconds; it also needs `onnxscript`. The TorchScript exporter's known pitfall — it silently drops
-inputs the computation does not use — cannot bite unnoticed: every contract input feeds the
-computation (the masks are used as given, never recomputed from pad ids) and `trace_graph` refuses a
-graph whose inputs or outputs differ from the contract. torch is pinned (==2.13.0); when the
-TorchScript exporter goes away, only `trace_graph` changes.
+dynamo one handles an empty cache with `Dim(min=0)`), but the dynamo exporter is much slower per
+graph (docs/measured-choices.md), which decides whether the export tests run in seconds; it also
+needs `onnxscript`. The TorchScript exporter's known pitfall — it silently drops inputs the
+computation does not use — cannot bite unnoticed: every contract input feeds the computation (the
+masks are used as given, never recomputed from pad ids) and `trace_graph` refuses a graph whose
+inputs or outputs differ from the contract. torch is pinned (==2.13.0); when the TorchScript
+exporter goes away, only `trace_graph` changes.
 """
 
 from __future__ import annotations

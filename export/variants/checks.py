@@ -40,7 +40,7 @@ def read_test_split(corpus_dir: Path) -> list[tuple[str, str]]:
     if path.is_file():
         return read_pairs(path)
     # Each split draws from its own random stream (export.corpus.splits): the test split of a
-    # corpus without a training split is the default one, in 1 s instead of 15.
+    # corpus without a training split is the default one, without the cost of the training split.
     return [(p.en, p.fr) for p in generate_corpus(CorpusConfig(train_size=0))[SPLIT]]
 
 

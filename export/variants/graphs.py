@@ -36,8 +36,8 @@ INT8_OPTIONS: dict[str, Any] = {
 # softmax (sums of exponentials; masked scores are -65504 in fp16) and the final log-softmax over
 # the vocabulary, whose float32 output the contract asks for anyway. LayerNormalization is one op
 # at opset 18, so no ReduceMean/Pow/Sqrt pieces of a decomposed one need blocking. Everything
-# else (weights, caches, memory, attention maps) is float16. On CPU the block list cut the error
-# by a third: max |Δ log p| vs fp32, 200 test sentences teacher-forced, 0.017 against 0.026.
+# else (weights, caches, memory, attention maps) is float16. The block list cuts the error
+# (docs/variants.md).
 FP16_BLOCKED_OPS = ("LayerNormalization", "Softmax", "LogSoftmax")
 FP16_FLOAT32_OUTPUTS = ("log_probs",)
 
@@ -45,18 +45,9 @@ FP16_FLOAT32_OUTPUTS = ("log_probs",)
 # MatMul (FusedMatMul), fuses residual Add + LayerNormalization where its rules match
 # (SkipLayerNormalization) and folds the remaining shape arithmetic; exact up to float rounding.
 # EXTENDED output is for the execution provider it was saved with (CPU here); ALL would add
-# CPU-layout-specific nodes and is not meant to be saved. onnxruntime's transformer optimizer
-# ("bart" or "bert", opt_level 0) recognised none of our attention subgraphs; it fused every
-# residual Add + LayerNormalization and bias Add into SkipLayerNormalization, but then the encoder
-# ran slower. Measured (AMD EPYC, 1 thread; step and encoder at batch 64, median; session load
-# of the three graphs, median of 7; all in ms):
-#                                  decoder step   encoder   load
-#   fp32 graphs (ALL at load)          3.9-4.7    36-38    117-126
-#   EXTENDED, saved                    3.9-4.4    40-41     44-46   ← chosen
-#   transformer optimizer, EXTENDED    3.8-4.3    42-44     45
-# so the gain is session load time, not run time: at its default level (ALL) onnxruntime makes
-# the same fusions in the fp32 graphs when it loads them. Greedy decoding of the 1000 test
-# sentences took 1.30 s with either the fp32 or the EXTENDED graphs (best of 3).
+# CPU-layout-specific nodes and is not meant to be saved. The gain is session load time, not run
+# time: onnxruntime makes the same fusions when it loads the fp32 graphs at its default level (ALL).
+# The figures, and onnxruntime's transformer optimizer tried instead: docs/variants.md.
 OPTIMIZED_PROVIDER = "CPUExecutionProvider"
 
 
