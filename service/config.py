@@ -85,7 +85,7 @@ class ServerConfig:
     log_format: LogFormat = "text"  # text for people, json for log collectors
     # Server processes sharing the port (SO_REUSEPORT; service/workers.py), each a whole server
     # with its own interpreter: gRPC's Python per-call work runs on one event loop per process, so
-    # one process serves at most ~1,000-2,000 calls/s whatever its cores. The cores and the
+    # one process's calls/s reach a ceiling whatever its cores (docs/call-cost.md). The cores and the
     # scheduler limits are split evenly between the workers. A connection stays on one worker.
     workers: int = 1
 

@@ -101,9 +101,7 @@ class OnnxGraphs:
             options.intra_op_num_threads = intra_op_threads
         # onnxruntime's pool threads spin between and after runs by default. A decoder step is a few
         # milliseconds, and between two steps the decode loop's own Python and the gRPC event loop
-        # need the cores those threads would burn: with spinning the service reached about 0.7x the
-        # throughput it has without, and the engine alone was no faster (2 cores, one `make bench`
-        # run with spinning on, when it was chosen; no page in docs/ records that run).
+        # need the cores those threads would burn (what spinning cost: docs/measured-choices.md).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         chosen = providers or ["CPUExecutionProvider"]
         self.providers = chosen

@@ -40,8 +40,7 @@ class ResponseTooLargeError(InvalidRequestError):
 
 def within_message_limit(message: M, limit: int, ask_for: str) -> M:
     """`message`, or ResponseTooLargeError if its serialized size is over `limit` bytes; `ask_for`
-    is what a client can ask for instead. Costs a size computation (about 1 µs for a small reply),
-    no serialization."""
+    is what a client can ask for instead. Costs a size computation, no serialization."""
     size = message.ByteSize()
     if size > limit:
         raise ResponseTooLargeError(

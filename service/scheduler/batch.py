@@ -67,16 +67,10 @@ class Ticket:
         return self.request.options.max_output_tokens
 
     def leaving(self, now: float, steps: int | None = None) -> Retired | None:
-        """The outcome of a request that must leave before it finishes, or None: its deadline passed,
-        or it was cancelled. `steps`: the decoder steps it took in the batch; None in the queue
-        (for the deadline's message, written only when it leaves: this runs for every row at every
-        step).
-
-        A cancellation from the time its deadline had passed is the deadline's, as the servicer
-        counts the call (DEADLINE_EXCEEDED): gRPC cancels a call at its deadline, and the other
-        texts of a call when one of them expires. One from before is the client's (CANCELLED), even
-        when the deadline has passed by the time the decode thread looks.
-        """
+        """The outcome of a request that must leave unfinished, or None: the deadline's if it had
+        passed by the time of its cancellation, or by `now` when not cancelled (gRPC cancels a call
+        at its deadline: docs/metrics.md, `reason`); else the client's cancellation. `steps`: its
+        decoder steps in the batch (None: in the queue), for the deadline's message."""
         deadline, cancelled_at = self.request.deadline, self.cancelled_at
         expired = deadline is not None and (now if cancelled_at is None else cancelled_at) >= deadline
         if expired:
