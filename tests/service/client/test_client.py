@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from service.client import TranslateOptions, TranslatorClient, TranslatorError
-from service.client.cli import build_parser, display_token
+from service.client.cli import _options, build_parser, display_token
 from tests.service.server_fixture import ServerThread, loopback_config
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -274,6 +274,29 @@ def test_cli_integers_out_of_range_name_the_flag_and_the_range(
     with pytest.raises(SystemExit) as info:
         build_parser().parse_args(argv)
     assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_flags_build_the_translate_options() -> None:
+    """Each option flag sets its TranslateOptions field; unset flags keep the dataclass's defaults."""
+    args = build_parser().parse_args(["translate", "x"])
+    assert _options(args) == TranslateOptions()
+    argv = ["--beam-size", "4", "--n-best", "2", "--max-tokens", "9", "--min-tokens", "1", "--prefix", "Le"]
+    argv += ["--model", "m", "--timings", "--temperature", "0.5", "--top-k", "3", "--top-p", "0.9"]
+    expected = TranslateOptions(
+        beam_size=4,
+        n_best=2,
+        max_output_tokens=9,
+        min_output_tokens=1,
+        target_prefix="Le",
+        model="m",
+        return_timings=True,
+        temperature=0.5,
+        top_k=3,
+        top_p=0.9,
+    )
+    assert _options(build_parser().parse_args(["translate", *argv, "x"])) == expected
+    sampled = build_parser().parse_args(["translate", "--sample", "--seed", "7", "x"])
+    assert _options(sampled) == TranslateOptions(sample=True, seed=7)
 
 
 def test_cli_out_of_range_integer_exits_2_before_calling(server: ServerThread) -> None:
