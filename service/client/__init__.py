@@ -7,19 +7,19 @@ terminal front end, run as `python -m service.client`.
 from service.client.client import (
     Attention,
     ModelInfo,
+    TranslateOptions,
     Translation,
     TranslationStream,
     TranslatorClient,
     TranslatorError,
-    translate_options,
 )
 
 __all__ = [
     "Attention",
     "ModelInfo",
+    "TranslateOptions",
     "Translation",
     "TranslationStream",
     "TranslatorClient",
     "TranslatorError",
-    "translate_options",
 ]

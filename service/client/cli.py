@@ -19,13 +19,14 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from dataclasses import fields
+from typing import Any, NamedTuple, get_args, get_type_hints
 
 from service.client.client import (
     ATTENTION_KINDS,
     UINT32_MAX,
-    UINT64_MAX,
     Attention,
+    TranslateOptions,
     Translation,
     TranslatorClient,
     TranslatorError,
@@ -84,23 +85,53 @@ def display_token(piece: str) -> str:
 # --- translate -------------------------------------------------------------------------------------
 
 
-def _options(args: argparse.Namespace) -> dict[str, Any]:
+class Flag(NamedTuple):
+    """A translate flag that sets a TranslateOptions field; `low` raises an unsigned field's least value."""
+
+    flag: str
+    help: str
+    low: int = 0
+
+
+# Keyed by the field the flag sets (its dest), in --help order; default, type and range come from
+# the field. A field without a flag keeps its default.
+OPTION_FLAGS = {
+    "beam_size": Flag("--beam-size", "beam width (1: greedy; the limit: see info)", low=1),
+    "n_best": Flag("--n-best", "hypotheses per text, 'score<TAB>text' lines", low=1),
+    "sample": Flag("--sample", "sample instead of searching"),
+    "temperature": Flag("--temperature", "sampling temperature (%(default)s)"),
+    "top_k": Flag("--top-k", "sample among the k best tokens (0: off)"),
+    "top_p": Flag("--top-p", "nucleus sampling mass (1.0: off)"),
+    "seed": Flag("--seed", "sampling seed (default: the server's)"),
+    "max_output_tokens": Flag("--max-tokens", "generated-token limit (0: default)"),
+    "min_output_tokens": Flag("--min-tokens", "tokens before the end (0: none)"),
+    "target_prefix": Flag("--prefix", "text the translation must start with"),
+    "model": Flag("--model", "model name (default: the server's default)"),
+    "return_timings": Flag("--timings", "print timings on stderr"),
+}
+
+
+def _add_option_flags(parser: argparse.ArgumentParser) -> None:
+    fields_ = {f.name: f for f in fields(TranslateOptions)}
+    hints = get_type_hints(TranslateOptions)
+    for name, (flag, help_, low) in OPTION_FLAGS.items():
+        field, hint = fields_[name], hints[name]
+        kwargs: dict[str, Any] = {"dest": name, "default": field.default, "help": help_}
+        if hint is bool:
+            kwargs["action"] = "store_true"
+        else:  # the metavar argparse gives a flag by its own name, not the field's
+            kwargs["metavar"] = flag.removeprefix("--").replace("-", "_").upper()
+            if "max" in field.metadata:
+                kwargs["type"] = int_range(low, field.metadata["max"])
+            elif float in (hint, *get_args(hint)):
+                kwargs["type"] = float
+        parser.add_argument(flag, **kwargs)
+
+
+def _options(args: argparse.Namespace) -> TranslateOptions:
     # beam_size and n_best go to streams too: the server refuses them there with a status that
     # says why, where leaving them out would quietly decode greedily instead of what was asked.
-    return {
-        "beam_size": args.beam_size,
-        "n_best": args.n_best,
-        "sample": args.sample,
-        "temperature": args.temperature,
-        "top_k": args.top_k,
-        "top_p": args.top_p,
-        "seed": args.seed,
-        "max_output_tokens": args.max_tokens,
-        "min_output_tokens": args.min_tokens,
-        "target_prefix": args.prefix,
-        "model": args.model,
-        "return_timings": args.timings,
-    }
+    return TranslateOptions(**{name: getattr(args, name) for name in OPTION_FLAGS})
 
 
 def _batches(lines: Iterable[str], size: int) -> Iterator[list[str]]:
@@ -137,7 +168,7 @@ def _print_timings(t: Translation) -> None:
 def _translate_batch(client: TranslatorClient, texts: list[str], args: argparse.Namespace) -> None:
     """Translates a batch, empty (blank) lines giving empty lines, and prints it in order."""
     todo = [t for t in texts if t.strip()]
-    done = iter(client.translate(todo, **_options(args)) if todo else [])
+    done = iter(client.translate(todo, _options(args)) if todo else [])
     for text in texts:
         if text.strip():
             _print_translation(next(done), args.n_best)
@@ -147,7 +178,7 @@ def _translate_batch(client: TranslatorClient, texts: list[str], args: argparse.
 
 
 def _stream_one(client: TranslatorClient, text: str, args: argparse.Namespace) -> None:
-    stream = client.translate_stream(text, **_options(args)) if text.strip() else None
+    stream = client.translate_stream(text, _options(args)) if text.strip() else None
     for delta in stream or ():
         sys.stdout.write(delta)
         sys.stdout.flush()
@@ -350,36 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="texts to translate (none: stdin lines); a blank one prints a blank line",
     )
     t.add_argument("--stream", action="store_true", help="print the output live (greedy or sampling)")
-    t.add_argument(
-        "--beam-size",
-        type=int_range(1, UINT32_MAX),
-        default=1,
-        help="beam width (1: greedy; the limit: see info)",
-    )
-    t.add_argument(
-        "--n-best",
-        type=int_range(1, UINT32_MAX),
-        default=1,
-        help="hypotheses per text, 'score<TAB>text' lines",
-    )
-    t.add_argument("--sample", action="store_true", help="sample instead of searching")
-    t.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (%(default)s)")
-    t.add_argument(
-        "--top-k", type=int_range(0, UINT32_MAX), default=0, help="sample among the k best tokens (0: off)"
-    )
-    t.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")
-    t.add_argument(
-        "--seed", type=int_range(0, UINT64_MAX), default=None, help="sampling seed (default: the server's)"
-    )
-    t.add_argument(
-        "--max-tokens", type=int_range(0, UINT32_MAX), default=0, help="generated-token limit (0: default)"
-    )
-    t.add_argument(
-        "--min-tokens", type=int_range(0, UINT32_MAX), default=0, help="tokens before the end (0: none)"
-    )
-    t.add_argument("--prefix", default="", help="text the translation must start with")
-    t.add_argument("--model", default="", help="model name (default: the server's default)")
-    t.add_argument("--timings", action="store_true", help="print timings on stderr")
+    _add_option_flags(t)
     t.add_argument(
         "--batch-size",
         type=int_range(1),

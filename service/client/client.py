@@ -2,6 +2,9 @@
 
     with TranslatorClient("localhost:50051") as client:
         (t,) = client.translate(["I love cats."])        # t.text == "J'aime les chats."
+        beam = TranslateOptions(beam_size=4, n_best=2)    # options: one frozen dataclass
+        client.translate(texts, beam)                     # or its fields as keywords:
+        client.translate(texts, beam_size=4, n_best=2)    # the same request
         stream = client.translate_stream("I love cats.")
         for delta in stream:
             print(delta, end="", flush=True)
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 from types import TracebackType
 from typing import Any
 
@@ -212,66 +215,92 @@ def _check_unsigned(name: str, value: int | None, high: int) -> None:
         raise ValueError(f"{name} must be between 0 and {high}, got {value}")
 
 
-def translate_options(
-    *,
-    beam_size: int = 1,
-    n_best: int = 1,
-    length_penalty: float | None = None,
-    sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    seed: int | None = None,
-    max_output_tokens: int = 0,
-    min_output_tokens: int = 0,
-    target_prefix: str = "",
-    model: str = "",
-    return_tokens: bool = False,
-    return_timings: bool = False,
-) -> pb.TranslateOptions:
-    """The TranslateOptions message for these options (`TranslatorClient.translate` documents them).
+def _unsigned(default: int | None, high: int = UINT32_MAX) -> Any:
+    """A dataclass field for an unsigned proto field, at most `high`: checked when made, read by the CLI."""
+    return field(default=default, metadata={"max": high})
 
-    The values are sent as given, so they mean what the proto says: beam_size 0 is a beam search
-    of the server's default width (4), not greedy decoding; 1 is greedy.
+
+@dataclass(frozen=True, kw_only=True)
+class TranslateOptions:
+    """How to translate: the options of a Translate or TranslateStream call, checked when made.
+
+    Attributes:
+        beam_size: 1 (greedy, the default), the beam width of a beam search (at most the model's
+            max_beam_size), or 0 for a beam search of the server's default width, 4.
+        n_best: hypotheses per translation (more than 1 needs beam search).
+        length_penalty: beam search ranking exponent alpha (None: the server's 1.0).
+        sample: sample instead of searching, with `temperature`, `top_k` (0: off), `top_p`
+            (1.0: off) and `seed` (None: the server picks one, see Translation.seed).
+        max_output_tokens: generated-token limit (0: the server's default).
+        min_output_tokens: tokens before the end token may be chosen (0: none).
+        target_prefix: text the translation must start with ("": none).
+        model: model name ("": the server's default model).
+        return_tokens: fill Hypothesis.tokens.
+        return_timings: fill Translation.timings.
 
     Raises:
         ValueError: `sample` together with beam search (beam_size other than 1, or a
             length_penalty), or an integer outside its proto field's range (e.g. a negative one).
     """
-    for name, value, high in (
-        ("beam_size", beam_size, UINT32_MAX),
-        ("n_best", n_best, UINT32_MAX),
-        ("top_k", top_k, UINT32_MAX),
-        ("max_output_tokens", max_output_tokens, UINT32_MAX),
-        ("min_output_tokens", min_output_tokens, UINT32_MAX),
-        ("seed", seed, UINT64_MAX),
-    ):
-        _check_unsigned(name, value, high)
-    options = pb.TranslateOptions(
-        model=model,
-        stopping=pb.StoppingCriteria(
-            max_output_tokens=max_output_tokens, min_output_tokens=min_output_tokens
-        ),
-        n_best=n_best,
-        target_prefix=target_prefix,
-        return_tokens=return_tokens,
-        return_timings=return_timings,
-    )
-    # beam_size 0 is the proto's "default width", a beam search: only 1 means greedy.
-    beam = beam_size != 1 or length_penalty is not None
-    if sample and beam:
-        raise ValueError(
-            f"sampling and beam search exclude each other (beam_size {beam_size}"
-            + ("" if length_penalty is None else f", length_penalty {length_penalty}")
-            + "): use beam_size=1 and no length_penalty with sample=True"
+
+    beam_size: int = _unsigned(1)
+    n_best: int = _unsigned(1)
+    length_penalty: float | None = None
+    sample: bool = False
+    temperature: float = 1.0
+    top_k: int = _unsigned(0)
+    top_p: float = 1.0
+    seed: int | None = _unsigned(None, UINT64_MAX)
+    max_output_tokens: int = _unsigned(0)
+    min_output_tokens: int = _unsigned(0)
+    target_prefix: str = ""
+    model: str = ""
+    return_tokens: bool = False
+    return_timings: bool = False
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if "max" in f.metadata:
+                _check_unsigned(f.name, getattr(self, f.name), f.metadata["max"])
+        if self.sample and self._beam:
+            raise ValueError(
+                f"sampling and beam search exclude each other (beam_size {self.beam_size}"
+                + ("" if self.length_penalty is None else f", length_penalty {self.length_penalty}")
+                + "): use beam_size=1 and no length_penalty with sample=True"
+            )
+
+    @property
+    def _beam(self) -> bool:
+        # beam_size 0 is the proto's "default width", a beam search: only 1 means greedy.
+        return self.beam_size != 1 or self.length_penalty is not None
+
+    def to_proto(self) -> pb.TranslateOptions:
+        """The TranslateOptions message. Values are sent as given, meaning what the proto says:
+        beam_size 0 is a beam search of the server's default width (4), not greedy decoding."""
+        options = pb.TranslateOptions(
+            model=self.model,
+            stopping=pb.StoppingCriteria(
+                max_output_tokens=self.max_output_tokens, min_output_tokens=self.min_output_tokens
+            ),
+            n_best=self.n_best,
+            target_prefix=self.target_prefix,
+            return_tokens=self.return_tokens,
+            return_timings=self.return_timings,
         )
-    if sample:
-        options.sampling.CopyFrom(pb.Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
-    elif beam:
-        options.beam.CopyFrom(pb.BeamSearch(beam_size=beam_size, length_penalty=length_penalty))
-    else:
-        options.greedy.SetInParent()
-    return options
+        if self.sample:
+            options.sampling.CopyFrom(
+                pb.Sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed)
+            )
+        elif self._beam:
+            options.beam.CopyFrom(pb.BeamSearch(beam_size=self.beam_size, length_penalty=self.length_penalty))
+        else:
+            options.greedy.SetInParent()
+        return options
+
+
+def _message(options: TranslateOptions | None, overrides: dict[str, Any]) -> pb.TranslateOptions:
+    """`options` (None: the defaults) with `overrides` replacing some of its fields, as a message."""
+    return replace(options or TranslateOptions(), **overrides).to_proto()
 
 
 class TranslationStream(Iterator[str]):
@@ -319,82 +348,43 @@ class TranslatorClient:
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def translate(
-        self,
-        texts: Sequence[str],
-        *,
-        beam_size: int = 1,
-        n_best: int = 1,
-        length_penalty: float | None = None,
-        sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        max_output_tokens: int = 0,
-        min_output_tokens: int = 0,
-        target_prefix: str = "",
-        model: str = "",
-        return_tokens: bool = False,
-        return_timings: bool = False,
+        self, texts: Sequence[str], options: TranslateOptions | None = None, **overrides: Any
     ) -> list[Translation]:
         """Translates texts with one set of options, one Translation per text in order.
 
         Args:
             texts: non-empty texts (at most the model's max_texts_per_request).
-            beam_size: 1 (greedy, the default), the beam width of a beam search (at most the
-                model's max_beam_size), or 0 for a beam search of the server's default width, 4.
-            n_best: hypotheses per translation (more than 1 needs beam search).
-            length_penalty: beam search ranking exponent alpha (None: the server's 1.0).
-            sample: sample instead of searching, with `temperature`, `top_k` (0: off),
-                `top_p` (1.0: off) and `seed` (None: the server picks one, see Translation.seed).
-            max_output_tokens: generated-token limit (0: the server's default).
-            min_output_tokens: tokens before the end token may be chosen (0: none).
-            target_prefix: text the translation must start with ("": none).
-            model: model name ("": the server's default model).
-            return_tokens: fill Hypothesis.tokens.
-            return_timings: fill Translation.timings.
+            options: how to translate (None: `TranslateOptions()`, greedy on the default model).
+            **overrides: TranslateOptions fields that replace those of `options`, e.g.
+                `translate(texts, beam_size=4, n_best=2)`; an unknown name is a TypeError.
 
         Returns:
             One Translation per text.
 
         Raises:
             TranslatorError: the call failed (e.g. INVALID_ARGUMENT with the limit it broke).
-            ValueError: options that cannot be sent (see `translate_options`); nothing was sent.
+            ValueError: options that cannot be sent (see `TranslateOptions`); nothing was sent.
         """
-        options = translate_options(
-            beam_size=beam_size,
-            n_best=n_best,
-            length_penalty=length_penalty,
-            sample=sample,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-            max_output_tokens=max_output_tokens,
-            min_output_tokens=min_output_tokens,
-            target_prefix=target_prefix,
-            model=model,
-            return_tokens=return_tokens,
-            return_timings=return_timings,
-        )
-        request = pb.TranslateRequest(texts=list(texts), options=options)
+        request = pb.TranslateRequest(texts=list(texts), options=_message(options, overrides))
         response = self._call(self._stub.Translate, request)
         return [_translation(t, response.model) for t in response.translations]
 
-    def translate_stream(self, text: str, **options: Any) -> TranslationStream:
+    def translate_stream(
+        self, text: str, options: TranslateOptions | None = None, **overrides: Any
+    ) -> TranslationStream:
         """Translates one text, yielding text deltas as they are decoded.
 
         Args:
             text: the text to translate.
-            **options: as for `translate`. The server decodes streams greedily or by sampling
-                only: beam search or n_best > 1 is sent as given and refused (INVALID_ARGUMENT,
-                raised by the first `next`), never quietly decoded another way.
+            options, **overrides: as for `translate`. The server decodes streams greedily or by
+                sampling only: beam search or n_best > 1 is sent as given and refused
+                (INVALID_ARGUMENT, raised by the first `next`), never quietly decoded another way.
 
         Returns:
             An iterator of deltas that concatenate to the translation; after the last one its
             `result` attribute holds the final Translation.
         """
-        request = pb.TranslateStreamRequest(text=text, options=translate_options(**options))
+        request = pb.TranslateStreamRequest(text=text, options=_message(options, overrides))
         return TranslationStream(self._stub.TranslateStream(request, timeout=self.timeout))
 
     def attend(

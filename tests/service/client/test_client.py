@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.client import TranslatorClient, TranslatorError, translate_options
-from service.client.cli import build_parser, display_token
+from service.client import TranslateOptions, TranslatorClient, TranslatorError
+from service.client.cli import _options, build_parser, display_token
 from tests.service.server_fixture import ServerThread, loopback_config
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -92,6 +92,21 @@ def test_sampling_with_a_seed_is_reproducible(client: TranslatorClient) -> None:
     assert [t.text for t in first] == [t.text for t in again] and first[0].seed == 7
 
 
+def test_options_as_a_dataclass_or_keywords_send_the_same(client: TranslatorClient) -> None:
+    """`options` and keyword overrides of its fields are one request; an unknown name is refused."""
+    beam = TranslateOptions(beam_size=4, n_best=2)
+    by_object = client.translate(TEXTS[2:], beam)
+    assert client.translate(TEXTS[2:], beam_size=4, n_best=2) == by_object
+    (t,) = client.translate(TEXTS[2:], beam, n_best=3)  # beam_size 4 kept, n_best replaced
+    assert len(t.hypotheses) == 3 and beam.n_best == 2
+    stream = client.translate_stream(CATS, TranslateOptions(max_output_tokens=3))
+    text = "".join(stream)
+    assert stream.result and (stream.result.output_tokens, stream.result.finish_reason) == (3, "LENGTH")
+    assert text == stream.result.text and "J'aime les chats.".startswith(text)
+    with pytest.raises(TypeError, match="beam"):
+        client.translate([CATS], beam=4)
+
+
 def test_attend_rows_sum_to_one_and_the_alignment_maps_each_target_token(client: TranslatorClient) -> None:
     a = client.attend(CATS, kinds=("cross", "encoder"), layers=(2,), heads=(1,))
 
@@ -135,8 +150,8 @@ def test_errors_surface_as_translator_error(client: TranslatorClient) -> None:
 
 def test_beam_size_0_is_the_protos_default_beam_of_4(client: TranslatorClient) -> None:
     """The proto: BeamSearch.beam_size 0 means 4; only 1 is greedy. The library sends 0 as given."""
-    assert translate_options(beam_size=0).WhichOneof("strategy") == "beam"
-    assert translate_options(beam_size=1).WhichOneof("strategy") == "greedy"
+    assert TranslateOptions(beam_size=0).to_proto().WhichOneof("strategy") == "beam"
+    assert TranslateOptions(beam_size=1).to_proto().WhichOneof("strategy") == "greedy"
 
     default = client.translate(TEXTS, beam_size=0, n_best=4)
     four = client.translate(TEXTS, beam_size=4, n_best=4)
@@ -165,8 +180,10 @@ def test_options_out_of_their_fields_range_name_the_option(
     client: TranslatorClient, options: dict[str, object], message: str
 ) -> None:
     with pytest.raises(ValueError) as info:
-        client.translate([CATS], **options)  # type: ignore[arg-type]
+        client.translate([CATS], **options)
     assert message in str(info.value)
+    with pytest.raises(ValueError, match=message):  # refused when made, before any call
+        TranslateOptions(**options)  # type: ignore[arg-type]
 
 
 def test_attend_refuses_negative_layers_and_heads(client: TranslatorClient) -> None:
@@ -257,6 +274,29 @@ def test_cli_integers_out_of_range_name_the_flag_and_the_range(
     with pytest.raises(SystemExit) as info:
         build_parser().parse_args(argv)
     assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_flags_build_the_translate_options() -> None:
+    """Each option flag sets its TranslateOptions field; unset flags keep the dataclass's defaults."""
+    args = build_parser().parse_args(["translate", "x"])
+    assert _options(args) == TranslateOptions()
+    argv = ["--beam-size", "4", "--n-best", "2", "--max-tokens", "9", "--min-tokens", "1", "--prefix", "Le"]
+    argv += ["--model", "m", "--timings", "--temperature", "0.5", "--top-k", "3", "--top-p", "0.9"]
+    expected = TranslateOptions(
+        beam_size=4,
+        n_best=2,
+        max_output_tokens=9,
+        min_output_tokens=1,
+        target_prefix="Le",
+        model="m",
+        return_timings=True,
+        temperature=0.5,
+        top_k=3,
+        top_p=0.9,
+    )
+    assert _options(build_parser().parse_args(["translate", *argv, "x"])) == expected
+    sampled = build_parser().parse_args(["translate", "--sample", "--seed", "7", "x"])
+    assert _options(sampled) == TranslateOptions(sample=True, seed=7)
 
 
 def test_cli_out_of_range_integer_exits_2_before_calling(server: ServerThread) -> None:
