@@ -3,7 +3,7 @@
 Every setting has a command-line flag and an environment variable (`TRANSLATOR_…`); a flag wins
 over its variable, a variable over the default. This is the only module that reads the
 environment: `parse_config(argv, environ)` takes it as an argument and the result is passed down
-(server → scheduler, engine). `config_table()` lists every setting for the README.
+(server → scheduler, engine). `config_table()` lists every setting for docs/configuration.md.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ class _Setting:
     section: str  # the field of Config
     field: str  # the field of that section
     flag: str  # e.g. "--model-dirs"
-    meaning: str  # for --help and the README
+    meaning: str  # for --help and docs/configuration.md
     parse: Callable[[str], Any]  # text → value; raises ValueError with what is allowed
 
     @property
@@ -375,7 +375,7 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Conf
 
 
 def config_table() -> list[tuple[str, str, str, str]]:
-    """(flag, environment variable, default, meaning) of every setting, for the README."""
+    """(flag, environment variable, default, meaning) of every setting, for docs/configuration.md."""
     return [(s.flag, s.env, _show(s.default()), s.meaning) for s in SETTINGS]
 
 

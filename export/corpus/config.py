@@ -33,5 +33,5 @@ class CorpusConfig:
 class Pair:
     en: str
     fr: str
-    tags: frozenset[str] = field(default_factory=frozenset)  # phenomena present (see TAGS in README)
+    tags: frozenset[str] = field(default_factory=frozenset)  # phenomena (export/corpus/__init__.py)
     combos: frozenset[str] = field(default_factory=frozenset)  # an:adj|noun and svo:s|v|o keys
