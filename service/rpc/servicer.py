@@ -407,7 +407,7 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
 
     def _model_info(self, info: ModelInfo) -> pb.ModelInfo:
         graphs = self.engine.graphs(info.name)
-        arch = graphs.manifest.architecture
+        shape = graphs.manifest.shape
         limits = self._limits(info)
         return pb.ModelInfo(
             name=info.name,
@@ -417,11 +417,11 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
             variant=VARIANTS.get(info.variant, pb.MODEL_VARIANT_UNSPECIFIED),
             execution_providers=graphs.decoder_step.get_providers(),
             architecture=pb.ModelArchitecture(
-                encoder_layers=int(arch["n_encoder_layers"]),
-                decoder_layers=int(arch["n_decoder_layers"]),
-                heads=int(arch["n_heads"]),
-                d_model=int(arch["d_model"]),
-                vocab_size=info.dims.vocab_size,
+                encoder_layers=shape.encoder_layers,
+                decoder_layers=shape.decoder_layers,
+                heads=shape.heads,
+                d_model=shape.d_model,
+                vocab_size=shape.vocab_size,
             ),
             # what a request can get, so that one within them never fails for its size
             limits=pb.ModelLimits(
