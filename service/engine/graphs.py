@@ -41,13 +41,13 @@ class ModelDims:
 
     @classmethod
     def from_manifest(cls, manifest: Manifest) -> ModelDims:
-        arch = manifest.architecture  # the TransformerConfig fields
+        shape = manifest.shape
         return cls(
-            vocab_size=int(arch["vocab_size"]),
-            decoder_layers=int(arch["n_decoder_layers"]),
-            heads=int(arch["n_heads"]),
-            head_dim=int(arch["d_model"]) // int(arch["n_heads"]),
-            max_positions=int(arch["max_positions"]),
+            vocab_size=shape.vocab_size,
+            decoder_layers=shape.decoder_layers,
+            heads=shape.heads,
+            head_dim=shape.head_dim,
+            max_positions=shape.max_positions,
             pad_id=manifest.special_ids.pad,
             bos_id=manifest.special_ids.bos,
             eos_id=manifest.special_ids.eos,

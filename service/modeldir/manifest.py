@@ -16,6 +16,7 @@ import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal, Protocol, TypeVar, cast, get_args
 
@@ -77,6 +78,55 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class ModelShape:
+    """The model's dimensions, typed: what the server reads of `architecture`.
+
+    The manifest records the exporter's TransformerConfig whole (writers and later formats need
+    every field); the server reads only these, by name, so that a missing or ill-typed key is
+    refused when the manifest is read rather than at the first request that needs it.
+    """
+
+    d_model: int  # D, the width of every residual stream
+    heads: int  # H
+    encoder_layers: int
+    decoder_layers: int
+    vocab_size: int  # V, shared by source and target
+    max_positions: int  # longest sequence on either side, specials included
+
+    @property
+    def head_dim(self) -> int:
+        """Dh = D / H."""
+        return self.d_model // self.heads
+
+    @classmethod
+    def from_architecture(cls, architecture: Mapping[str, Any]) -> ModelShape:
+        """Read from the manifest's `architecture`; KeyError/TypeError/ValueError name the key."""
+        values = {}
+        for name, key in _SHAPE_KEYS.items():
+            value = _field(architecture, key, int, within="architecture")
+            if value < 1:
+                raise ValueError(f"field 'architecture.{key}' must be positive, got {value}")
+            values[name] = value
+        shape = cls(**values)
+        if shape.d_model % shape.heads:
+            raise ValueError(
+                f"architecture: d_model {shape.d_model} is not divisible by n_heads {shape.heads}"
+            )
+        return shape
+
+
+# ModelShape field → its key in `architecture` (the TransformerConfig's names).
+_SHAPE_KEYS = {
+    "d_model": "d_model",
+    "heads": "n_heads",
+    "encoder_layers": "n_encoder_layers",
+    "decoder_layers": "n_decoder_layers",
+    "vocab_size": "vocab_size",
+    "max_positions": "max_positions",
+}
+
+
+@dataclass(frozen=True)
 class ExporterInfo:
     """The library versions that produced the graphs (for reproducing an export)."""
 
@@ -93,7 +143,7 @@ class Manifest:
     version: str  # semantic version of the model
     languages: Languages
     variant: Variant
-    architecture: Mapping[str, Any]  # the TransformerConfig as a dict
+    architecture: Mapping[str, Any]  # the TransformerConfig as a dict, as written; typed: `shape`
     special_ids: SpecialIds
     limits: Limits
     opset: int  # ONNX opset of the graphs
@@ -105,6 +155,11 @@ class Manifest:
     # A derived variant (export/variants/build.py): the fp32 manifest it came from, the tool and options
     # that made it, and the checks it passed. None for graphs exported from a checkpoint.
     derivation: Mapping[str, Any] | None = None
+
+    @cached_property
+    def shape(self) -> ModelShape:
+        """The model's dimensions, typed (`from_dict` has checked that `architecture` has them)."""
+        return ModelShape.from_architecture(self.architecture)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,13 +269,15 @@ def from_dict(data: Mapping[str, Any]) -> Manifest:
     derivation = data.get("derivation")
     if derivation is not None and not isinstance(derivation, dict):
         raise TypeError(f"derivation must be an object or null, got {type(derivation).__name__}")
+    architecture = _field(data, "architecture", dict)
+    ModelShape.from_architecture(architecture)  # refuse now what `Manifest.shape` could not read
     return Manifest(
         format_version=_field(data, "format_version", int),
         name=_field(data, "name", str),
         version=version,
         languages=_record(data, "languages", Languages, str),
         variant=cast(Variant, variant),
-        architecture=_field(data, "architecture", dict),
+        architecture=architecture,
         special_ids=_record(data, "special_ids", SpecialIds, int),
         limits=_record(data, "limits", Limits, int),
         opset=_field(data, "opset", int),
@@ -233,13 +290,15 @@ def from_dict(data: Mapping[str, Any]) -> Manifest:
     )
 
 
-def _field(data: Mapping[str, Any], key: str, kind: type) -> Any:
+def _field(data: Mapping[str, Any], key: str, kind: type, within: str = "") -> Any:
+    """data[key], refused unless present and a `kind`; `within` names the object holding it."""
+    named = f"{within}.{key}" if within else key
     if key not in data:
-        raise KeyError(f"missing field {key!r}")
+        raise KeyError(f"missing field {named!r}")
     value = data[key]
     # bool is an int subclass in Python; a JSON true is never a valid count.
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise TypeError(f"field {key!r} must be {kind.__name__}, got {type(value).__name__}")
+        raise TypeError(f"field {named!r} must be {kind.__name__}, got {type(value).__name__}")
     return value
 
 

@@ -7,7 +7,7 @@ arrays into proto messages; keeping them apart keeps the servicer to the protoco
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TypeAlias, TypeVar
+from typing import TypeVar
 
 import numpy as np
 from google.protobuf.message import Message
@@ -15,14 +15,13 @@ from google.protobuf.message import Message
 from service.api.translator.v1 import translator_pb2 as pb
 from service.decoding import Hypothesis, normalized_score
 from service.modeldir.tokenizer import Tokenizer
-from service.rpc.requests import InvalidRequestError, TextJob
+from service.rpc.requests import InvalidRequestError, Kind, TextJob
 from service.scheduler import FinishReason, Generation
 
 FINISH_REASONS = {
     FinishReason.END_OF_SEQUENCE: pb.FINISH_REASON_END_OF_SEQUENCE,
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
 }
-Kind: TypeAlias = pb.AttentionKind.ValueType  # an AttentionKind value
 REPLACEMENT = "\ufffd"  # what a partial UTF-8 character decodes to: hold the text back
 M = TypeVar("M", bound=Message)
 

@@ -1,7 +1,8 @@
 """The gRPC servicer of `translator.v1.Translator`: proto ⇄ domain, and errors → status codes.
 
-Each RPC validates its request (`service.rpc.requests` for Translate/TranslateStream), submits one
-scheduler `Request` per text with the call's deadline, awaits the outcomes and builds the response.
+Each RPC validates its request (`service.rpc.requests` for Translate/TranslateStream and Attend),
+submits one scheduler `Request` per text with the call's deadline, awaits the outcomes and builds the
+response.
 `_handled` is the one place where exceptions become gRPC statuses; it also counts every call in
 the metrics and writes one structured log line per call.
 """
@@ -33,11 +34,11 @@ from service.rpc.requests import (
     SchedulerShare,
     TextJob,
     UndecodableRequest,
+    attend_selection,
     decoded,
     translate_jobs,
 )
 from service.rpc.responses import (
-    Kind,
     alignment,
     attention_matrices,
     text_delta,
@@ -61,11 +62,6 @@ _Reply = TypeVar("_Reply", bound=Message)
 
 VARIANTS = {"fp32": pb.MODEL_VARIANT_FP32, "optimized": pb.MODEL_VARIANT_FP32}
 VARIANTS |= {"int8": pb.MODEL_VARIANT_INT8, "fp16": pb.MODEL_VARIANT_FP16}
-KIND_NAMES = {
-    pb.ATTENTION_KIND_CROSS: "cross_attention",
-    pb.ATTENTION_KIND_ENCODER_SELF: "encoder_attention",
-    pb.ATTENTION_KIND_DECODER_SELF: "decoder_attention",
-}
 
 
 class NotReadyError(Exception):
@@ -354,7 +350,7 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
             call.model = name
             tokenizer = self.tokenizers[name]
             limits = self._limits(info)
-            kinds, layers, heads = self._attend_selection(request, name)
+            kinds, layers, heads = attend_selection(request, self.engine.graphs(name).manifest.shape)
             if not request.source.strip():
                 raise InvalidRequestError("source is empty")
             try:
@@ -399,34 +395,6 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
             return self._fitting(response, _SMALLER_ATTENTION)
         raise AssertionError("unreachable: _handled aborts the call on error")
 
-    def _attend_selection(
-        self, request: pb.AttendRequest, model: str
-    ) -> tuple[list[Kind], list[int], list[int]]:
-        """(kinds, layers, heads) of an Attend request, checked against the model's architecture."""
-        kinds = list(request.kinds) or [pb.ATTENTION_KIND_CROSS]
-        for kind in kinds:
-            if kind not in KIND_NAMES:
-                raise InvalidRequestError(
-                    f"kinds: {kind} is not an attention kind (CROSS, ENCODER_SELF, DECODER_SELF)"
-                )
-        if len(set(kinds)) != len(kinds):
-            raise InvalidRequestError("kinds: each attention kind may be requested at most once")
-        arch = self.engine.graphs(model).manifest.architecture
-        stacks = {pb.ATTENTION_KIND_ENCODER_SELF: int(arch["n_encoder_layers"])}
-        layers = sorted(set(request.layers))
-        for kind in kinds:
-            limit = stacks.get(kind, int(arch["n_decoder_layers"]))
-            if layers and layers[-1] >= limit:
-                raise InvalidRequestError(
-                    f"layers: {layers[-1]} is out of range; {pb.AttentionKind.Name(kind)} has {limit} "
-                    f"layers (0 to {limit - 1})"
-                )
-        heads = sorted(set(request.heads))
-        limit = int(arch["n_heads"])
-        if heads and heads[-1] >= limit:
-            raise InvalidRequestError(f"heads: {heads[-1]} is out of range; the model has {limit} heads")
-        return kinds, layers, heads
-
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest | UndecodableRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelInfoResponse:
@@ -439,7 +407,7 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
 
     def _model_info(self, info: ModelInfo) -> pb.ModelInfo:
         graphs = self.engine.graphs(info.name)
-        arch = graphs.manifest.architecture
+        shape = graphs.manifest.shape
         limits = self._limits(info)
         return pb.ModelInfo(
             name=info.name,
@@ -449,11 +417,11 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
             variant=VARIANTS.get(info.variant, pb.MODEL_VARIANT_UNSPECIFIED),
             execution_providers=graphs.decoder_step.get_providers(),
             architecture=pb.ModelArchitecture(
-                encoder_layers=int(arch["n_encoder_layers"]),
-                decoder_layers=int(arch["n_decoder_layers"]),
-                heads=int(arch["n_heads"]),
-                d_model=int(arch["d_model"]),
-                vocab_size=info.dims.vocab_size,
+                encoder_layers=shape.encoder_layers,
+                decoder_layers=shape.decoder_layers,
+                heads=shape.heads,
+                d_model=shape.d_model,
+                vocab_size=shape.vocab_size,
             ),
             # what a request can get, so that one within them never fails for its size
             limits=pb.ModelLimits(

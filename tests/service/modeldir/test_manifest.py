@@ -16,6 +16,7 @@ from export.onnx.directory import export_model_directory
 from service.modeldir.manifest import (
     MANIFEST_FILE,
     ModelDirectoryError,
+    ModelShape,
     TensorSpec,
     check_graph,
     load_manifest,
@@ -84,6 +85,21 @@ def test_loads_what_the_exporter_wrote(exported_dir: Path) -> None:
     assert to_json(manifest) == (exported_dir / MANIFEST_FILE).read_text()
 
 
+def test_shape_types_the_architecture_and_keeps_it_whole(exported_dir: Path) -> None:
+    manifest = load_manifest(exported_dir)
+    arch = manifest.architecture
+    assert manifest.shape == ModelShape(
+        d_model=arch["d_model"],
+        heads=arch["n_heads"],
+        encoder_layers=arch["n_encoder_layers"],
+        decoder_layers=arch["n_decoder_layers"],
+        vocab_size=arch["vocab_size"],
+        max_positions=arch["max_positions"],
+    )
+    assert manifest.shape.head_dim == arch["d_model"] // arch["n_heads"]
+    assert {"d_ff", "activation", "norm_placement"} <= set(arch)  # the fields the server does not read
+
+
 def test_graphs_match_their_specs(exported_dir: Path) -> None:
     for spec in load_manifest(exported_dir).graphs.values():
         check_graph(spec, _session(exported_dir / spec.file))
@@ -142,6 +158,10 @@ def test_refuses_a_graph_without_checksum(model_dir: Path) -> None:
         (lambda d: d["graphs"]["encoder"]["inputs"][0].update(dtype="complex"), "unknown dtype"),
         (lambda d: d["special_ids"].update(eos="2"), "field 'eos' must be int"),
         (lambda d: d["languages"].pop("target"), "field 'languages'"),
+        (lambda d: d["architecture"].pop("n_heads"), "missing field 'architecture.n_heads'"),
+        (lambda d: d["architecture"].update(d_model=16.0), "field 'architecture.d_model' must be int"),
+        (lambda d: d["architecture"].update(vocab_size=0), "'architecture.vocab_size' must be positive"),
+        (lambda d: d["architecture"].update(n_heads=7), "d_model 16 is not divisible by n_heads 7"),
     ],
 )
 def test_refuses_a_malformed_manifest(model_dir: Path, edit: Callable[[dict], None], problem: str) -> None:
