@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from service.engine.engine import Engine
+from service.engine.reference_decoder import translate_ids
 from service.modeldir.tokenizer import Tokenizer
-from service.reference_decoder import translate_ids
 
 KV_BATCH, KV_TOKENS = 64, 64
 

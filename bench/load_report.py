@@ -319,7 +319,8 @@ def _engine(r: BenchResult) -> str:
             f"{e.seconds:.2f} | {e.sentences_per_s:,.1f} | {e.output_tokens_per_s:,.0f} |"
         )
     return (
-        f"Greedy `service.reference_decoder.translate_ids` on the engine's graphs ({r.model['variant']}), "
+        "Greedy `service.engine.reference_decoder.translate_ids` on the engine's graphs "
+        f"({r.model['variant']}), "
         f"the same {r.sentences} sentences in consecutive batches of B (a batch runs until its longest "
         "sentence ends), with nothing else running: by one caller; by as many callers as the service "
         "has instances, each decoding its share of the sentences in its own thread at the same time; "

@@ -1,6 +1,6 @@
 """The decoding loops the KV-cache benchmark compares, each forced to an exact output length.
 
-All four are greedy and run the reference decoder's own search (`service.reference_decoder`), so
+All four are greedy and run the reference decoder's own search (`service.engine.reference_decoder`), so
 the per-step bookkeeping is the same code everywhere; only where a step's log-probabilities come
 from differs (`DESCRIPTIONS`). `recompute` is the honest no-cache baseline: it redoes what the
 cache saves and nothing more. The model directory has no graph for it (the service never needs
@@ -33,14 +33,14 @@ from export.model import Transformer, causal_mask
 from export.onnx.contract import TRACE_SIZES, example_inputs
 from export.onnx.export import trace_graph
 from service.engine.graphs import Attention, OnnxGraphs, StepOutput, pad_ids
-from service.modeldir.manifest import GraphSpec, TensorSpec
-from service.reference_decoder import (
+from service.engine.reference_decoder import (
     Prefixes,
     run_search,
     start_states,
     translate_ids,
     translate_ids_without_cache,
 )
+from service.modeldir.manifest import GraphSpec, TensorSpec
 
 Variant = Literal["cached", "recompute", "attention", "replay"]
 VARIANTS: tuple[Variant, ...] = ("cached", "recompute", "attention", "replay")

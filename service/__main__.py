@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from service.config import ConfigError, parse_config
 from service.server import ListenError, serve, setup_logging
+from service.workers import run_workers
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -21,8 +22,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(config.server)
     try:
         if config.server.workers > 1:
-            from service.workers import run_workers
-
             return run_workers(config)
         asyncio.run(serve(config))
     except ListenError as err:

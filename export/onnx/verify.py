@@ -42,9 +42,9 @@ from export.onnx.export import graph_differences
 from export.translate import DEFAULT_MODEL_DIR
 from service.decoding import default_max_output_tokens
 from service.engine.graphs import OnnxGraphs
+from service.engine.reference_decoder import translate_ids, translate_ids_staggered
 from service.modeldir.manifest import MANIFEST_FILE, ModelDirectoryError, load_manifest
 from service.modeldir.tokenizer import Tokenizer
-from service.reference_decoder import translate_ids, translate_ids_staggered
 
 ATOL = 1e-4
 BATCH = 64

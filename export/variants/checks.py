@@ -2,7 +2,7 @@
 agreement with the fp32 graphs (fp16, optimized).
 
 Everything runs the graphs through onnxruntime on CPU: `service.engine.graphs.OnnxGraphs` (which verifies
-each directory against its manifest) and the reference decoder `service.reference_decoder`.
+each directory against its manifest) and the reference decoder `service.engine.reference_decoder`.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from export.model_config import TransformerConfig
 from export.onnx.contract import TRACE_SIZES, VERIFY_SIZES, example_inputs
 from export.training.scoring import DECODERS, Scores, cpu_name, score
 from service.engine.graphs import OnnxGraphs, pad_ids
+from service.engine.reference_decoder import translate_ids, translate_texts
 from service.modeldir.tokenizer import Tokenizer
-from service.reference_decoder import translate_ids, translate_texts
 
 MAX_BLEU_DROP = 0.5  # the issue's bar for int8, in BLEU points below fp32, for each decoding
 OPTIMIZED_ATOL = 1e-4  # the optimized graphs against fp32: the exporter's own bar against PyTorch

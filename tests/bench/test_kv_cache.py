@@ -19,8 +19,8 @@ from bench.report import (
 )
 from bench.variants import VARIANTS, ForcedLengthDecoders
 from service.engine.graphs import ModelDims, OnnxGraphs
+from service.engine.reference_decoder import translate_ids
 from service.modeldir.tokenizer import Tokenizer
-from service.reference_decoder import translate_ids
 
 MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "en-fr-small"
 # 12 source tokens each (end token included), and one short sentence the 10–20 filter drops.

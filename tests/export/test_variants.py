@@ -24,6 +24,7 @@ from export.onnx.contract import graph_specs
 from export.translate import DEFAULT_MODEL_DIR
 from export.variants import VARIANTS, BuildOptions, build_variants, main
 from service.engine.graphs import OnnxGraphs
+from service.engine.reference_decoder import translate_ids, translate_texts
 from service.modeldir.manifest import (
     MANIFEST_FILE,
     ModelDirectoryError,
@@ -32,7 +33,6 @@ from service.modeldir.manifest import (
     to_json,
 )
 from service.modeldir.tokenizer import Tokenizer
-from service.reference_decoder import translate_ids, translate_texts
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = 12  # test sentences translated by every variant here

@@ -34,8 +34,8 @@ from service.api.translator.v1 import translator_pb2 as pb
 from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
 from service.config import EngineConfig, ServerConfig
 from service.engine.engine import Engine
+from service.engine.reference_decoder import translate_texts
 from service.modeldir.tokenizer import Tokenizer
-from service.reference_decoder import translate_texts
 from service.rpc.responses import text_delta
 from service.server import setup_logging
 from tests.service.server_fixture import ServerThread, loopback_config, paced_steps, wait_until

@@ -25,9 +25,9 @@ from service.engine.engine import (
     choose_variant,
 )
 from service.engine.graphs import OnnxGraphs, pad_ids
+from service.engine.reference_decoder import translate_ids
 from service.metrics import Metrics
 from service.modeldir.manifest import MANIFEST_FILE, ModelDirectoryError, load_manifest, write_manifest
-from service.reference_decoder import translate_ids
 
 MODEL_DIR = Path("models/en-fr-small")
 SOURCES = [[5, 17, 42, 9, 2], [33, 2], [7, 8, 9, 10, 11, 12, 2]]  # unpadded, each ending with </s>

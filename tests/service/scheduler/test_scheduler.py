@@ -27,8 +27,8 @@ from prometheus_client import CollectorRegistry
 from service.config import SchedulerConfig
 from service.decoding import Hypothesis, SearchOptions, start_search
 from service.engine.kv_cache import KV, KVCache
+from service.engine.reference_decoder import Prefixes, run_search
 from service.metrics import Metrics
-from service.reference_decoder import Prefixes, run_search
 from service.scheduler import (
     DeadlineExceededError,
     FinishReason,
@@ -580,8 +580,8 @@ SENTENCES = [
 @pytest.mark.parametrize("mode", ["continuous", "collect"])
 @pytest.mark.parametrize("beam", [1, 4])
 def test_real_engine_staggered_arrivals_equal_decoding_alone(engine: Any, mode: str, beam: int) -> None:
+    from service.engine.reference_decoder import start_states, translate_ids
     from service.modeldir.tokenizer import Tokenizer
-    from service.reference_decoder import start_states, translate_ids
 
     info = engine.model()
     tokenizer = Tokenizer.from_file(MODEL_DIR / "tokenizer.json")
@@ -646,7 +646,7 @@ def test_real_engine_mixed_beams_and_cancellations_share_steps_as_if_alone(
     finish or are cancelled: rows leave, branch and move in the cache, its capacity grows and
     shrinks, and every output still equals the sentence decoded alone — with the cache in host
     memory, and in the provider's (the CUDA path, here on the CPU provider)."""
-    from service.reference_decoder import start_states, translate_ids
+    from service.engine.reference_decoder import start_states, translate_ids
 
     engine = request.getfixturevalue("engine" if kv_cache == "host" else "device_cache_engine")
     from service.modeldir.tokenizer import Tokenizer
@@ -691,8 +691,8 @@ def test_real_engine_mixed_beams_and_cancellations_share_steps_as_if_alone(
 
 
 def test_the_decode_loop_does_not_block_the_event_loop(engine: Any) -> None:
+    from service.engine.reference_decoder import start_states
     from service.modeldir.tokenizer import Tokenizer
-    from service.reference_decoder import start_states
 
     info = engine.model()
     tokenizer = Tokenizer.from_file(MODEL_DIR / "tokenizer.json")

@@ -1,4 +1,4 @@
-"""service.reference_decoder end to end: tiny models exported with the real exporter, decoded by
+"""service.engine.reference_decoder end to end: tiny models exported with the real exporter, decoded by
 onnxruntime, checked against the PyTorch reference (export.generate) token for token.
 
 Two models: a random one with a logit bias on the end token (hypotheses end at varied steps) and
@@ -26,14 +26,14 @@ from service.decoding import (
     Hypothesis,
 )
 from service.engine.graphs import OnnxGraphs
-from service.modeldir.manifest import ModelDirectoryError
-from service.modeldir.tokenizer import InputTooLongError, Tokenizer
-from service.reference_decoder import (
+from service.engine.reference_decoder import (
     translate_ids,
     translate_ids_staggered,
     translate_ids_without_cache,
     translate_texts,
 )
+from service.modeldir.manifest import ModelDirectoryError
+from service.modeldir.tokenizer import InputTooLongError, Tokenizer
 from tests.export.test_generate import reverse_task_batch
 
 PAD, BOS, EOS = 0, 1, 2
