@@ -1,6 +1,7 @@
 """The dependency locks: the exact versions, with hashes, that every install of the project takes.
 
     python -m requirements.lock            # make lock: re-resolve to the newest allowed versions
+    python -m requirements.lock --keep     # add or drop what pyproject.toml changed, keep every other pin
     python -m requirements.lock --check    # the running environment is exactly requirements/dev.txt
 
 pyproject.toml keeps the ranges a user of the package needs; the files here pin what the suite last
@@ -158,10 +159,12 @@ def pip_compile(
     stdin: str = "",
     options: Sequence[str] = (),
     relabel: Mapping[str, str] | None = None,
+    upgrade: bool = True,
 ) -> None:
     """Run pip-compile on `source` (a file, or "-" for `stdin`) into `out`, hashes and all.
 
-    `relabel` rewrites the names of inputs in the "# via" notes (stdin, temporary files).
+    `relabel` rewrites the names of inputs in the "# via" notes (stdin, temporary files). Without
+    `upgrade`, the pins already in `out` stay wherever the inputs still allow them.
     """
     command = [
         sys.executable,
@@ -169,7 +172,7 @@ def pip_compile(
         "piptools",
         "compile",
         "--quiet",
-        "--upgrade",
+        *(["--upgrade"] if upgrade else []),
         "--generate-hashes",
         "--allow-unsafe",  # pip and setuptools are part of what gets installed: lock them too
         "--strip-extras",
@@ -192,8 +195,9 @@ def _runtime(pyproject: Mapping[str, object], **replace: str) -> list[str]:
     return requirements(pyproject, replace=replace)
 
 
-def lock(lock_dir: Path = LOCK_DIR) -> None:
-    """Re-resolve every lock file to the newest versions pyproject.toml allows (see the top)."""
+def lock(lock_dir: Path = LOCK_DIR, *, keep: bool = False) -> None:
+    """Re-resolve every lock file to the newest versions pyproject.toml allows (see the top); with
+    `keep`, only add or drop what pyproject.toml changed, every other pin (onnxruntime's too) kept."""
     pyproject = read_pyproject()
     build_system = pyproject["build-system"]
     assert isinstance(build_system, dict)
@@ -201,23 +205,32 @@ def lock(lock_dir: Path = LOCK_DIR) -> None:
     gpu = "onnxruntime-gpu" + onnxruntime[len("onnxruntime") :]
     with tempfile.TemporaryDirectory() as tmp:
         # The newest onnxruntime-gpu within pyproject's onnxruntime range, and that release for all.
-        probe = Path(tmp) / "gpu.txt"
-        pip_compile("-", probe, stdin="\n".join(_runtime(pyproject, onnxruntime=gpu)))
-        release = read_lock(probe)["onnxruntime-gpu"].version
+        if keep:
+            release = read_lock(lock_dir / DEV)["onnxruntime"].version
+        else:
+            probe = Path(tmp) / "gpu.txt"
+            pip_compile("-", probe, stdin="\n".join(_runtime(pyproject, onnxruntime=gpu)))
+            release = read_lock(probe)["onnxruntime-gpu"].version
         held = Path(tmp) / "onnxruntime.txt"
         held.write_text(f"onnxruntime=={release}\n", encoding="utf-8")
         options = [*(f"--extra={e}" for e in DEV_EXTRAS), "--build-deps-for=editable", "-c", str(held)]
-        pip_compile("pyproject.toml", lock_dir / DEV, options=options, relabel={str(held): "onnxruntime-gpu"})
+        pip_compile(
+            "pyproject.toml",
+            lock_dir / DEV,
+            options=options,
+            relabel={str(held): "onnxruntime-gpu"},
+            upgrade=not keep,
+        )
     under_dev = ["-c", str((lock_dir / DEV).relative_to(ROOT))]
-    pip_compile("pyproject.toml", lock_dir / RUNTIME, options=under_dev)
+    pip_compile("pyproject.toml", lock_dir / RUNTIME, options=under_dev, upgrade=not keep)
     gpu_pinned = f"onnxruntime-gpu=={release}"
     gpu_set = "\n".join(_runtime(pyproject, onnxruntime=gpu_pinned))
-    pip_compile("-", lock_dir / RUNTIME_GPU, stdin=gpu_set, options=under_dev)
+    pip_compile("-", lock_dir / RUNTIME_GPU, stdin=gpu_set, options=under_dev, upgrade=not keep)
     tools = [
         r for extra, names in BUILD_TOOLS.items() for r in requirements(pyproject, extra=extra, only=names)
     ]
     build = [*_runtime(pyproject), *tools, *build_system["requires"]]
-    pip_compile("-", lock_dir / BUILD, stdin="\n".join(build), options=under_dev)
+    pip_compile("-", lock_dir / BUILD, stdin="\n".join(build), options=under_dev, upgrade=not keep)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -225,9 +238,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--check", action="store_true", help="compare the running environment with dev.txt instead"
     )
+    parser.add_argument(
+        "--keep", action="store_true", help="add or drop what pyproject.toml changed, keep the other pins"
+    )
     args = parser.parse_args(argv)
     if not args.check:
-        lock()
+        lock(keep=args.keep)
         return 0
     project = read_pyproject()["project"]
     assert isinstance(project, dict)
