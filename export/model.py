@@ -24,12 +24,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from export.model_config import Activation, NormPlacement, TransformerConfig
+from export.model_config import Activation, NormPlacement, PositionLayout, TransformerConfig
 
 
-def sinusoidal_positions(max_positions: int, d_model: int) -> Tensor:
-    """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d)).  (P, D)"""
-    position = torch.arange(max_positions, dtype=torch.float32)[:, None]  # (P, 1)
+def sinusoidal_positions(
+    max_positions: int, d_model: int, layout: PositionLayout = "interleaved", offset: int = 0
+) -> Tensor:
+    """Row p: the encoding of position p + offset.  (P, D)
+
+    interleaved: PE(pos, 2i) = sin(pos / 10000^(2i/D)), PE(pos, 2i+1) = cos(pos / 10000^(2i/D));
+    marian: the same sines in dimensions [0, D/2) and cosines in [D/2, D);
+    fairseq: halves as marian, angles pos · exp(-i · ln(10000) / (D/2 - 1)).
+    """
+    position = torch.arange(offset, offset + max_positions, dtype=torch.float32)[:, None]  # (P, 1)
+    if layout == "fairseq":
+        half = d_model // 2
+        rate = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / (half - 1)))
+        angle = position * rate  # (P, D/2)
+        return torch.cat([torch.sin(angle), torch.cos(angle)], dim=1)
+    if layout == "marian":  # in float64 and then rounded, as Marian computes it
+        two_i = torch.arange(0, d_model, 2, dtype=torch.float64)
+        angle = position.double() / torch.pow(10000.0, two_i / d_model)
+        sentinel = (d_model + 1) // 2
+        return torch.cat([torch.sin(angle), torch.cos(angle[:, : d_model - sentinel])], dim=1).float()
     two_i = torch.arange(0, d_model, 2, dtype=torch.float32)  # (D/2,)
     angle = position / torch.pow(10000.0, two_i / d_model)  # (P, D/2)
     pe = torch.zeros(max_positions, d_model)
@@ -291,7 +308,9 @@ class Transformer(nn.Module):
         )
         self.positions: Tensor  # (P, D), a non-persistent buffer: derived from the config, never stored
         self.register_buffer(
-            "positions", sinusoidal_positions(cfg.max_positions, cfg.d_model), persistent=False
+            "positions",
+            sinusoidal_positions(cfg.max_positions, cfg.d_model, cfg.position_layout, cfg.position_offset),
+            persistent=False,
         )
         self.embed_dropout = nn.Dropout(cfg.dropout)
         self.encoder_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_encoder_layers))
@@ -389,8 +408,11 @@ class Transformer(nn.Module):
         return out if self.logits_bias is None else out + self.logits_bias
 
     def target_mask(self, tgt: Tensor) -> Tensor:
-        """Causal mask combined with target padding: (B, 1, T, T)."""
-        return causal_mask(tgt.size(1), tgt.device) & padding_mask(tgt, self.cfg.pad_id)
+        """Causal mask combined with target padding: (B, 1, T, T). The first token is the decoder's
+        start, never padding, even where it is the pad token (Marian starts from it)."""
+        real = padding_mask(tgt, self.cfg.pad_id).clone()
+        real[..., 0] = True
+        return causal_mask(tgt.size(1), tgt.device) & real
 
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
         """Teacher forcing: src (B, S), decoder input tgt_in (B, T) → logits (B, T, V)."""

@@ -11,6 +11,15 @@ from typing import Any, Literal
 
 Activation = Literal["relu", "gelu", "swish"]
 NormPlacement = Literal["post", "pre"]
+# How the sinusoids are laid out over the model dimension (same angles pos / 10000^(2i/D) unless
+# named otherwise): "interleaved" sin at even and cos at odd dimensions (the paper, this project's
+# own models); "marian" sines in the first half, cosines in the second (Marian, OPUS-MT);
+# "fairseq" halves too, with angles pos · exp(-i · ln(10000) / (D/2 - 1)) (M2M100, NLLB).
+PositionLayout = Literal["interleaved", "marian", "fairseq"]
+
+# Fields added after the first models were exported: left out of `to_dict` at their defaults, so
+# the config.json and manifest of a model that does not use them stay byte for byte as written.
+_LATER_FIELDS = ("position_layout", "position_offset")
 
 
 @dataclass(frozen=True)
@@ -36,6 +45,8 @@ class TransformerConfig:
     bos_id: int = 1  # decoder start token
     eos_id: int = 2
     unk_id: int = 3
+    position_layout: PositionLayout = "interleaved"
+    position_offset: int = 0  # the first token's position (M2M100 / NLLB count from pad_id + 1)
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
@@ -44,13 +55,24 @@ class TransformerConfig:
             raise ValueError(f"unknown activation {self.activation!r}: use relu, gelu or swish")
         if self.norm_placement not in ("post", "pre"):
             raise ValueError(f"unknown norm placement {self.norm_placement!r}: use post or pre")
+        if self.position_layout not in ("interleaved", "marian", "fairseq"):
+            raise ValueError(
+                f"unknown position layout {self.position_layout!r}: use interleaved, marian or fairseq"
+            )
+        if self.position_offset < 0:
+            raise ValueError(f"position_offset {self.position_offset} is negative")
 
     @property
     def d_k(self) -> int:
         return self.d_model // self.n_heads
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        values = asdict(self)
+        defaults = TransformerConfig(vocab_size=self.vocab_size)
+        for name in _LATER_FIELDS:
+            if values[name] == getattr(defaults, name):
+                del values[name]
+        return values
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TransformerConfig:

@@ -218,6 +218,26 @@ def test_sinusoidal_positions_first_row_and_odd_width() -> None:
     assert pe[3, 3].item() == pytest.approx(math.cos(3 / 10000 ** (2 / 5)), abs=1e-6)
 
 
+@pytest.mark.parametrize("d_model", [64, 512])
+def test_marian_and_fairseq_layouts_equal_transformers_tables(d_model: int) -> None:
+    from transformers.models.m2m_100.modeling_m2m_100 import M2M100SinusoidalPositionalEmbedding
+    from transformers.models.marian.modeling_marian import MarianSinusoidalPositionalEmbedding
+
+    marian = MarianSinusoidalPositionalEmbedding(300, d_model).create_weight()
+    assert torch.equal(sinusoidal_positions(300, d_model, "marian"), marian)
+    # M2M100 / NLLB: row pad_id + 1 + t is the t-th token's (pad_id 1 here)
+    fairseq = M2M100SinusoidalPositionalEmbedding.get_embedding(300 + 2, d_model, padding_idx=1)
+    assert torch.equal(sinusoidal_positions(300, d_model, "fairseq", offset=2), fairseq[2:])
+
+
+def test_target_mask_admits_a_start_token_equal_to_pad(tiny_model) -> None:
+    """Marian decodes from the pad token: column 0 stays visible, later pads stay masked."""
+    model = tiny_model()
+    pad = model.cfg.pad_id
+    mask = model.target_mask(torch.tensor([[pad, 5, 6, pad]]))
+    assert mask[0, 0, :, 0].all() and not mask[0, 0, :, 3].any()
+
+
 # --- masks -------------------------------------------------------------------------------------
 
 
@@ -335,6 +355,10 @@ def test_config_validation() -> None:
 def test_config_dict_round_trip_and_unknown_fields(tiny_config) -> None:
     cfg = tiny_config(activation="gelu", norm_placement="pre")
     assert TransformerConfig.from_dict(cfg.to_dict()) == cfg
+    fairseq = tiny_config(position_layout="fairseq", position_offset=2)
+    assert TransformerConfig.from_dict(fairseq.to_dict()) == fairseq
+    # fields added later are written only when used: older models' config.json stay as they were
+    assert "position_layout" not in cfg.to_dict() and fairseq.to_dict()["position_offset"] == 2
     with pytest.raises(ValueError, match="unknown config fields: bogus, extra"):
         TransformerConfig.from_dict({**cfg.to_dict(), "extra": 1, "bogus": 2})
 
