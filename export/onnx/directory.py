@@ -39,7 +39,7 @@ DEFAULT_LANGUAGES = Languages(source="en", target="fr")
 _CHECKPOINT_FILES = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, MODEL_CARD_JSON, "model_card.md")
 
 
-def _check_tokenizer(path: Path, cfg: TransformerConfig) -> None:
+def _check_tokenizer(path: Path, cfg: TransformerConfig) -> Tokenizer:
     tokenizer = Tokenizer.from_file(path)
     expected = SpecialIds(pad=cfg.pad_id, bos=cfg.bos_id, eos=cfg.eos_id, unk=cfg.unk_id)
     if tokenizer.special != expected:
@@ -48,6 +48,7 @@ def _check_tokenizer(path: Path, cfg: TransformerConfig) -> None:
         raise ValueError(
             f"{path}: {tokenizer.vocab_size} tokens do not fit the model's vocab_size {cfg.vocab_size}"
         )
+    return tokenizer
 
 
 def _quality(model_dir: Path) -> dict[str, Any] | None:
@@ -66,6 +67,7 @@ def export_model_directory(
     name: str | None = None,
     version: str = "1.0.0",
     languages: Languages = DEFAULT_LANGUAGES,
+    tokenizer_file: str = TOKENIZER_FILE,
 ) -> Manifest:
     """Export the fp32 graphs of the checkpoint in `model_dir` and write `manifest.json`.
 
@@ -76,6 +78,7 @@ def export_model_directory(
         name: model name for the manifest; default the output directory's name.
         version: semantic version of the model.
         languages: source and target language codes.
+        tokenizer_file: the tokenizer's file (service.modeldir.tokenizer), with any files it names.
     Returns:
         The manifest written.
     """
@@ -89,7 +92,7 @@ def export_model_directory(
                 shutil.copyfile(model_dir / file, out_dir / file)
     model = load_model(out_dir)
     cfg = model.cfg
-    _check_tokenizer(out_dir / TOKENIZER_FILE, cfg)
+    tokenizer = _check_tokenizer(out_dir / tokenizer_file, cfg)
 
     weights = SafetensorsIndex(out_dir / WEIGHTS_FILE)
     specs = graph_specs(cfg)
@@ -107,9 +110,9 @@ def export_model_directory(
         special_ids=SpecialIds(pad=cfg.pad_id, bos=cfg.bos_id, eos=cfg.eos_id, unk=cfg.unk_id),
         limits=Limits(max_source_tokens=cfg.max_positions, max_target_tokens=cfg.max_positions),
         opset=OPSET,
-        tokenizer=TOKENIZER_FILE,
+        tokenizer=tokenizer_file,
         graphs=specs,
-        files=checksums(out_dir, [*(s.file for s in specs.values()), WEIGHTS_FILE, TOKENIZER_FILE]),
+        files=checksums(out_dir, [*(s.file for s in specs.values()), WEIGHTS_FILE, *tokenizer.files]),
         quality=_quality(out_dir),
         exporter=ExporterInfo(
             torch=torch.__version__,

@@ -225,8 +225,9 @@ def _write_variant(
             "initializers": vg.initializer_types(model),
         }
         onnx.save(model, str(out / specs[graph].file))  # weights inline: a few MB, far from 2 GB
-    tokenizer = source.manifest.tokenizer
-    shutil.copyfile(source.model_dir / tokenizer, out / tokenizer)
+    tokenizer_files = Tokenizer.from_file(source.model_dir / source.manifest.tokenizer).files
+    for file in tokenizer_files:
+        shutil.copyfile(source.model_dir / file, out / file)
     derivation = {
         "from": {"variant": source.manifest.variant, "manifest_sha256": source.manifest_sha256},
         "tool": tool,
@@ -242,7 +243,7 @@ def _write_variant(
         source.manifest,
         variant=variant,
         graphs=dict(specs),
-        files=checksums(out, [*(s.file for s in specs.values()), tokenizer]),
+        files=checksums(out, [*(s.file for s in specs.values()), *tokenizer_files]),
         quality=None,
         derivation=derivation,
     )

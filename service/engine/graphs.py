@@ -249,12 +249,17 @@ def _input_names(session: ort.InferenceSession) -> list[str]:
 
 
 def pad_ids(sources: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Right-padded ids (B, S) and their mask (B, S)."""
+    """Right-padded ids (B, S) and their mask (B, S), True at each row's own tokens.
+
+    The mask comes from the lengths, not from the ids: a target may start with the pad token
+    (Marian's decoder starts from it).
+    """
     width = max(len(s) for s in sources)
     ids = np.full((len(sources), width), pad_id, dtype=np.int64)
+    lengths = np.array([len(s) for s in sources])
     for row, source in enumerate(sources):
         ids[row, : len(source)] = source
-    return ids, ids != pad_id
+    return ids, np.arange(width) < lengths[:, None]
 
 
 def encode_sources(graphs: OnnxGraphs, sources: Sequence[Sequence[int]]) -> KV:

@@ -1,16 +1,21 @@
-"""Text ⇄ token ids with the model's `tokenizer.json` (Hugging Face `tokenizers`, byte-level BPE).
+"""Text ⇄ token ids, with the tokenizer file a model directory names.
 
-Byte-level BPE never meets an unknown character: anything outside the learned merges falls
-back to its UTF-8 bytes, so emoji and unseen scripts encode (and decode back) instead of
-crashing. Decoding is exact: accents, apostrophes and French spacing round-trip.
+Two kinds, one interface (`Tokenizer`), chosen by `load_tokenizer` from the file's content:
+- `BpeTokenizer`: a `tokenizers` file (`tokenizer.json`, byte-level BPE), this project's own
+  models. Byte-level BPE never meets an unknown character, and decoding is exact.
+- `MarianTokenizer`: an imported OPUS-MT model's SentencePiece models and vocabulary, named by a
+  small descriptor (`sentencepiece.json`); ids equal Transformers' `MarianTokenizer`.
 """
 
 from __future__ import annotations
 
+import json
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
+import sentencepiece
 from tokenizers import Tokenizer as HFTokenizer
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
@@ -29,36 +34,40 @@ class SpecialIds:
     unk: int
 
 
-class Tokenizer:
-    def __init__(self, hf: HFTokenizer) -> None:
-        self._hf = hf
-        ids = [hf.token_to_id(t) for t in SPECIAL_TOKENS]
-        if any(i is None for i in ids):
-            raise ValueError(f"tokenizer lacks special tokens {SPECIAL_TOKENS}")
-        self.special = SpecialIds(*ids)  # type: ignore[arg-type]
-        self._special_set = frozenset(ids)
-        # A client's text is text: "<s>", "</s>", "<pad>" or "<unk>" typed in it (an HTML tag comes
-        # close enough) must not become control tokens — an end token would cut the source short,
-        # a padding one be masked out. The special ids enter only where the code puts them.
-        hf.encode_special_tokens = True
+class Tokenizer(ABC):
+    """Source text → source ids, target ids → target text. Special ids never come from text."""
+
+    special: SpecialIds
+    files: tuple[str, ...]  # the files it reads, relative to its own file's folder (itself first)
 
     @classmethod
     def from_file(cls, path: Path | str) -> Tokenizer:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing tokenizer file")
-        return cls(HFTokenizer.from_file(str(path)))
+        return load_tokenizer(path)
 
     @property
-    def vocab_size(self) -> int:
-        return int(self._hf.get_vocab_size())
+    @abstractmethod
+    def vocab_size(self) -> int: ...
+
+    @abstractmethod
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Source ids of each text, without special tokens."""
+
+    @abstractmethod
+    def decode(self, ids: list[int]) -> str:
+        """Text of target `ids`; special tokens are dropped."""
+
+    @abstractmethod
+    def id_to_token(self, token_id: int) -> str:
+        """The target token of an id, as the vocabulary spells it."""
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, without special tokens."""
-        return list(self._hf.encode(text, add_special_tokens=False).ids)
+        """Source ids of `text`, without special tokens."""
+        return self.encode_batch([text])[0]
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [list(e.ids) for e in self._hf.encode_batch(texts, add_special_tokens=False)]
+    def encode_target(self, text: str) -> list[int]:
+        """Target ids of `text` (a target prefix, Attend's target), without special tokens; the
+        source ids where source and target share one tokenization."""
+        return self.encode(text)
 
     def encode_source(self, text: str, max_tokens: int) -> list[int]:
         """Source ids as the encoder reads them (text + end token), checked against `max_tokens`."""
@@ -69,12 +78,118 @@ class Tokenizer:
             )
         return ids
 
+
+def load_tokenizer(path: Path | str) -> Tokenizer:
+    """The tokenizer a file describes: a SentencePiece descriptor, else a `tokenizers` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing tokenizer file")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(data, dict) and "sentencepiece" in data:
+        return MarianTokenizer(path, data)
+    return BpeTokenizer(HFTokenizer.from_file(str(path)), path.name)
+
+
+class BpeTokenizer(Tokenizer):
+    def __init__(self, hf: HFTokenizer, file: str = "tokenizer.json") -> None:
+        self._hf = hf
+        self.files = (file,)
+        ids = [hf.token_to_id(t) for t in SPECIAL_TOKENS]
+        if any(i is None for i in ids):
+            raise ValueError(f"tokenizer lacks special tokens {SPECIAL_TOKENS}")
+        self.special = SpecialIds(*ids)  # type: ignore[arg-type]
+        self._special_set = frozenset(ids)
+        # A client's text is text: "<s>", "</s>", "<pad>" or "<unk>" typed in it (an HTML tag comes
+        # close enough) must not become control tokens — an end token would cut the source short,
+        # a padding one be masked out. The special ids enter only where the code puts them.
+        hf.encode_special_tokens = True
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._hf.get_vocab_size())
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [list(e.ids) for e in self._hf.encode_batch(texts, add_special_tokens=False)]
+
     def decode(self, ids: list[int]) -> str:
-        """Text of `ids`; special tokens are dropped."""
         return str(self._hf.decode([i for i in ids if i not in self._special_set], skip_special_tokens=True))
 
     def id_to_token(self, token_id: int) -> str:
         return str(self._hf.id_to_token(token_id))
+
+
+_UNDERLINE = "\u2581"  # SentencePiece's word-start mark
+
+
+class MarianTokenizer(Tokenizer):
+    """OPUS-MT's tokenization: SentencePiece pieces of the source model, looked up in the vocabulary
+    (a piece it lacks is unknown), then the end token; a leading `>>xx<<` target-language code is a
+    token of its own. Target ids map back through the target vocabulary (the same one unless the
+    model has separate vocabularies) and decode with the SentencePiece model Transformers uses:
+    the source one for a shared vocabulary, the target one otherwise.
+
+    The descriptor: {"sentencepiece": {"source": FILE, "target": FILE, "vocab": FILE,
+    "target_vocab": FILE or null}, "special_ids": {"pad", "bos", "eos", "unk"}}, `bos` being the
+    decoder's start token (the pad token in OPUS-MT).
+    """
+
+    def __init__(self, path: Path, data: dict) -> None:
+        folder = path.parent
+        try:
+            spec = data["sentencepiece"]
+            self.special = SpecialIds(
+                **{k: int(data["special_ids"][k]) for k in ("pad", "bos", "eos", "unk")}
+            )
+            source, target, vocab, target_vocab = (
+                spec["source"],
+                spec["target"],
+                spec["vocab"],
+                spec.get("target_vocab"),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(
+                f"{path}: malformed SentencePiece descriptor ({err!r} missing or wrong)"
+            ) from err
+        self.files = (path.name, *dict.fromkeys(n for n in (source, target, vocab, target_vocab) if n))
+        for name in self.files[1:]:
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"{folder / name}: missing tokenizer file (named by {path.name})")
+        self._source = sentencepiece.SentencePieceProcessor(model_file=str(folder / source))
+        self._target = sentencepiece.SentencePieceProcessor(model_file=str(folder / target))
+        self._vocab: dict[str, int] = json.loads((folder / vocab).read_text(encoding="utf-8"))
+        self._target_vocab: dict[str, int] = (
+            json.loads((folder / target_vocab).read_text(encoding="utf-8")) if target_vocab else self._vocab
+        )
+        # Transformers decodes with the source model unless the vocabularies are separate
+        self._decoder_spm = self._target if target_vocab else self._source
+        self._pieces = {int(i): piece for piece, i in self._target_vocab.items()}
+        self._special_set = frozenset(astuple(self.special))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._target_vocab)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        out = []
+        for text in texts:
+            code: list[str] = []
+            if text.startswith(">>") and (end := text.find("<<")) != -1:  # a target-language code
+                code, text = [text[: end + 2]], text[end + 2 :]
+            out.append(self._ids(code + self._source.encode(text, out_type=str), self._vocab))
+        return out
+
+    def encode_target(self, text: str) -> list[int]:
+        return self._ids(self._target.encode(text, out_type=str), self._target_vocab)
+
+    def _ids(self, pieces: list[str], vocab: dict[str, int]) -> list[int]:
+        return [vocab.get(piece, self.special.unk) for piece in pieces]
+
+    def decode(self, ids: list[int]) -> str:
+        pieces = [self._pieces.get(i, "") for i in ids if i not in self._special_set]
+        return str(self._decoder_spm.decode_pieces(pieces)).replace(_UNDERLINE, " ").strip()
+
+    def id_to_token(self, token_id: int) -> str:
+        return self._pieces.get(token_id, "")
 
 
 def translate_in_batches(

@@ -178,7 +178,7 @@ def translate_jobs(
         raise InvalidRequestError(
             f"TranslateStream decodes one hypothesis: beam_size {beam_size} and n_best {n_best} must be 1"
         )
-    prefix = tuple(tokenizer.encode(options.target_prefix)) if options.target_prefix else ()
+    prefix = tuple(tokenizer.encode_target(options.target_prefix)) if options.target_prefix else ()
     requested_max = options.stopping.max_output_tokens
     if requested_max > limits.max_output_tokens:
         raise InvalidRequestError(

@@ -358,7 +358,7 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
             except ValueError as err:
                 raise InvalidRequestError(f"source: {err}") from err
             if request.HasField("target"):
-                target_text, target = request.target, tokenizer.encode(request.target)
+                target_text, target = request.target, tokenizer.encode_target(request.target)
                 # the limit GetModelInfo reports, though a given target takes no KV-cache slot
                 if len(target) + 1 > limits.effective_max_output_tokens:
                     raise InvalidRequestError(
