@@ -125,6 +125,20 @@ def convert_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     converted: onnx.ModelProto = convert_float_to_float16(
         model, keep_io_types=list(FP16_FLOAT32_OUTPUTS), op_block_list=list(FP16_BLOCKED_OPS)
     )
+    # The converter casts an initializer back to float32 once per blocked consumer, each time
+    # under the same node and output name: one initializer feeding several blocked ops (identical
+    # tensors are stored once, e.g. the zero biases of a freshly initialised model) would then be
+    # produced twice, which onnxruntime refuses. Identical copies of a node are one node.
+    seen: set[bytes] = set()
+    nodes = []
+    for node in converted.graph.node:
+        key = node.SerializeToString(deterministic=True)
+        if key not in seen:
+            seen.add(key)
+            nodes.append(node)
+    if len(nodes) < len(converted.graph.node):
+        del converted.graph.node[:]
+        converted.graph.node.extend(nodes)
     return converted
 
 
