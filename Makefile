@@ -13,7 +13,7 @@ CORPUS_DIR ?= data/corpus
 SEED ?= 1234
 
 .PHONY: setup lock proto corpus train eval translate export variants verify bench-kv bench-calls bench-gc bench run \
-	test test-full lint clean compose-up compose-down
+	test test-full lint clean compose-up compose-down import-hf
 
 setup: $(SETUP_DONE)
 
@@ -86,6 +86,13 @@ translate: $(VENV_DONE)
 # written in place into $(MODEL_DIR), next to the weights (docs/model-directory.md).
 export: $(VENV_DONE)
 	$(PY) -m export --model-dir $(MODEL_DIR)
+
+# A local Hugging Face checkpoint (MarianMT / OPUS-MT) → a model directory the server serves by its
+# name: make import-hf SRC=path/to/opus-mt-en-de OUT=models/opus-mt-en-de. Nothing is downloaded.
+import-hf: $(VENV_DONE)
+	@test -n "$(SRC)" -a -n "$(OUT)" || { echo "usage: make import-hf SRC=checkpoint-dir OUT=model-dir" >&2; exit 2; }
+	$(PY) -m export.import_hf $(SRC) --out $(OUT)
+	$(PY) -m export.variants --model-dir $(OUT)
 
 # ONNX vs PyTorch: parity, cache equivalence, token-identical decoding of the whole test set,
 # batch invariance, checksums, and the committed directory equal to a fresh export.

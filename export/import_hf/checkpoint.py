@@ -1,0 +1,68 @@
+"""Reading a Hugging Face checkpoint directory: its config, generation defaults and weights.
+
+Every refusal is an `ImportRefused` whose message names what is wrong, in one line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+CONFIG = "config.json"
+GENERATION_CONFIG = "generation_config.json"
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+class ImportRefused(ValueError):
+    """The directory cannot be imported; the message says why."""
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ImportRefused(f"{path}: not readable JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise ImportRefused(f"{path}: not a JSON object")
+    return data
+
+
+def read_config(src: Path) -> dict[str, Any]:
+    """config.json, checked to be a checkpoint's config (it names a `model_type`)."""
+    if not src.is_dir():
+        raise ImportRefused(f"{src}: not a directory")
+    path = src / CONFIG
+    if not path.is_file():
+        raise ImportRefused(f"{src}: not a Hugging Face checkpoint (no {CONFIG})")
+    config = read_json(path)
+    if "model_type" not in config:
+        raise ImportRefused(f"{path}: names no model_type")
+    return config
+
+
+def read_generation_config(src: Path) -> dict[str, Any]:
+    """generation_config.json, or {} when the checkpoint ships none."""
+    path = src / GENERATION_CONFIG
+    return read_json(path) if path.is_file() else {}
+
+
+def read_weights(src: Path) -> dict[str, torch.Tensor]:
+    """Every stored tensor, as float32 where it is floating point."""
+    for name in WEIGHT_FILES:
+        path = src / name
+        if path.is_file():
+            break
+    else:
+        raise ImportRefused(f"{src}: no weights ({' or '.join(WEIGHT_FILES)})")
+    try:
+        if path.suffix == ".safetensors":
+            tensors = load_file(str(path))
+        else:  # tensors only: weights_only refuses pickled code
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated or foreign file: say which, not a traceback
+        raise ImportRefused(f"{path}: unreadable weights ({type(err).__name__}: {err})") from err
+    return {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}

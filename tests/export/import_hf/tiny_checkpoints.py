@@ -1,0 +1,95 @@
+"""Tiny Hugging Face checkpoints built here, never downloaded: what the importer's tests import.
+
+SentencePiece models are trained on a small slice of the project's own corpus; the weights are
+random (seeded), drawn wider than Transformers' default so that greedy and beam outputs vary from
+sentence to sentence instead of repeating one token.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import sentencepiece as spm
+import torch
+from transformers import MarianConfig, MarianMTModel, MarianTokenizer
+
+from export.corpus import CorpusConfig, generate_corpus
+
+CORPUS = CorpusConfig(seed=11, train_size=4000, valid_size=50, test_size=200, heldout_size=50)
+PIECES = 400  # per SentencePiece model
+EOS_BIAS = 4.0  # about one output in six ends before the tests' limit of 24 tokens
+
+
+def corpus() -> dict[str, list[tuple[str, str]]]:
+    return {name: [(p.en, p.fr) for p in pairs] for name, pairs in generate_corpus(CORPUS).items()}
+
+
+def _train_spm(texts: list[str], prefix: Path) -> Path:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_prefix=str(prefix),
+        vocab_size=PIECES,
+        model_type="unigram",
+        character_coverage=1.0,
+        bos_id=-1,
+        eos_id=-1,
+        unk_id=0,
+        pad_id=-1,
+        minloglevel=2,
+    )
+    return prefix.with_suffix(".model")
+
+
+def build_marian(
+    out: Path, pairs: list[tuple[str, str]], seed: int = 0, eos_bias: float = EOS_BIAS, **config: Any
+) -> Path:
+    """A MarianMT checkpoint in `out`: source.spm, target.spm, a shared vocab.json, random weights,
+    the end token's logit raised by `eos_bias` so that outputs end at varied lengths."""
+    out.mkdir(parents=True, exist_ok=True)
+    for side, texts in (("source", [en for en, _ in pairs]), ("target", [fr for _, fr in pairs])):
+        _train_spm(texts, out / side).rename(out / f"{side}.spm")
+        (out / f"{side}.vocab").unlink()
+    vocab = {"</s>": 0, "<unk>": 1}
+    for side in ("source", "target"):
+        model = spm.SentencePieceProcessor(model_file=str(out / f"{side}.spm"))
+        for i in range(model.get_piece_size()):
+            vocab.setdefault(model.id_to_piece(i), len(vocab))
+    vocab["<pad>"] = len(vocab)
+    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    tokenizer = MarianTokenizer(
+        source_spm=str(out / "source.spm"),
+        target_spm=str(out / "target.spm"),
+        vocab=str(out / "vocab.json"),
+        source_lang="en",
+        target_lang="fr",
+    )
+    settings = {
+        "vocab_size": len(vocab),
+        "decoder_vocab_size": len(vocab),
+        "d_model": 32,
+        "encoder_layers": 2,
+        "decoder_layers": 2,
+        "encoder_attention_heads": 4,
+        "decoder_attention_heads": 4,
+        "encoder_ffn_dim": 64,
+        "decoder_ffn_dim": 64,
+        "max_position_embeddings": 128,
+        "pad_token_id": vocab["<pad>"],
+        "eos_token_id": 0,
+        "decoder_start_token_id": vocab["<pad>"],
+        "activation_function": "swish",
+        "scale_embedding": True,
+        "init_std": 0.3,
+        **config,
+    }
+    torch.manual_seed(seed)
+    model = MarianMTModel(MarianConfig(**settings)).eval()
+    with torch.no_grad():
+        model.final_logits_bias.normal_(0.0, 0.5)
+        model.final_logits_bias[0, settings["eos_token_id"]] += eos_bias
+    model.generation_config.bad_words_ids = [[vocab["<pad>"]]]  # as OPUS-MT checkpoints ship it
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
