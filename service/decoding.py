@@ -79,7 +79,10 @@ class SearchOptions:
     n_best: int = 1  # hypotheses returned, best first; at most beam_size
     never_ids: tuple[int, ...] = ()  # tokens never chosen (padding, the start token), as in export.generate
     min_output_tokens: int = 0  # tokens generated before the end token may be chosen (end token excluded)
-    forced_prefix: tuple[int, ...] = ()  # the first tokens, imposed; their log-probs count in the score
+    # The first tokens, imposed: `forced_start` scored 0 (a multilingual model's target-language
+    # token, as Transformers' forced BOS token), then `forced_prefix` scored by the model.
+    forced_start: tuple[int, ...] = ()
+    forced_prefix: tuple[int, ...] = ()
     sampling: Sampling | None = None  # draw instead of taking the best (beam_size 1 only)
 
     def __post_init__(self) -> None:
@@ -94,17 +97,22 @@ class SearchOptions:
                 f"min_output_tokens {self.min_output_tokens} must be below max_output_tokens "
                 f"{self.max_output_tokens} (which counts the end token)"
             )
-        if self.forced_prefix and len(self.forced_prefix) >= self.max_output_tokens:
+        if self.forced and len(self.forced) >= self.max_output_tokens:
             raise ValueError(
-                f"the forced prefix has {len(self.forced_prefix)} tokens; max_output_tokens "
+                f"the forced prefix has {len(self.forced)} tokens; max_output_tokens "
                 f"{self.max_output_tokens} leaves no room after it"
             )
-        if self.eos_id in self.forced_prefix:
+        if self.eos_id in self.forced:
             raise ValueError("the forced prefix must not contain the end token")
         if not 1 <= self.n_best <= self.beam_size:
             raise ValueError(f"n_best {self.n_best} must be between 1 and beam_size {self.beam_size}")
         if self.max_output_tokens < 0:
             raise ValueError(f"max_output_tokens {self.max_output_tokens} must not be negative")
+
+    @property
+    def forced(self) -> tuple[int, ...]:
+        """Every imposed token, in order."""
+        return self.forced_start + self.forced_prefix
 
 
 def normalized_score(score: float, length: int, length_penalty: float) -> float:
@@ -251,8 +259,10 @@ def advance(state: SearchState, log_probs: np.ndarray) -> Advance:
         # They keep their share of the softmax (scores stay model log-probs); they are never picked.
         log_probs = log_probs.copy()
         log_probs[:, list(banned)] = -np.inf
-    if state.step < len(opts.forced_prefix):
-        return _forced_advance(state, log_probs, opts.forced_prefix[state.step])
+    if state.step < len(opts.forced):
+        return _forced_advance(
+            state, log_probs, opts.forced[state.step], state.step >= len(opts.forced_start)
+        )
     if opts.beam_size == 1:
         return _greedy_advance(state, log_probs)
     return _beam_advance(state, log_probs)
@@ -286,7 +296,7 @@ def advance_rows(states: Sequence[SearchState], log_probs: np.ndarray) -> RowsAd
     groups: dict[tuple[int, ...], list[int]] = {}  # banned tokens → the greedy sentences banning them
     for i, state in enumerate(states):
         opts = state.options
-        if opts.beam_size == 1 and opts.sampling is None and state.step >= len(opts.forced_prefix):
+        if opts.beam_size == 1 and opts.sampling is None and state.step >= len(opts.forced):
             groups.setdefault(_banned(state), []).append(i)
     chosen: dict[int, tuple[int, float, float]] = {}  # sentence → token, its log-prob, the new score
     for banned, members in groups.items():
@@ -338,11 +348,13 @@ def _banned(state: SearchState) -> tuple[int, ...]:
     return (*opts.never_ids, *((opts.eos_id,) if state.step < opts.min_output_tokens else ()))
 
 
-def _forced_advance(state: SearchState, log_probs: np.ndarray, token: int) -> Advance:
-    """Every live beam takes the imposed token (at the start there is one beam, so one stays)."""
+def _forced_advance(state: SearchState, log_probs: np.ndarray, token: int, scored: bool) -> Advance:
+    """Every live beam takes the imposed token (at the start there is one beam, so one stays),
+    adding its log-prob to the score when `scored`, else 0."""
     step = state.step + 1
     live = tuple(
-        _extended(beam, token, np.float32(log_probs[row, token])) for row, beam in enumerate(state.live)
+        _extended(beam, token, np.float32(log_probs[row, token] if scored else 0.0))
+        for row, beam in enumerate(state.live)
     )
     moved = SearchState(state.options, step, live, state.finished)
     return _moved(_at_limit(moved), range(len(live)))

@@ -336,9 +336,28 @@ def test_forced_prefix_is_followed_then_decoding_goes_on() -> None:
         assert h.score == pytest.approx(want, abs=1e-5)
 
 
+def test_a_forced_start_is_followed_and_scores_zero() -> None:
+    """A multilingual model's language token: imposed like Transformers' forced BOS token (log-prob
+    0), before any target prefix (whose log-probs count)."""
+    for beam_size in (1, 3):
+        plain = run(SearchOptions(6, EOS, beam_size=beam_size, forced_prefix=(B, C)))[-1].hypotheses()
+        started = run(SearchOptions(6, EOS, beam_size=beam_size, forced_start=(A,), forced_prefix=(B, C)))[
+            -1
+        ].hypotheses()
+        (h,) = started
+        assert h.tokens[:3] == (A, B, C)
+        prefixes = [h.tokens[:i] for i in range(1, len(h.tokens) + 1)]
+        chosen = [*h.tokens[1:], EOS] if h.finished else list(h.tokens[1:])
+        want = sum(float(table_log_probs([p])[0, t]) for p, t in zip(prefixes, chosen, strict=False))
+        assert h.score == pytest.approx(want, abs=1e-5)
+        assert plain[0].tokens[:2] == (B, C)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
+        ({"forced_start": (A, B), "forced_prefix": (C, A, B)}, "leaves no room"),
+        ({"forced_start": (EOS,)}, "must not contain the end token"),
         ({"sampling": Sampling(), "beam_size": 2}, "beam_size must be 1"),
         ({"min_output_tokens": 5}, "below max_output_tokens 5"),
         ({"min_output_tokens": -1}, "must not be negative"),
