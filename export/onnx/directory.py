@@ -24,6 +24,7 @@ from export.onnx.weights import SafetensorsIndex
 from service.modeldir.manifest import (
     FORMAT_VERSION,
     MANIFEST_FILE,
+    Decoding,
     ExporterInfo,
     Languages,
     Limits,
@@ -68,6 +69,7 @@ def export_model_directory(
     version: str = "1.0.0",
     languages: Languages = DEFAULT_LANGUAGES,
     tokenizer_file: str = TOKENIZER_FILE,
+    decoding: Decoding | None = None,
 ) -> Manifest:
     """Export the fp32 graphs of the checkpoint in `model_dir` and write `manifest.json`.
 
@@ -79,6 +81,7 @@ def export_model_directory(
         version: semantic version of the model.
         languages: source and target language codes.
         tokenizer_file: the tokenizer's file (service.modeldir.tokenizer), with any files it names.
+        decoding: an imported checkpoint's decoding record (None: this project's conventions).
     Returns:
         The manifest written.
     """
@@ -120,6 +123,7 @@ def export_model_directory(
             onnxruntime=onnxruntime.__version__,
             kind=EXPORTER_KIND,
         ),
+        decoding=decoding,
     )
     write_manifest(out_dir, manifest)
     return manifest

@@ -38,6 +38,12 @@ class ModelDims:
     pad_id: int
     bos_id: int  # the decoder's start token
     eos_id: int
+    never: tuple[int, ...] | None = None  # the manifest's never_ids; None: pad and the start token
+
+    @property
+    def never_ids(self) -> tuple[int, ...]:
+        """Tokens decoding never chooses."""
+        return (self.pad_id, self.bos_id) if self.never is None else self.never
 
     @classmethod
     def from_manifest(cls, manifest: Manifest) -> ModelDims:
@@ -51,6 +57,7 @@ class ModelDims:
             pad_id=manifest.special_ids.pad,
             bos_id=manifest.special_ids.bos,
             eos_id=manifest.special_ids.eos,
+            never=manifest.never_ids,
         )
 
 

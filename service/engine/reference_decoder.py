@@ -52,6 +52,7 @@ def translate_ids(
     length_penalty: float = 1.0,
     max_output_tokens: int | None = None,
     n_best: int = 1,
+    forced_starts: Sequence[Sequence[int]] | None = None,
 ) -> list[list[Hypothesis]]:
     """Decode a batch of source ids with the KV-cached decoder-step graph.
 
@@ -63,13 +64,17 @@ def translate_ids(
         max_output_tokens: decoder steps at most, the end token included; default per sentence
             `default_max_output_tokens(len(source), max_positions)`.
         n_best: hypotheses per sentence (at most beam_size).
+        forced_starts: per sentence, tokens imposed first with log-prob 0 (a multilingual model's
+            target-language token); None: none.
     Returns:
         Per sentence, its `n_best` hypotheses, best first.
     Raises:
         ValueError: a source that is empty, does not end with the end token, or is too long; a
             limit over the model's max_positions; n_best or beam_size out of range.
     """
-    states = start_states(graphs.dims, sources, beam_size, length_penalty, max_output_tokens, n_best)
+    states = start_states(
+        graphs.dims, sources, beam_size, length_penalty, max_output_tokens, n_best, forced_starts
+    )
     if not states:
         return []
     return run_search(states, _CachedSteps(graphs, sources), graphs.dims.bos_id)
@@ -194,6 +199,7 @@ def start_states(
     length_penalty: float,
     max_output_tokens: int | None,
     n_best: int,
+    forced_starts: Sequence[Sequence[int]] | None = None,
 ) -> list[SearchState]:
     if max_output_tokens is not None and max_output_tokens > dims.max_positions:
         raise ValueError(
@@ -211,7 +217,13 @@ def start_states(
         if limit is None:
             limit = default_max_output_tokens(len(source), dims.max_positions)
         options = SearchOptions(
-            limit, dims.eos_id, beam_size, length_penalty, n_best, never_ids=(dims.pad_id, dims.bos_id)
+            limit,
+            dims.eos_id,
+            beam_size,
+            length_penalty,
+            n_best,
+            never_ids=dims.never_ids,
+            forced_start=tuple(forced_starts[i]) if forced_starts is not None else (),
         )
         states.append(start_search(options))
     return states

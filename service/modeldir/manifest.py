@@ -72,6 +72,15 @@ class Languages:
 
 
 @dataclass(frozen=True)
+class Decoding:
+    """How an imported checkpoint decodes where it differs from this project's own models (which
+    have no such record: padding and the start token are never generated)."""
+
+    never_ids: tuple[int, ...]  # tokens never generated (the checkpoint's one-token bad words)
+    multilingual: bool = False  # requests name a target language; its token is the first output
+
+
+@dataclass(frozen=True)
 class Limits:
     max_source_tokens: int  # specials included; = the model's max_positions
     max_target_tokens: int  # start token included; = the model's max_positions
@@ -155,6 +164,14 @@ class Manifest:
     # A derived variant (export/variants/build.py): the fp32 manifest it came from, the tool and options
     # that made it, and the checks it passed. None for graphs exported from a checkpoint.
     derivation: Mapping[str, Any] | None = None
+    decoding: Decoding | None = None  # None: this project's own conventions
+
+    @property
+    def never_ids(self) -> tuple[int, ...]:
+        """Tokens decoding never chooses."""
+        if self.decoding is not None:
+            return self.decoding.never_ids
+        return (self.special_ids.pad, self.special_ids.bos)
 
     @cached_property
     def shape(self) -> ModelShape:
@@ -182,10 +199,11 @@ def checksums(model_dir: Path, files: Sequence[str]) -> dict[str, str]:
 def to_json(manifest: Manifest) -> str:
     """Deterministic JSON text of the manifest (sorted keys, indent 2, trailing newline)."""
     data = asdict(manifest)
-    if data["derivation"] is None:
-        # Absent rather than null: an exported (fp32) manifest has no derivation, and its
-        # readers never need the key.
-        del data["derivation"]
+    for optional in ("derivation", "decoding"):
+        if data[optional] is None:
+            # Absent rather than null: an exported (fp32) manifest has no derivation, one of this
+            # project's own models no decoding record, and their readers never need the key.
+            del data[optional]
     # asdict keeps tuples; JSON has only lists. Mappings become plain dicts for json.dumps.
     return json.dumps(_plain(data), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
@@ -287,7 +305,18 @@ def from_dict(data: Mapping[str, Any]) -> Manifest:
         quality=quality,
         exporter=_record(data, "exporter", ExporterInfo, str),
         derivation=derivation,
+        decoding=_decoding(data),
     )
+
+
+def _decoding(data: Mapping[str, Any]) -> Decoding | None:
+    if data.get("decoding") is None:
+        return None
+    record = _field(data, "decoding", dict)
+    never = _field(record, "never_ids", list, within="decoding")
+    if not all(isinstance(i, int) for i in never):
+        raise TypeError("field 'decoding.never_ids' must be a list of ints")
+    return Decoding(never_ids=tuple(never), multilingual=bool(record.get("multilingual", False)))
 
 
 def _field(data: Mapping[str, Any], key: str, kind: type, within: str = "") -> Any:

@@ -15,10 +15,12 @@ import pytest
 from export.onnx.directory import export_model_directory
 from service.modeldir.manifest import (
     MANIFEST_FILE,
+    Decoding,
     ModelDirectoryError,
     ModelShape,
     TensorSpec,
     check_graph,
+    from_dict,
     load_manifest,
     to_json,
     write_manifest,
@@ -83,6 +85,17 @@ def test_loads_what_the_exporter_wrote(exported_dir: Path) -> None:
     assert [t.name for t in step.outputs] == ["log_probs", "new_k", "new_v"]
     # Reading and writing back gives the same bytes: the JSON is deterministic.
     assert to_json(manifest) == (exported_dir / MANIFEST_FILE).read_text()
+
+
+def test_the_decoding_record_is_absent_for_own_models_and_round_trips(exported_dir: Path) -> None:
+    manifest = load_manifest(exported_dir)
+    assert manifest.decoding is None and "decoding" not in (exported_dir / MANIFEST_FILE).read_text()
+    assert manifest.never_ids == (manifest.special_ids.pad, manifest.special_ids.bos)
+    imported = dataclasses.replace(manifest, decoding=Decoding(never_ids=(), multilingual=True))
+    again = from_dict(json.loads(to_json(imported)))
+    assert again.decoding == Decoding(never_ids=(), multilingual=True) and again.never_ids == ()
+    with pytest.raises(TypeError, match=r"decoding\.never_ids"):
+        from_dict({**json.loads(to_json(imported)), "decoding": {"never_ids": ["x"]}})
 
 
 def test_shape_types_the_architecture_and_keeps_it_whole(exported_dir: Path) -> None:
