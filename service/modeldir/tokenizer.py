@@ -1,17 +1,22 @@
 """Text ⇄ token ids, with the tokenizer file a model directory names.
 
 Two kinds, one interface (`Tokenizer`), chosen by `load_tokenizer` from the file's content:
-- `BpeTokenizer`: a `tokenizers` file (`tokenizer.json`, byte-level BPE), this project's own
-  models. Byte-level BPE never meets an unknown character, and decoding is exact.
+- `BpeTokenizer`: a `tokenizers` file (`tokenizer.json`): this project's own models (byte-level
+  BPE, which never meets an unknown character), or, named by a small descriptor
+  (`multilingual.json`) with its special ids and language tokens, an imported NLLB model's.
 - `MarianTokenizer`: an imported OPUS-MT model's SentencePiece models and vocabulary, named by a
   small descriptor (`sentencepiece.json`); ids equal Transformers' `MarianTokenizer`.
+
+A multilingual tokenizer (`languages` not empty) puts the source language's token before the
+source, as Transformers' NLLB and M2M100 tokenizers do; the target language's token is the first
+output token, which the decoder is given (service.decoding's forced start).
 """
 
 from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import astuple, dataclass
 from pathlib import Path
 
@@ -39,6 +44,7 @@ class Tokenizer(ABC):
 
     special: SpecialIds
     files: tuple[str, ...]  # the files it reads, relative to its own file's folder (itself first)
+    languages: Mapping[str, int] = {}  # language code → its token; empty for a bilingual model
 
     @classmethod
     def from_file(cls, path: Path | str) -> Tokenizer:
@@ -69,9 +75,16 @@ class Tokenizer(ABC):
         source ids where source and target share one tokenization."""
         return self.encode(text)
 
-    def encode_source(self, text: str, max_tokens: int) -> list[int]:
-        """Source ids as the encoder reads them (text + end token), checked against `max_tokens`."""
-        ids = [*self.encode(text), self.special.eos]
+    def encode_source(self, text: str, max_tokens: int, language: str | None = None) -> list[int]:
+        """Source ids as the encoder reads them (text + end token; a multilingual model's source
+        language token first), checked against `max_tokens`.
+
+        Raises:
+            InputTooLongError: over `max_tokens`.
+            KeyError: a language this tokenizer does not have.
+        """
+        prefix = [self.languages[language]] if language is not None and self.languages else []
+        ids = [*prefix, *self.encode(text), self.special.eos]
         if len(ids) > max_tokens:
             raise InputTooLongError(
                 f"input is {len(ids)} tokens (end token included), longer than the limit of {max_tokens}"
@@ -87,22 +100,55 @@ def load_tokenizer(path: Path | str) -> Tokenizer:
     data = json.loads(path.read_text(encoding="utf-8"))
     if isinstance(data, dict) and "sentencepiece" in data:
         return MarianTokenizer(path, data)
+    if isinstance(data, dict) and "tokenizer" in data and "languages" in data:
+        return BpeTokenizer.described(path, data)
     return BpeTokenizer(HFTokenizer.from_file(str(path)), path.name)
 
 
+def _special_ids(path: Path, data: dict) -> SpecialIds:
+    try:
+        return SpecialIds(**{k: int(data["special_ids"][k]) for k in ("pad", "bos", "eos", "unk")})
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path}: malformed special_ids ({err!r} missing or wrong)") from err
+
+
 class BpeTokenizer(Tokenizer):
-    def __init__(self, hf: HFTokenizer, file: str = "tokenizer.json") -> None:
+    def __init__(
+        self,
+        hf: HFTokenizer,
+        file: str = "tokenizer.json",
+        special: SpecialIds | None = None,
+        languages: Mapping[str, int] | None = None,
+    ) -> None:
+        """`special`: default the ids of SPECIAL_TOKENS in the vocabulary."""
         self._hf = hf
         self.files = (file,)
-        ids = [hf.token_to_id(t) for t in SPECIAL_TOKENS]
-        if any(i is None for i in ids):
-            raise ValueError(f"tokenizer lacks special tokens {SPECIAL_TOKENS}")
-        self.special = SpecialIds(*ids)  # type: ignore[arg-type]
-        self._special_set = frozenset(ids)
+        if special is None:
+            ids = [hf.token_to_id(t) for t in SPECIAL_TOKENS]
+            if any(i is None for i in ids):
+                raise ValueError(f"tokenizer lacks special tokens {SPECIAL_TOKENS}")
+            special = SpecialIds(*ids)  # type: ignore[arg-type]
+        self.special = special
+        self.languages = dict(languages or {})
+        self._special_set = frozenset([*astuple(special), *self.languages.values()])
         # A client's text is text: "<s>", "</s>", "<pad>" or "<unk>" typed in it (an HTML tag comes
         # close enough) must not become control tokens — an end token would cut the source short,
         # a padding one be masked out. The special ids enter only where the code puts them.
         hf.encode_special_tokens = True
+
+    @classmethod
+    def described(cls, path: Path, data: dict) -> BpeTokenizer:
+        """The tokenizers file a descriptor names, with its special ids and language tokens:
+        {"tokenizer": FILE, "special_ids": {"pad", "bos", "eos", "unk"}, "languages": {code: id}},
+        `bos` being the decoder's start token."""
+        name = data["tokenizer"]
+        if not (path.parent / name).is_file():
+            raise FileNotFoundError(f"{path.parent / name}: missing tokenizer file (named by {path.name})")
+        languages = {str(code): int(i) for code, i in data["languages"].items()}
+        hf = HFTokenizer.from_file(str(path.parent / name))
+        tokenizer = cls(hf, name, _special_ids(path, data), languages)
+        tokenizer.files = (path.name, name)
+        return tokenizer
 
     @property
     def vocab_size(self) -> int:
@@ -135,11 +181,9 @@ class MarianTokenizer(Tokenizer):
 
     def __init__(self, path: Path, data: dict) -> None:
         folder = path.parent
+        self.special = _special_ids(path, data)
         try:
             spec = data["sentencepiece"]
-            self.special = SpecialIds(
-                **{k: int(data["special_ids"][k]) for k in ("pad", "bos", "eos", "unk")}
-            )
             source, target, vocab, target_vocab = (
                 spec["source"],
                 spec["target"],
