@@ -8,7 +8,7 @@ engine's business, not this module's.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias, TypeVar
 
@@ -17,7 +17,7 @@ from google.protobuf.message import DecodeError, Message
 
 from service.api.translator.v1 import translator_pb2 as pb
 from service.decoding import Sampling, SearchOptions, default_max_output_tokens
-from service.modeldir.manifest import ModelShape
+from service.modeldir.manifest import Languages, ModelShape
 from service.modeldir.tokenizer import InputTooLongError, Tokenizer
 
 DEFAULT_BEAM_SIZE = 4
@@ -110,6 +110,8 @@ class RequestLimits:
     max_output_tokens: int  # the model's; the end token included
     vocab_size: int
     scheduler: SchedulerShare | None = None  # None: no scheduler bounds (the model's limits alone)
+    languages: Languages | None = None  # a bilingual model's pair, a multilingual one's default source
+    never_ids: tuple[int, ...] | None = None  # tokens the model never generates; None: pad and start
 
     # What a request can actually get, the tighter of the settings and the scheduler's share: what
     # GetModelInfo reports, so that a client that keeps within it is never refused for its size.
@@ -179,6 +181,9 @@ def translate_jobs(
             f"TranslateStream decodes one hypothesis: beam_size {beam_size} and n_best {n_best} must be 1"
         )
     prefix = tuple(tokenizer.encode_target(options.target_prefix)) if options.target_prefix else ()
+    source_language, start = request_languages(
+        options.source_language, options.target_language, tokenizer, limits
+    )
     requested_max = options.stopping.max_output_tokens
     if requested_max > limits.max_output_tokens:
         raise InvalidRequestError(
@@ -190,11 +195,11 @@ def translate_jobs(
         if not text.strip():
             raise InvalidRequestError(f"text {i} is empty")
         try:
-            source = tokenizer.encode_source(text, limits.max_source_tokens)
+            source = tokenizer.encode_source(text, limits.max_source_tokens, source_language)
         except InputTooLongError as err:
             raise InvalidRequestError(f"text {i}: {err}") from err
         max_out = requested_max or default_max_output_tokens(len(source), limits.effective_max_output_tokens)
-        _check_room(i, max_out, len(source), len(prefix), options.stopping, beam_size, limits)
+        _check_room(i, max_out, len(source), len(start) + len(prefix), options.stopping, beam_size, limits)
         seed = None
         if sampling is not None:
             seed = options.sampling.seed if options.sampling.HasField("seed") else new_seed()
@@ -206,8 +211,9 @@ def translate_jobs(
                 beam_size=beam_size,
                 length_penalty=length_penalty,
                 n_best=n_best,
-                never_ids=(sp.pad, sp.bos),
+                never_ids=(sp.pad, sp.bos) if limits.never_ids is None else limits.never_ids,
                 min_output_tokens=options.stopping.min_output_tokens,
+                forced_start=start,
                 forced_prefix=prefix,
                 sampling=sampling,
             )
@@ -215,6 +221,53 @@ def translate_jobs(
             raise InvalidRequestError(f"text {i}: {err}") from err
         jobs.append(TextJob(text, tuple(source), search, seed))
     return jobs
+
+
+_SHOWN_CODES = 12  # language codes a message lists at most (NLLB has 202; GetModelInfo lists all)
+_SHOWN_CHARS = 40  # of a code echoed back: a message must not carry whatever a client sent
+
+
+def request_languages(
+    source: str, target: str, tokenizer: Tokenizer, limits: RequestLimits
+) -> tuple[str | None, tuple[int, ...]]:
+    """The source language the tokenizer marks the source with (None: none) and the forced start
+    of the output (a multilingual model's target-language token), for a request's language fields.
+
+    Raises:
+        InvalidRequestError: a multilingual model without target_language, a code the model lacks,
+            or a bilingual model asked for another pair.
+    """
+    pair = limits.languages
+    codes = tokenizer.languages
+    if not codes:
+        if pair is not None and (source not in ("", pair.source) or target not in ("", pair.target)):
+            asked = f"{_echoed(source) or pair.source} → {_echoed(target) or pair.target}"
+            raise InvalidRequestError(f"the model translates {pair.source} → {pair.target} only, not {asked}")
+        return None, ()
+    if not target:
+        raise InvalidRequestError(f"target_language is required by this multilingual model: {_codes(codes)}")
+    for field, code in (("source_language", source), ("target_language", target)):
+        if code and code not in codes:
+            raise InvalidRequestError(
+                f"{field} {_echoed(code)!r} is not one of the model's languages: {_codes(codes)}"
+            )
+    source = source or (pair.source if pair is not None else "")
+    return (source if source in codes else None), (codes[target],)
+
+
+def _echoed(code: str) -> str:
+    return code if len(code) <= _SHOWN_CHARS else code[:_SHOWN_CHARS] + "…"
+
+
+def _codes(codes: Mapping[str, int]) -> str:
+    names = list(codes)
+    listed = ", ".join(names[:_SHOWN_CODES])
+    more = (
+        f" and {len(names) - _SHOWN_CODES} more (GetModelInfo lists them)"
+        if len(names) > _SHOWN_CODES
+        else ""
+    )
+    return listed + more
 
 
 def _check_text_count(count: int, limits: RequestLimits) -> None:

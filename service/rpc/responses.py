@@ -78,7 +78,7 @@ def translation_message(
             finish_reason=pb.FINISH_REASON_END_OF_SEQUENCE if h.finished else pb.FINISH_REASON_LENGTH,
         )
         if options.return_tokens:
-            hyp.tokens.extend(token_messages(h, tokenizer, len(job.options.forced_prefix)))
+            hyp.tokens.extend(token_messages(h, tokenizer, len(job.options.forced)))
         hypotheses.append(hyp)
     best = gen.hypotheses[0]
     out = pb.Translation(

@@ -36,6 +36,7 @@ from service.rpc.requests import (
     UndecodableRequest,
     attend_selection,
     decoded,
+    request_languages,
     translate_jobs,
 )
 from service.rpc.responses import (
@@ -231,6 +232,8 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
             max_source_tokens=info.limits.max_source_tokens,
             max_output_tokens=info.limits.max_target_tokens,
             vocab_size=info.dims.vocab_size,
+            languages=info.languages,
+            never_ids=info.dims.never_ids,
             scheduler=SchedulerShare(
                 max_sequences=pool.share.max_sequences,
                 max_kv_cache_tokens=pool.share.max_kv_cache_tokens,
@@ -353,12 +356,17 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
             kinds, layers, heads = attend_selection(request, self.engine.graphs(name).manifest.shape)
             if not request.source.strip():
                 raise InvalidRequestError("source is empty")
+            source_language, start = request_languages(
+                request.source_language, request.target_language, tokenizer, limits
+            )
             try:
-                source = tokenizer.encode_source(request.source, limits.max_source_tokens)
+                source = tokenizer.encode_source(request.source, limits.max_source_tokens, source_language)
             except ValueError as err:
                 raise InvalidRequestError(f"source: {err}") from err
             if request.HasField("target"):
-                target_text, target = request.target, tokenizer.encode_target(request.target)
+                # a multilingual model's target-language token is the first target token
+                target_text = request.target
+                target = [*start, *tokenizer.encode_target(request.target)]
                 # the limit GetModelInfo reports, though a given target takes no KV-cache slot
                 if len(target) + 1 > limits.effective_max_output_tokens:
                     raise InvalidRequestError(
@@ -367,9 +375,10 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
                     )
             else:
                 self._refuse_until_warm()
-                (job,) = translate_jobs(
-                    [request.source], pb.TranslateOptions(), tokenizer, limits, new_seed=int
+                languages = pb.TranslateOptions(
+                    source_language=request.source_language, target_language=request.target_language
                 )
+                (job,) = translate_jobs([request.source], languages, tokenizer, limits, new_seed=int)
                 (gen,) = await self._generate(name, [job], context)
                 target = list(gen.hypotheses[0].tokens)
                 target_text = tokenizer.decode(target)
@@ -414,6 +423,7 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
             version=info.version,
             source_language=info.languages.source,
             target_language=info.languages.target,
+            languages=list(self.tokenizers[info.name].languages),
             variant=VARIANTS.get(info.variant, pb.MODEL_VARIANT_UNSPECIFIED),
             execution_providers=graphs.decoder_step.get_providers(),
             architecture=pb.ModelArchitecture(

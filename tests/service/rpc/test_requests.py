@@ -9,7 +9,7 @@ import pytest
 
 from export.translate import DEFAULT_MODEL_DIR
 from service.api.translator.v1 import translator_pb2 as pb
-from service.modeldir.manifest import ModelShape
+from service.modeldir.manifest import Languages, ModelShape
 from service.modeldir.tokenizer import Tokenizer
 from service.rpc.requests import (
     InvalidRequestError,
@@ -19,6 +19,7 @@ from service.rpc.requests import (
     attend_selection,
     decoded,
     request_decoder,
+    request_languages,
     translate_jobs,
 )
 
@@ -335,6 +336,59 @@ CROSS, ENCODER, DECODER = (
     pb.ATTENTION_KIND_ENCODER_SELF,
     pb.ATTENTION_KIND_DECODER_SELF,
 )
+
+
+class _Multilingual(Tokenizer):
+    """A tokenizer with language tokens (its text side is the default model's)."""
+
+    def __init__(self, inner: Tokenizer, languages: dict[str, int]) -> None:
+        self._inner, self.special, self.files, self.languages = inner, inner.special, inner.files, languages
+
+    @property
+    def vocab_size(self) -> int:
+        return self._inner.vocab_size
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self._inner.encode_batch(texts)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._inner.decode(ids)
+
+    def id_to_token(self, token_id: int) -> str:
+        return self._inner.id_to_token(token_id)
+
+
+def test_languages_of_a_bilingual_model(tokenizer: Tokenizer) -> None:
+    limits = replace(LIMITS, languages=Languages("en", "fr"))
+    for source, target in (("", ""), ("en", ""), ("", "fr"), ("en", "fr")):
+        assert request_languages(source, target, tokenizer, limits) == (None, ())
+    for source, target, asked in (("de", "", "de → fr"), ("", "es", "en → es"), ("fr", "en", "fr → en")):
+        with pytest.raises(InvalidRequestError, match=f"translates en → fr only, not {asked}"):
+            request_languages(source, target, tokenizer, limits)
+
+
+def test_languages_of_a_multilingual_model(tokenizer: Tokenizer) -> None:
+    codes = {f"l{i:02d}_Xxxx": 1900 + i for i in range(20)}
+    multi = _Multilingual(tokenizer, codes)
+    limits = replace(LIMITS, languages=Languages("l00_Xxxx", ""))
+    assert request_languages("", "l05_Xxxx", multi, limits) == ("l00_Xxxx", (1905,))
+    assert request_languages("l03_Xxxx", "l05_Xxxx", multi, limits) == ("l03_Xxxx", (1905,))
+    with pytest.raises(InvalidRequestError, match=r"target_language is required .*l11_Xxxx and 8 more"):
+        request_languages("l03_Xxxx", "", multi, limits)
+    with pytest.raises(InvalidRequestError, match=r"source_language 'zz' is not one of"):
+        request_languages("zz", "l05_Xxxx", multi, limits)
+    with pytest.raises(InvalidRequestError) as err:
+        request_languages("", "y" * 10_000, multi, limits)
+    assert len(str(err.value)) < 400  # what a client sent is echoed cut short
+    (job,) = translate_jobs(
+        ["I love cats."],
+        pb.TranslateOptions(target_language="l07_Xxxx"),
+        multi,
+        replace(limits, never_ids=()),
+        new_seed=int,
+    )
+    assert job.options.forced_start == (1907,) and job.options.never_ids == ()
+    assert job.source_ids[0] == 1900  # the source language's token first
 
 
 def test_attend_selection_defaults_to_cross_attention_and_sorts_without_repeats() -> None:
