@@ -9,17 +9,23 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from export.checkpoint import save_model
-from export.import_hf import marian
-from export.import_hf.checkpoint import ImportRefused, read_config, read_json, read_weights
+from export.import_hf import m2m100, marian
+from export.import_hf.checkpoint import ImportRefused, read_config, read_generation_config, read_weights
+from export.import_hf.family import ImportPlan
 from export.import_hf.weights import load_hf_weights
 from export.model import Transformer
 from export.onnx.directory import export_model_directory
 from service.modeldir.manifest import Languages, Manifest
 
-SUPPORTED = ("marian",)
+FAMILIES: dict[str, Callable[[Path, dict[str, Any], dict[str, Any]], ImportPlan]] = {
+    "marian": marian.plan,  # MarianMT, OPUS-MT
+    "m2m_100": m2m100.plan,  # NLLB (tokenizer.json)
+}
 
 
 def import_checkpoint(
@@ -34,33 +40,32 @@ def import_checkpoint(
 
     Args:
         name: the served model's name; default `out`'s directory name.
-        languages: source and target codes; default the tokenizer config's source_lang/target_lang.
+        languages: source and target codes; default the family's (a bilingual tokenizer config's
+            source_lang/target_lang; a multilingual model's default source language).
     Raises:
         ImportRefused: naming what is wrong with `src`, or `out` already holding files.
     """
     config = read_config(src)
     model_type = config["model_type"]
-    if model_type not in SUPPORTED:
-        raise ImportRefused(f"{src}: model_type {model_type!r} is not supported ({', '.join(SUPPORTED)})")
+    if model_type not in FAMILIES:
+        raise ImportRefused(f"{src}: model_type {model_type!r} is not supported ({', '.join(FAMILIES)})")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ImportRefused(f"{out}: already exists and is not empty")
-    vocab = marian.read_vocab(src)
-    cfg = marian.transformer_config(config, vocab)
-    model = Transformer(cfg).eval()
+    plan = FAMILIES[model_type](src, config, read_generation_config(src))
+    model = Transformer(plan.cfg).eval()
     load_hf_weights(model, read_weights(src))
-    languages = languages or _languages(src)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         save_model(model, scratch)
-        tokenizer_file = marian.write_tokenizer(src, scratch, cfg)
         manifest = export_model_directory(
             scratch,
             name=name or out.resolve().name,
             version=version,
-            languages=languages,
-            tokenizer_file=tokenizer_file,
+            languages=languages or plan.languages,
+            tokenizer_file=plan.write_tokenizer(scratch),
+            decoding=plan.decoding,
         )
         scratch.chmod(0o755)  # mkdtemp's 0700 would hide the model from the server's user
         if out.exists():
@@ -70,15 +75,3 @@ def import_checkpoint(
         shutil.rmtree(scratch, ignore_errors=True)
         raise
     return manifest
-
-
-def _languages(src: Path) -> Languages:
-    path = src / "tokenizer_config.json"
-    config = read_json(path) if path.is_file() else {}
-    source, target = config.get("source_lang"), config.get("target_lang")
-    if not (isinstance(source, str) and isinstance(target, str)):
-        raise ImportRefused(
-            f"{src}: the tokenizer config names no source_lang/target_lang; "
-            "give --source-language and --target-language"
-        )
-    return Languages(source=source, target=target)

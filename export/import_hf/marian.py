@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from export.import_hf.checkpoint import ImportRefused, read_json
+from export.import_hf.family import ImportPlan
 from export.model_config import Activation, TransformerConfig
+from service.modeldir.manifest import Languages
 
 TOKENIZER_DESCRIPTOR = "sentencepiece.json"
 _SPM_FILES = ("source.spm", "target.spm")
@@ -82,6 +84,26 @@ def transformer_config(config: dict[str, Any], vocab: dict[str, int]) -> Transfo
         )
     except ValueError as err:
         raise ImportRefused(f"config.json: {err}") from err
+
+
+def plan(src: Path, config: dict[str, Any], generation: dict[str, Any]) -> ImportPlan:
+    """Marian's decoding needs no record: OPUS-MT never generates its pad token (its bad_words_ids),
+    which is also its start token, as this project's default (pad and start never generated)."""
+    vocab = read_vocab(src)
+    cfg = transformer_config(config, vocab)
+    return ImportPlan(cfg, _languages(src), lambda out: write_tokenizer(src, out, cfg))
+
+
+def _languages(src: Path) -> Languages:
+    path = src / "tokenizer_config.json"
+    config = read_json(path) if path.is_file() else {}
+    source, target = config.get("source_lang"), config.get("target_lang")
+    if not (isinstance(source, str) and isinstance(target, str)):
+        raise ImportRefused(
+            f"{src}: the tokenizer config names no source_lang/target_lang; "
+            "give --source-language and --target-language"
+        )
+    return Languages(source=source, target=target)
 
 
 def read_vocab(src: Path) -> dict[str, int]:

@@ -25,3 +25,15 @@ def marian_model_dir(tmp_path_factory: pytest.TempPathFactory, marian_checkpoint
     out = tmp_path_factory.mktemp("imported") / "tiny-marian"
     import_checkpoint(marian_checkpoint, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def nllb_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_corpus) -> Path:
+    return tiny_checkpoints.build_nllb(tmp_path_factory.mktemp("hf") / "tiny-nllb", tiny_corpus["train"])
+
+
+@pytest.fixture(scope="session")
+def nllb_model_dir(tmp_path_factory: pytest.TempPathFactory, nllb_checkpoint: Path) -> Path:
+    out = tmp_path_factory.mktemp("imported") / "tiny-nllb"
+    import_checkpoint(nllb_checkpoint, out)
+    return out

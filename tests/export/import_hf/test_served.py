@@ -1,4 +1,4 @@
-"""An imported Marian model served beside the default model, through the real gRPC server."""
+"""Imported Marian and NLLB models served beside the default model, through the real gRPC server."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from transformers import MarianMTModel, MarianTokenizer
+from transformers import M2M100ForConditionalGeneration, MarianMTModel, MarianTokenizer, NllbTokenizer
 
 from service.api.translator.v1 import translator_pb2 as pb
 from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
+from tests.export.import_hf.tiny_checkpoints import NLLB_LANGUAGES
 from tests.service.server_fixture import ServerThread, loopback_config
 
 DEFAULT_MODEL = Path("models/en-fr-small")
@@ -21,9 +22,10 @@ MAX_NEW = 24
 
 
 @pytest.fixture(scope="module")
-def stub(marian_model_dir: Path) -> Iterator[pb_grpc.TranslatorStub]:
+def stub(marian_model_dir: Path, nllb_model_dir: Path) -> Iterator[pb_grpc.TranslatorStub]:
     config = loopback_config()
-    config = replace(config, engine=replace(config.engine, model_dirs=(DEFAULT_MODEL, marian_model_dir)))
+    models = (DEFAULT_MODEL, marian_model_dir, nllb_model_dir)
+    config = replace(config, engine=replace(config.engine, model_dirs=models))
     with ServerThread(config) as server, grpc.insecure_channel(server.target) as channel:
         yield pb_grpc.TranslatorStub(channel)
 
@@ -121,3 +123,102 @@ def test_bad_requests_for_the_imported_model_are_refused(stub: pb_grpc.Translato
             )
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# --- a multilingual model ----------------------------------------------------------------------------
+
+
+def _nllb_options(**fields: object) -> pb.TranslateOptions:
+    return pb.TranslateOptions(
+        model="tiny-nllb", stopping=pb.StoppingCriteria(max_output_tokens=MAX_NEW), **fields
+    )
+
+
+def test_nllb_lists_its_languages(stub: pb_grpc.TranslatorStub) -> None:
+    info = stub.GetModelInfo(pb.GetModelInfoRequest())
+    (nllb,) = [m for m in info.models if m.name == "tiny-nllb"]
+    assert list(nllb.languages) == list(NLLB_LANGUAGES)
+    assert (nllb.source_language, nllb.target_language) == ("eng_Latn", "")
+    (default,) = [m for m in info.models if m.name == "en-fr-small"]
+    assert not default.languages and (default.source_language, default.target_language) == ("en", "fr")
+
+
+def test_nllb_translations_per_target_language_equal_transformers(
+    stub: pb_grpc.TranslatorStub, nllb_checkpoint: Path, tiny_corpus
+) -> None:
+    from tests.export.import_hf.test_nllb import _generate
+
+    texts = [en for en, _ in tiny_corpus["test"][:8]]
+    tokenizer = NllbTokenizer.from_pretrained(nllb_checkpoint)
+    for language in ("fra_Latn", "deu_Latn"):
+        reply = stub.Translate(
+            pb.TranslateRequest(texts=texts, options=_nllb_options(target_language=language))
+        )
+        expected = _generate(nllb_checkpoint, texts, [language] * len(texts), 1)
+        assert [t.text for t in reply.translations] == tokenizer.batch_decode(
+            expected, skip_special_tokens=True
+        )
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({}, "target_language is required by this multilingual model: eng_Latn, fra_Latn, deu_Latn"),
+        ({"target_language": "xx_Yyyy"}, "target_language 'xx_Yyyy' is not one of the model's languages"),
+        ({"target_language": "fra_Latn", "source_language": "x" * 5000}, "source_language 'xxxxx"),
+    ],
+)
+def test_bad_languages_are_refused_naming_the_field(
+    stub: pb_grpc.TranslatorStub, fields: dict[str, str], message: str
+) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Translate(pb.TranslateRequest(texts=["The cat."], options=_nllb_options(**fields)))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in err.value.details() and len(err.value.details()) < 400
+
+
+def test_a_bilingual_model_refuses_another_pair(stub: pb_grpc.TranslatorStub) -> None:
+    ok = stub.Translate(
+        pb.TranslateRequest(
+            texts=["I love cats."], options=pb.TranslateOptions(source_language="en", target_language="fr")
+        )
+    )
+    assert ok.translations[0].text == "J'aime les chats."
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Translate(
+            pb.TranslateRequest(texts=["I love cats."], options=pb.TranslateOptions(target_language="de"))
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "translates en → fr only, not en → de" in err.value.details()
+
+
+def test_nllb_stream_and_attend(stub: pb_grpc.TranslatorStub, nllb_checkpoint: Path, tiny_corpus) -> None:
+    text, french = tiny_corpus["test"][2]
+    unary = stub.Translate(
+        pb.TranslateRequest(texts=[text], options=_nllb_options(target_language="fra_Latn"))
+    )
+    stream = list(
+        stub.TranslateStream(
+            pb.TranslateStreamRequest(text=text, options=_nllb_options(target_language="fra_Latn"))
+        )
+    )
+    assert "".join(m.delta.text for m in stream[:-1]) == unary.translations[0].text
+
+    reply = stub.Attend(
+        pb.AttendRequest(
+            model="tiny-nllb", source=text, target=french, target_language="fra_Latn", layers=[1], heads=[2]
+        )
+    )
+    tokenizer = NllbTokenizer.from_pretrained(nllb_checkpoint, src_lang="eng_Latn", tgt_lang="fra_Latn")
+    model = M2M100ForConditionalGeneration.from_pretrained(
+        nllb_checkpoint, attn_implementation="eager"
+    ).eval()
+    labels = tokenizer(text_target=french)["input_ids"]  # language token, target ids, end token
+    decoder_input = torch.tensor([[model.config.decoder_start_token_id, *labels[:-1]]])
+    with torch.no_grad():
+        out = model(
+            **tokenizer(text, return_tensors="pt"), decoder_input_ids=decoder_input, output_attentions=True
+        )
+    (matrix,) = reply.matrices
+    got = np.array(matrix.values, dtype=np.float32).reshape(matrix.rows, matrix.cols)
+    np.testing.assert_allclose(got, out.cross_attentions[1][0, 2].numpy(), atol=1e-4)

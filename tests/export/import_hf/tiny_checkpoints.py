@@ -93,3 +93,50 @@ def build_marian(
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+NLLB_LANGUAGES = ("eng_Latn", "fra_Latn", "deu_Latn")
+
+
+def build_nllb(out: Path, pairs: list[tuple[str, str]], seed: int = 0, **config: Any) -> Path:
+    """An NLLB checkpoint in `out` (M2M100 architecture): a BPE tokenizer.json trained on both
+    sides of `pairs`, three language codes, random weights."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import M2M100Config, M2M100ForConditionalGeneration, NllbTokenizer
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
+    trainer = trainers.BpeTrainer(vocab_size=PIECES * 2, special_tokens=["<s>", "<pad>", "</s>", "<unk>"])
+    bpe.train_from_iterator([text for pair in pairs for text in pair], trainer)
+    merges = [tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
+    tokenizer = NllbTokenizer(
+        vocab=bpe.get_vocab(),
+        merges=merges,
+        extra_special_tokens=list(NLLB_LANGUAGES),
+        src_lang="eng_Latn",
+        tgt_lang="fra_Latn",
+    )
+    settings = {
+        "vocab_size": len(tokenizer),
+        "d_model": 32,
+        "encoder_layers": 2,
+        "decoder_layers": 2,
+        "encoder_attention_heads": 4,
+        "decoder_attention_heads": 4,
+        "encoder_ffn_dim": 64,
+        "decoder_ffn_dim": 64,
+        "max_position_embeddings": 128,
+        "pad_token_id": 1,
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "decoder_start_token_id": 2,
+        "activation_function": "relu",
+        "scale_embedding": True,
+        "init_std": 0.3,
+        **config,
+    }
+    torch.manual_seed(seed)
+    model = M2M100ForConditionalGeneration(M2M100Config(**settings)).eval()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -1,0 +1,126 @@
+"""M2M100 and NLLB checkpoints (`model_type: m2m_100`): their config, their tokenizer, languages.
+
+Pre-LayerNorm with a final LayerNorm after each stack, ReLU, sinusoids in fairseq's layout counted
+from pad_id + 1, embeddings scaled by √d_model, decoding from the end token with the target
+language's token forced first. NLLB's tokenizer is a `tokenizers` file (tokenizer.json) whose
+language codes are special tokens; the importer names them in a descriptor (multilingual.json,
+service.modeldir.tokenizer's `BpeTokenizer.described`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer as HFTokenizer
+
+from export.import_hf.checkpoint import ImportRefused, read_json
+from export.import_hf.family import ImportPlan
+from export.model_config import Activation, TransformerConfig
+from service.modeldir.manifest import Decoding, Languages
+
+DESCRIPTOR = "multilingual.json"
+_TOKENIZER = "tokenizer.json"
+_ACTIVATIONS: dict[str, Activation] = {"relu": "relu", "gelu": "gelu", "swish": "swish", "silu": "swish"}
+
+
+def plan(src: Path, config: dict[str, Any], generation: dict[str, Any]) -> ImportPlan:
+    tokenizer_config = _tokenizer_config(src)
+    hf = HFTokenizer.from_file(str(src / _TOKENIZER))
+    codes = _language_codes(tokenizer_config, hf)
+    unk = hf.token_to_id("<unk>")
+    if unk is None:
+        raise ImportRefused(f"{src / _TOKENIZER}: has no <unk> token")
+    cfg = _transformer_config(config, unk)
+    languages = {code: int(hf.token_to_id(code) or 0) for code in codes}  # present: _language_codes
+    default = str(tokenizer_config.get("src_lang") or codes[0])
+    bad = [ids[0] for ids in generation.get("bad_words_ids") or [] if len(ids) == 1]
+
+    def write_tokenizer(out: Path) -> str:
+        shutil.copyfile(src / _TOKENIZER, out / _TOKENIZER)
+        descriptor = {
+            "tokenizer": _TOKENIZER,
+            "special_ids": {"pad": cfg.pad_id, "bos": cfg.bos_id, "eos": cfg.eos_id, "unk": cfg.unk_id},
+            "languages": languages,
+        }
+        (out / DESCRIPTOR).write_text(json.dumps(descriptor, indent=2) + "\n", encoding="utf-8")
+        return DESCRIPTOR
+
+    return ImportPlan(
+        cfg=cfg,
+        languages=Languages(source=default, target=""),
+        write_tokenizer=write_tokenizer,
+        decoding=Decoding(never_ids=tuple(bad), multilingual=True),
+    )
+
+
+def _tokenizer_config(src: Path) -> dict[str, Any]:
+    if not (src / _TOKENIZER).is_file():
+        if (src / "sentencepiece.bpe.model").is_file():
+            raise ImportRefused(
+                f"{src}: M2M100Tokenizer's files (vocab.json, sentencepiece.bpe.model) are not supported "
+                f"yet; a checkpoint with {_TOKENIZER} (NLLB) is"
+            )
+        raise ImportRefused(f"{src}: missing tokenizer file {_TOKENIZER}")
+    path = src / "tokenizer_config.json"
+    return read_json(path) if path.is_file() else {}
+
+
+def _language_codes(tokenizer_config: dict[str, Any], hf: HFTokenizer) -> list[str]:
+    """The language codes: the tokenizer config's extra special tokens that the vocabulary has."""
+    listed = tokenizer_config.get("extra_special_tokens") or tokenizer_config.get("additional_special_tokens")
+    codes = [c for c in listed or [] if isinstance(c, str) and hf.token_to_id(c) is not None]
+    if not codes:
+        raise ImportRefused("tokenizer_config.json lists no language codes (extra_special_tokens)")
+    return codes
+
+
+def _same(config: dict[str, Any], first: str, second: str) -> Any:
+    if config.get(first) != config.get(second):
+        raise ImportRefused(
+            f"config.json: {first} {config.get(first)} differs from {second} {config.get(second)}; "
+            "the encoder and decoder must share it"
+        )
+    return config[first]
+
+
+def _required(config: dict[str, Any], key: str) -> Any:
+    if config.get(key) is None:
+        raise ImportRefused(f"config.json: {key} is missing")
+    return config[key]
+
+
+def _transformer_config(config: dict[str, Any], unk: int) -> TransformerConfig:
+    activation = str(config.get("activation_function", "relu"))
+    if activation not in _ACTIVATIONS:
+        raise ImportRefused(
+            f"config.json: activation_function {activation!r} is not supported (relu, gelu, swish, silu)"
+        )
+    pad = int(_required(config, "pad_token_id"))
+    try:
+        return TransformerConfig(
+            vocab_size=int(_required(config, "vocab_size")),
+            d_model=int(_required(config, "d_model")),
+            n_heads=int(_same(config, "encoder_attention_heads", "decoder_attention_heads")),
+            n_encoder_layers=int(_required(config, "encoder_layers")),
+            n_decoder_layers=int(_required(config, "decoder_layers")),
+            d_ff=int(_same(config, "encoder_ffn_dim", "decoder_ffn_dim")),
+            activation=_ACTIVATIONS[activation],
+            norm_placement="pre",
+            scale_embeddings=bool(config.get("scale_embedding", False)),
+            share_embeddings=True,
+            tie_output_embeddings=bool(config.get("tie_word_embeddings", True)),
+            final_logits_bias=False,
+            max_positions=int(_required(config, "max_position_embeddings")),
+            dropout=0.0,
+            pad_id=pad,
+            bos_id=int(_required(config, "decoder_start_token_id")),  # the decoder's start token
+            eos_id=int(_required(config, "eos_token_id")),
+            unk_id=unk,
+            position_layout="fairseq",
+            position_offset=pad + 1,
+        )
+    except ValueError as err:
+        raise ImportRefused(f"config.json: {err}") from err
