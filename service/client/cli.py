@@ -107,6 +107,8 @@ OPTION_FLAGS = {
     "min_output_tokens": Flag("--min-tokens", "tokens before the end (0: none)"),
     "target_prefix": Flag("--prefix", "text the translation must start with"),
     "model": Flag("--model", "model name (default: the server's default)"),
+    "source_language": Flag("--source-language", "source language code (see info)"),
+    "target_language": Flag("--target-language", "target language code (a multilingual model needs it)"),
     "return_timings": Flag("--timings", "print timings on stderr"),
 }
 
@@ -225,6 +227,9 @@ def cmd_attend(client: TranslatorClient, args: argparse.Namespace) -> None:
         layers=[] if args.layer is None else [args.layer],
         heads=[] if args.head is None else [args.head],
         average_heads=args.head is None,
+        model=args.model,
+        source_language=args.source_language,
+        target_language=args.target_language,
     )
     source = [display_token(p) for p in attention.source_tokens]
     target = [display_token(p) for p in attention.target_tokens]
@@ -347,7 +352,12 @@ def write_heatmap(path: str, matrix: Any, rows: list[str], cols: list[str], *, t
 def cmd_info(client: TranslatorClient, args: argparse.Namespace) -> None:
     for m in client.model_info():
         default = " (default)" if m.default else ""
-        print(f"{m.name} {m.version}{default}: {m.source_language}→{m.target_language}, {m.variant}")
+        pair = f"{m.source_language}→{m.target_language}"
+        if m.languages:  # multilingual: the default source, then every code
+            pair = f"multilingual, {len(m.languages)} languages (source default {m.source_language})"
+        print(f"{m.name} {m.version}{default}: {pair}, {m.variant}")
+        if m.languages:
+            print(f"  languages: {' '.join(m.languages)}")
         print(f"  providers: {', '.join(m.execution_providers)}")
         print(f"  layers: {m.encoder_layers} encoder + {m.decoder_layers} decoder, {m.heads} heads, ", end="")
         print(f"vocabulary {m.vocab_size}")
@@ -401,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--head", type=int_range(0, UINT32_MAX), default=None, help="heatmap head (default: the mean)"
     )
     a.add_argument("--png", default=None, metavar="FILE", help="write the heatmap as a PNG")
+    for name in ("model", "source_language", "target_language"):
+        a.add_argument(OPTION_FLAGS[name].flag, dest=name, default="", help=OPTION_FLAGS[name].help)
     a.set_defaults(run=cmd_attend)
 
     i = commands.add_parser("info", help="describe the loaded models")

@@ -161,6 +161,7 @@ class ModelInfo:
     version: str
     source_language: str
     target_language: str
+    languages: tuple[str, ...]  # a multilingual model's codes; empty for a bilingual one
     variant: str
     execution_providers: tuple[str, ...]
     encoder_layers: int
@@ -235,6 +236,8 @@ class TranslateOptions:
         min_output_tokens: tokens before the end token may be chosen (0: none).
         target_prefix: text the translation must start with ("": none).
         model: model name ("": the server's default model).
+        source_language, target_language: codes as the model names them (ModelInfo.languages);
+            a multilingual model needs target_language ("": a bilingual model's own pair).
         return_tokens: fill Hypothesis.tokens.
         return_timings: fill Translation.timings.
 
@@ -255,6 +258,8 @@ class TranslateOptions:
     min_output_tokens: int = _unsigned(0)
     target_prefix: str = ""
     model: str = ""
+    source_language: str = ""
+    target_language: str = ""
     return_tokens: bool = False
     return_timings: bool = False
 
@@ -286,6 +291,8 @@ class TranslateOptions:
             target_prefix=self.target_prefix,
             return_tokens=self.return_tokens,
             return_timings=self.return_timings,
+            source_language=self.source_language,
+            target_language=self.target_language,
         )
         if self.sample:
             options.sampling.CopyFrom(
@@ -397,6 +404,8 @@ class TranslatorClient:
         heads: Sequence[int] = (),
         average_heads: bool = True,
         model: str = "",
+        source_language: str = "",
+        target_language: str = "",
     ) -> Attention:
         """The attention maps of the model for a source text and a target text.
 
@@ -408,6 +417,7 @@ class TranslatorClient:
             heads: 0-based heads to return individually (empty: none).
             average_heads: also return the mean over heads (always returned when `heads` is empty).
             model: model name ("": the default model).
+            source_language, target_language: as in TranslateOptions.
 
         Returns:
             The Attention: tokens, matrices keyed by (kind, layer, head or None), alignment.
@@ -431,6 +441,8 @@ class TranslatorClient:
             layers=layers,
             heads=heads,
             average_heads=average_heads,
+            source_language=source_language,
+            target_language=target_language,
         )
         r = self._call(self._stub.Attend, request)
         matrices = {
@@ -452,6 +464,7 @@ class TranslatorClient:
                 version=m.version,
                 source_language=m.source_language,
                 target_language=m.target_language,
+                languages=tuple(m.languages),
                 variant=pb.ModelVariant.Name(m.variant).removeprefix("MODEL_VARIANT_"),
                 execution_providers=tuple(m.execution_providers),
                 encoder_layers=m.architecture.encoder_layers,

@@ -22,12 +22,22 @@ MAX_NEW = 24
 
 
 @pytest.fixture(scope="module")
-def stub(marian_model_dir: Path, nllb_model_dir: Path) -> Iterator[pb_grpc.TranslatorStub]:
+def server(marian_model_dir: Path, nllb_model_dir: Path) -> Iterator[ServerThread]:
     config = loopback_config()
     models = (DEFAULT_MODEL, marian_model_dir, nllb_model_dir)
-    config = replace(config, engine=replace(config.engine, model_dirs=models))
-    with ServerThread(config) as server, grpc.insecure_channel(server.target) as channel:
+    with ServerThread(replace(config, engine=replace(config.engine, model_dirs=models))) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def stub(server: ServerThread) -> Iterator[pb_grpc.TranslatorStub]:
+    with grpc.insecure_channel(server.target) as channel:
         yield pb_grpc.TranslatorStub(channel)
+
+
+@pytest.fixture(scope="module")
+def stub_target(server: ServerThread) -> str:
+    return server.target
 
 
 @pytest.fixture(scope="module")
@@ -222,3 +232,18 @@ def test_nllb_stream_and_attend(stub: pb_grpc.TranslatorStub, nllb_checkpoint: P
     (matrix,) = reply.matrices
     got = np.array(matrix.values, dtype=np.float32).reshape(matrix.rows, matrix.cols)
     np.testing.assert_allclose(got, out.cross_attentions[1][0, 2].numpy(), atol=1e-4)
+
+
+def test_the_cli_names_languages(stub_target: str, capsys: pytest.CaptureFixture[str], tiny_corpus) -> None:
+    from service.client.cli import main
+
+    assert main(["--address", stub_target, "info"]) == 0
+    info = capsys.readouterr().out
+    assert "tiny-nllb 1.0.0: multilingual, 3 languages (source default eng_Latn)" in info
+    assert "languages: eng_Latn fra_Latn deu_Latn" in info
+    text = tiny_corpus["test"][0][0]
+    argv = ["--address", stub_target, "translate", "--model", "tiny-nllb", "--max-tokens", str(MAX_NEW)]
+    assert main([*argv, "--target-language", "fra_Latn", text]) == 0
+    assert capsys.readouterr().out.strip()
+    assert main([*argv, text]) == 1
+    assert "INVALID_ARGUMENT: target_language is required" in capsys.readouterr().err
