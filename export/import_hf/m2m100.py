@@ -4,7 +4,8 @@ Pre-LayerNorm with a final LayerNorm after each stack, ReLU, sinusoids in fairse
 from pad_id + 1, embeddings scaled by √d_model, decoding from the end token with the target
 language's token forced first. NLLB's tokenizer is a `tokenizers` file (tokenizer.json) whose
 language codes are special tokens; the importer names them in a descriptor (multilingual.json,
-service.modeldir.tokenizer's `BpeTokenizer.described`).
+service.modeldir.tokenizer's `BpeTokenizer.described`). M2M100's is a SentencePiece model and
+vocab.json with its language tokens after the vocabulary (sentencepiece.json, `M2M100Tokenizer`).
 """
 
 from __future__ import annotations
@@ -21,32 +22,48 @@ from export.import_hf.family import ImportPlan
 from export.model_config import Activation, TransformerConfig
 from service.modeldir.manifest import Decoding, Languages
 
-DESCRIPTOR = "multilingual.json"
+DESCRIPTOR = "multilingual.json"  # NLLB's: names tokenizer.json and its language tokens
+SPM_DESCRIPTOR = "sentencepiece.json"  # M2M100's: its SentencePiece model, vocabulary, languages
 _TOKENIZER = "tokenizer.json"
+_SPM = "sentencepiece.bpe.model"
+_VOCAB = "vocab.json"
 _ACTIVATIONS: dict[str, Activation] = {"relu": "relu", "gelu": "gelu", "swish": "swish", "silu": "swish"}
 
 
 def plan(src: Path, config: dict[str, Any], generation: dict[str, Any]) -> ImportPlan:
-    tokenizer_config = _tokenizer_config(src)
-    hf = HFTokenizer.from_file(str(src / _TOKENIZER))
-    codes = _language_codes(tokenizer_config, hf)
-    unk = hf.token_to_id("<unk>")
+    tokenizer_config = _read_optional(src / "tokenizer_config.json")
+    if (src / _TOKENIZER).is_file():  # NLLB: a tokenizers file
+        hf = HFTokenizer.from_file(str(src / _TOKENIZER))
+        codes = _language_codes(tokenizer_config, hf)
+        languages = {code: int(hf.token_to_id(code) or 0) for code in codes}  # present: _language_codes
+        unk = hf.token_to_id("<unk>")
+        files, descriptor_name = [_TOKENIZER], DESCRIPTOR
+        descriptor: dict[str, Any] = {"tokenizer": _TOKENIZER, "languages": languages}
+    elif (src / _SPM).is_file() and (src / _VOCAB).is_file():  # M2M100: SentencePiece + vocab.json
+        vocab = read_json(src / _VOCAB)
+        codes = _fairseq_codes(str(tokenizer_config.get("language_codes", "m2m100")))
+        languages = {code: len(vocab) + i for i, code in enumerate(codes)}  # after the vocabulary
+        unk = vocab.get("<unk>")
+        files, descriptor_name = [_SPM, _VOCAB], SPM_DESCRIPTOR
+        descriptor = {
+            "sentencepiece": {"source": _SPM, "target": _SPM, "vocab": _VOCAB, "target_vocab": None},
+            "family": "m2m100",
+            "languages": languages,
+        }
+    else:
+        raise ImportRefused(f"{src}: missing tokenizer files ({_TOKENIZER}, or {_SPM} and {_VOCAB})")
     if unk is None:
-        raise ImportRefused(f"{src / _TOKENIZER}: has no <unk> token")
-    cfg = _transformer_config(config, unk)
-    languages = {code: int(hf.token_to_id(code) or 0) for code in codes}  # present: _language_codes
-    default = str(tokenizer_config.get("src_lang") or codes[0])
+        raise ImportRefused(f"{src}: the tokenizer has no <unk> token")
+    cfg = _transformer_config(config, int(unk))
+    descriptor["special_ids"] = {"pad": cfg.pad_id, "bos": cfg.bos_id, "eos": cfg.eos_id, "unk": cfg.unk_id}
+    default = str(tokenizer_config.get("src_lang") or next(iter(languages)))
     bad = [ids[0] for ids in generation.get("bad_words_ids") or [] if len(ids) == 1]
 
     def write_tokenizer(out: Path) -> str:
-        shutil.copyfile(src / _TOKENIZER, out / _TOKENIZER)
-        descriptor = {
-            "tokenizer": _TOKENIZER,
-            "special_ids": {"pad": cfg.pad_id, "bos": cfg.bos_id, "eos": cfg.eos_id, "unk": cfg.unk_id},
-            "languages": languages,
-        }
-        (out / DESCRIPTOR).write_text(json.dumps(descriptor, indent=2) + "\n", encoding="utf-8")
-        return DESCRIPTOR
+        for name in files:
+            shutil.copyfile(src / name, out / name)
+        (out / descriptor_name).write_text(json.dumps(descriptor, indent=2) + "\n", encoding="utf-8")
+        return descriptor_name
 
     return ImportPlan(
         cfg=cfg,
@@ -56,16 +73,21 @@ def plan(src: Path, config: dict[str, Any], generation: dict[str, Any]) -> Impor
     )
 
 
-def _tokenizer_config(src: Path) -> dict[str, Any]:
-    if not (src / _TOKENIZER).is_file():
-        if (src / "sentencepiece.bpe.model").is_file():
-            raise ImportRefused(
-                f"{src}: M2M100Tokenizer's files (vocab.json, sentencepiece.bpe.model) are not supported "
-                f"yet; a checkpoint with {_TOKENIZER} (NLLB) is"
-            )
-        raise ImportRefused(f"{src}: missing tokenizer file {_TOKENIZER}")
-    path = src / "tokenizer_config.json"
+def _read_optional(path: Path) -> dict[str, Any]:
     return read_json(path) if path.is_file() else {}
+
+
+def _fairseq_codes(name: str) -> list[str]:
+    """M2M100's language codes, in the order their tokens follow the vocabulary (Transformers keeps
+    the list; the tokenizer config names which)."""
+    try:
+        from transformers.models.m2m_100.tokenization_m2m_100 import FAIRSEQ_LANGUAGE_CODES
+    except ImportError as err:  # the export extra has it
+        raise ImportRefused(f"M2M100's language codes need transformers installed ({err})") from err
+    if name not in FAIRSEQ_LANGUAGE_CODES:
+        known = ", ".join(sorted(FAIRSEQ_LANGUAGE_CODES))
+        raise ImportRefused(f"tokenizer_config.json: language_codes {name!r} is not one of {known}")
+    return list(FAIRSEQ_LANGUAGE_CODES[name])
 
 
 def _language_codes(tokenizer_config: dict[str, Any], hf: HFTokenizer) -> list[str]:

@@ -5,7 +5,8 @@ Two kinds, one interface (`Tokenizer`), chosen by `load_tokenizer` from the file
   BPE, which never meets an unknown character), or, named by a small descriptor
   (`multilingual.json`) with its special ids and language tokens, an imported NLLB model's.
 - `MarianTokenizer`: an imported OPUS-MT model's SentencePiece models and vocabulary, named by a
-  small descriptor (`sentencepiece.json`); ids equal Transformers' `MarianTokenizer`.
+  small descriptor (`sentencepiece.json`); ids equal Transformers' `MarianTokenizer`. Its
+  `M2M100Tokenizer` variant: an M2M100 model's, with language tokens.
 
 A multilingual tokenizer (`languages` not empty) puts the source language's token before the
 source, as Transformers' NLLB and M2M100 tokenizers do; the target language's token is the first
@@ -99,7 +100,7 @@ def load_tokenizer(path: Path | str) -> Tokenizer:
         raise FileNotFoundError(f"{path}: missing tokenizer file")
     data = json.loads(path.read_text(encoding="utf-8"))
     if isinstance(data, dict) and "sentencepiece" in data:
-        return MarianTokenizer(path, data)
+        return M2M100Tokenizer(path, data) if data.get("family") == "m2m100" else MarianTokenizer(path, data)
     if isinstance(data, dict) and "tokenizer" in data and "languages" in data:
         return BpeTokenizer.described(path, data)
     return BpeTokenizer(HFTokenizer.from_file(str(path)), path.name)
@@ -234,6 +235,27 @@ class MarianTokenizer(Tokenizer):
 
     def id_to_token(self, token_id: int) -> str:
         return self._pieces.get(token_id, "")
+
+
+class M2M100Tokenizer(MarianTokenizer):
+    """M2M100's tokenization: one SentencePiece model for both sides, pieces looked up in
+    vocab.json (a piece it lacks is unknown), its language tokens (`__fr__`) after the vocabulary.
+    The descriptor is MarianTokenizer's with "family": "m2m100" and "languages": {code: id}.
+    Unlike Marian's, a text's leading `>>xx<<` is text, and decoding keeps what SentencePiece
+    gives (as Transformers' M2M100Tokenizer)."""
+
+    def __init__(self, path: Path, data: dict) -> None:
+        super().__init__(path, data)
+        self.languages = {str(code): int(i) for code, i in data.get("languages", {}).items()}
+        self._special_set = frozenset([*self._special_set, *self.languages.values()])
+        self._pieces.update({i: f"__{code}__" for code, i in self.languages.items()})
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self._ids(self._source.encode(text, out_type=str), self._vocab) for text in texts]
+
+    def decode(self, ids: list[int]) -> str:
+        pieces = [self._pieces.get(i, "") for i in ids if i not in self._special_set]
+        return str(self._decoder_spm.decode(pieces)).strip()
 
 
 def translate_in_batches(

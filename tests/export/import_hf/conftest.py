@@ -37,3 +37,15 @@ def nllb_model_dir(tmp_path_factory: pytest.TempPathFactory, nllb_checkpoint: Pa
     out = tmp_path_factory.mktemp("imported") / "tiny-nllb"
     import_checkpoint(nllb_checkpoint, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def m2m100_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_corpus) -> Path:
+    return tiny_checkpoints.build_m2m100(tmp_path_factory.mktemp("hf") / "tiny-m2m100", tiny_corpus["train"])
+
+
+@pytest.fixture(scope="session")
+def m2m100_model_dir(tmp_path_factory: pytest.TempPathFactory, m2m100_checkpoint: Path) -> Path:
+    out = tmp_path_factory.mktemp("imported") / "tiny-m2m100"
+    import_checkpoint(m2m100_checkpoint, out)
+    return out

@@ -98,26 +98,9 @@ def build_marian(
 NLLB_LANGUAGES = ("eng_Latn", "fra_Latn", "deu_Latn")
 
 
-def build_nllb(out: Path, pairs: list[tuple[str, str]], seed: int = 0, **config: Any) -> Path:
-    """An NLLB checkpoint in `out` (M2M100 architecture): a BPE tokenizer.json trained on both
-    sides of `pairs`, three language codes, random weights."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import M2M100Config, M2M100ForConditionalGeneration, NllbTokenizer
-
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
-    trainer = trainers.BpeTrainer(vocab_size=PIECES * 2, special_tokens=["<s>", "<pad>", "</s>", "<unk>"])
-    bpe.train_from_iterator([text for pair in pairs for text in pair], trainer)
-    merges = [tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
-    tokenizer = NllbTokenizer(
-        vocab=bpe.get_vocab(),
-        merges=merges,
-        extra_special_tokens=list(NLLB_LANGUAGES),
-        src_lang="eng_Latn",
-        tgt_lang="fra_Latn",
-    )
-    settings = {
-        "vocab_size": len(tokenizer),
+def _m2m100_config(vocab_size: int, **config: Any) -> dict[str, Any]:
+    return {
+        "vocab_size": vocab_size,
         "d_model": 32,
         "encoder_layers": 2,
         "decoder_layers": 2,
@@ -135,8 +118,69 @@ def build_nllb(out: Path, pairs: list[tuple[str, str]], seed: int = 0, **config:
         "init_std": 0.3,
         **config,
     }
+
+
+def _save_m2m100(out: Path, settings: dict[str, Any], seed: int) -> None:
+    from transformers import M2M100Config, M2M100ForConditionalGeneration
+
     torch.manual_seed(seed)
-    model = M2M100ForConditionalGeneration(M2M100Config(**settings)).eval()
-    model.save_pretrained(out)
+    M2M100ForConditionalGeneration(M2M100Config(**settings)).eval().save_pretrained(out)
+
+
+def build_m2m100(out: Path, pairs: list[tuple[str, str]], seed: int = 0, **config: Any) -> Path:
+    """An M2M100 checkpoint in `out`: a BPE SentencePiece model and vocab.json over both sides of
+    `pairs`, M2M100's 100 language tokens after the vocabulary, random weights."""
+    from transformers import M2M100Tokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([text for pair in pairs for text in pair]),
+        model_prefix=str(out / "spm"),
+        vocab_size=PIECES,
+        model_type="bpe",
+        character_coverage=1.0,
+        bos_id=-1,
+        eos_id=-1,
+        unk_id=0,
+        pad_id=-1,
+        minloglevel=2,
+    )
+    model = spm.SentencePieceProcessor(model_file=str(out / "spm.model"))
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    for i in range(model.get_piece_size()):
+        vocab.setdefault(model.id_to_piece(i), len(vocab))
+    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    tokenizer = M2M100Tokenizer(
+        vocab_file=str(out / "vocab.json"), spm_file=str(out / "spm.model"), src_lang="en"
+    )
+    (out / "spm.model").unlink()
+    (out / "spm.vocab").unlink()
+    (out / "vocab.json").unlink()
+    tokenizer.save_pretrained(out)
+    # the vocabulary, then the language tokens, then fairseq's made-up words
+    size = max(tokenizer.lang_code_to_id.values()) + 1 + tokenizer.num_madeup_words
+    _save_m2m100(out, _m2m100_config(size, **config), seed)
+    return out
+
+
+def build_nllb(out: Path, pairs: list[tuple[str, str]], seed: int = 0, **config: Any) -> Path:
+    """An NLLB checkpoint in `out` (M2M100 architecture): a BPE tokenizer.json trained on both
+    sides of `pairs`, three language codes, random weights."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import NllbTokenizer
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
+    trainer = trainers.BpeTrainer(vocab_size=PIECES * 2, special_tokens=["<s>", "<pad>", "</s>", "<unk>"])
+    bpe.train_from_iterator([text for pair in pairs for text in pair], trainer)
+    merges = [tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
+    tokenizer = NllbTokenizer(
+        vocab=bpe.get_vocab(),
+        merges=merges,
+        extra_special_tokens=list(NLLB_LANGUAGES),
+        src_lang="eng_Latn",
+        tgt_lang="fra_Latn",
+    )
+    _save_m2m100(out, _m2m100_config(len(tokenizer), **config), seed)
     tokenizer.save_pretrained(out)
     return out
