@@ -83,6 +83,9 @@ class SearchOptions:
     # token, as Transformers' forced BOS token), then `forced_prefix` scored by the model.
     forced_start: tuple[int, ...] = ()
     forced_prefix: tuple[int, ...] = ()
+    # The end token imposed (log-prob 0) as the last token max_output_tokens allows, as
+    # Transformers' forced_eos_token_id does for the checkpoints that ship it.
+    forced_eos_at_limit: bool = False
     sampling: Sampling | None = None  # draw instead of taking the best (beam_size 1 only)
 
     def __post_init__(self) -> None:
@@ -263,6 +266,9 @@ def advance(state: SearchState, log_probs: np.ndarray) -> Advance:
         return _forced_advance(
             state, log_probs, opts.forced[state.step], state.step >= len(opts.forced_start)
         )
+    if _eos_forced(state):
+        log_probs = np.full_like(log_probs, -np.inf)
+        log_probs[:, opts.eos_id] = 0.0
     if opts.beam_size == 1:
         return _greedy_advance(state, log_probs)
     return _beam_advance(state, log_probs)
@@ -296,7 +302,8 @@ def advance_rows(states: Sequence[SearchState], log_probs: np.ndarray) -> RowsAd
     groups: dict[tuple[int, ...], list[int]] = {}  # banned tokens → the greedy sentences banning them
     for i, state in enumerate(states):
         opts = state.options
-        if opts.beam_size == 1 and opts.sampling is None and state.step >= len(opts.forced):
+        plain = state.step >= len(opts.forced) and not _eos_forced(state)
+        if opts.beam_size == 1 and opts.sampling is None and plain:
             groups.setdefault(_banned(state), []).append(i)
     chosen: dict[int, tuple[int, float, float]] = {}  # sentence → token, its log-prob, the new score
     for banned, members in groups.items():
@@ -346,6 +353,12 @@ def _banned(state: SearchState) -> tuple[int, ...]:
     """Tokens this step must not pick: the never-ids, and the end token before min_output_tokens."""
     opts = state.options
     return (*opts.never_ids, *((opts.eos_id,) if state.step < opts.min_output_tokens else ()))
+
+
+def _eos_forced(state: SearchState) -> bool:
+    """Whether this step must take the end token (the last step of forced_eos_at_limit)."""
+    opts = state.options
+    return opts.forced_eos_at_limit and state.step == opts.max_output_tokens - 1
 
 
 def _forced_advance(state: SearchState, log_probs: np.ndarray, token: int, scored: bool) -> Advance:

@@ -50,6 +50,12 @@ def read_generation_config(src: Path) -> dict[str, Any]:
     return read_json(path) if path.is_file() else {}
 
 
+def forced_eos(config: dict[str, Any], generation: dict[str, Any], eos_id: int) -> bool:
+    """Whether the checkpoint forces its end token at the length limit (forced_eos_token_id)."""
+    forced = generation.get("forced_eos_token_id", config.get("forced_eos_token_id"))
+    return forced == eos_id or (isinstance(forced, list) and eos_id in forced)
+
+
 def read_weights(src: Path) -> dict[str, torch.Tensor]:
     """Every stored tensor, as float32 where it is floating point."""
     for name in WEIGHT_FILES:

@@ -17,7 +17,7 @@ from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
 
-from export.import_hf.checkpoint import ImportRefused, read_json
+from export.import_hf.checkpoint import ImportRefused, forced_eos, read_json
 from export.import_hf.family import ImportPlan
 from export.model_config import Activation, TransformerConfig
 from service.modeldir.manifest import Decoding, Languages
@@ -69,7 +69,11 @@ def plan(src: Path, config: dict[str, Any], generation: dict[str, Any]) -> Impor
         cfg=cfg,
         languages=Languages(source=default, target=""),
         write_tokenizer=write_tokenizer,
-        decoding=Decoding(never_ids=tuple(bad), multilingual=True),
+        decoding=Decoding(
+            never_ids=tuple(bad),
+            multilingual=True,
+            forced_eos_at_limit=forced_eos(config, generation, cfg.eos_id),
+        ),
     )
 
 

@@ -13,10 +13,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from export.import_hf.checkpoint import ImportRefused, read_json
+from export.import_hf.checkpoint import ImportRefused, forced_eos, read_json
 from export.import_hf.family import ImportPlan
 from export.model_config import Activation, TransformerConfig
-from service.modeldir.manifest import Languages
+from service.modeldir.manifest import Decoding, Languages
 
 TOKENIZER_DESCRIPTOR = "sentencepiece.json"
 _SPM_FILES = ("source.spm", "target.spm")
@@ -91,7 +91,10 @@ def plan(src: Path, config: dict[str, Any], generation: dict[str, Any]) -> Impor
     which is also its start token, as this project's default (pad and start never generated)."""
     vocab = read_vocab(src)
     cfg = transformer_config(config, vocab)
-    return ImportPlan(cfg, _languages(src), lambda out: write_tokenizer(src, out, cfg))
+    decoding = None
+    if forced_eos(config, generation, cfg.eos_id):
+        decoding = Decoding(never_ids=(cfg.pad_id, cfg.bos_id), forced_eos_at_limit=True)
+    return ImportPlan(cfg, _languages(src), lambda out: write_tokenizer(src, out, cfg), decoding)
 
 
 def _languages(src: Path) -> Languages:

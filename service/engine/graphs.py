@@ -39,6 +39,7 @@ class ModelDims:
     bos_id: int  # the decoder's start token
     eos_id: int
     never: tuple[int, ...] | None = None  # the manifest's never_ids; None: pad and the start token
+    forced_eos_at_limit: bool = False  # the manifest's decoding record says so
 
     @property
     def never_ids(self) -> tuple[int, ...]:
@@ -58,6 +59,7 @@ class ModelDims:
             bos_id=manifest.special_ids.bos,
             eos_id=manifest.special_ids.eos,
             never=manifest.never_ids,
+            forced_eos_at_limit=manifest.decoding is not None and manifest.decoding.forced_eos_at_limit,
         )
 
 

@@ -224,6 +224,7 @@ def start_states(
             n_best,
             never_ids=dims.never_ids,
             forced_start=tuple(forced_starts[i]) if forced_starts is not None else (),
+            forced_eos_at_limit=dims.forced_eos_at_limit,
         )
         states.append(start_search(options))
     return states

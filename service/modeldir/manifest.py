@@ -78,6 +78,7 @@ class Decoding:
 
     never_ids: tuple[int, ...]  # tokens never generated (the checkpoint's one-token bad words)
     multilingual: bool = False  # requests name a target language; its token is the first output
+    forced_eos_at_limit: bool = False  # the end token is the last token the length limit allows
 
 
 @dataclass(frozen=True)
@@ -316,7 +317,11 @@ def _decoding(data: Mapping[str, Any]) -> Decoding | None:
     never = _field(record, "never_ids", list, within="decoding")
     if not all(isinstance(i, int) for i in never):
         raise TypeError("field 'decoding.never_ids' must be a list of ints")
-    return Decoding(never_ids=tuple(never), multilingual=bool(record.get("multilingual", False)))
+    return Decoding(
+        never_ids=tuple(never),
+        multilingual=bool(record.get("multilingual", False)),
+        forced_eos_at_limit=bool(record.get("forced_eos_at_limit", False)),
+    )
 
 
 def _field(data: Mapping[str, Any], key: str, kind: type, within: str = "") -> Any:

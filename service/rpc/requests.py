@@ -112,6 +112,7 @@ class RequestLimits:
     scheduler: SchedulerShare | None = None  # None: no scheduler bounds (the model's limits alone)
     languages: Languages | None = None  # a bilingual model's pair, a multilingual one's default source
     never_ids: tuple[int, ...] | None = None  # tokens the model never generates; None: pad and start
+    forced_eos_at_limit: bool = False  # the model's last token at the length limit is the end token
 
     # What a request can actually get, the tighter of the settings and the scheduler's share: what
     # GetModelInfo reports, so that a client that keeps within it is never refused for its size.
@@ -215,6 +216,7 @@ def translate_jobs(
                 min_output_tokens=options.stopping.min_output_tokens,
                 forced_start=start,
                 forced_prefix=prefix,
+                forced_eos_at_limit=limits.forced_eos_at_limit,
                 sampling=sampling,
             )
         except ValueError as err:  # what _check_room does not foresee

@@ -234,6 +234,7 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
             vocab_size=info.dims.vocab_size,
             languages=info.languages,
             never_ids=info.dims.never_ids,
+            forced_eos_at_limit=info.dims.forced_eos_at_limit,
             scheduler=SchedulerShare(
                 max_sequences=pool.share.max_sequences,
                 max_kv_cache_tokens=pool.share.max_kv_cache_tokens,

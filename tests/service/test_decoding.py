@@ -353,6 +353,27 @@ def test_a_forced_start_is_followed_and_scores_zero() -> None:
         assert plain[0].tokens[:2] == (B, C)
 
 
+def test_forced_eos_at_limit_ends_every_hypothesis_at_the_last_step() -> None:
+    """Transformers' forced_eos_token_id: at the last step allowed, the end token, log-prob 0."""
+    never_ends = {(): {A: 0.9}, (A,): {A: 0.9}, (A, A): {A: 0.9}}
+
+    def log_probs(prefixes: list[tuple[int, ...]]) -> np.ndarray:
+        rows = []
+        for prefix in prefixes:
+            given = never_ends.get(prefix, {A: 0.9})
+            rest = (1.0 - sum(given.values())) / (VOCAB - len(given))
+            rows.append([math.log(given.get(t, rest)) for t in range(VOCAB)])
+        return np.array(rows, dtype=np.float32)
+
+    for beam_size in (1, 2):
+        plain = run(SearchOptions(3, EOS, beam_size=beam_size), log_probs)[-1].hypotheses()[0]
+        forced = run(SearchOptions(3, EOS, beam_size=beam_size, forced_eos_at_limit=True), log_probs)
+        (h,) = forced[-1].hypotheses()
+        assert (plain.tokens, plain.finished) == ((A, A, A), False)
+        assert (h.tokens, h.finished) == ((A, A), True)
+        assert h.score == pytest.approx(2 * math.log(0.9), abs=1e-6)  # the end token adds 0
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

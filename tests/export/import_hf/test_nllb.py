@@ -65,7 +65,6 @@ def _generate(checkpoint: Path, texts: list[str], targets: list[str], beams: int
                 max_new_tokens=MAX_NEW,
                 do_sample=False,
                 forced_bos_token_id=tokenizer.convert_tokens_to_ids(language),
-                forced_eos_token_id=None,
             )
         for i, row in zip(rows, generated.tolist(), strict=True):
             tokens = [t for t in row[1:] if t != model.config.pad_token_id]
@@ -133,7 +132,6 @@ def test_m2m100_outputs_equal_transformers(
             max_new_tokens=MAX_NEW,
             do_sample=False,
             forced_bos_token_id=hf.get_lang_id("fr"),
-            forced_eos_token_id=None,
         )
     expected = []
     for row in generated.tolist():

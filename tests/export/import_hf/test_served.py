@@ -51,9 +51,7 @@ def _generate(hf: tuple[MarianTokenizer, MarianMTModel], texts: list[str], beams
     tokenizer, model = hf
     batch = tokenizer(texts, return_tensors="pt", padding=True)
     with torch.no_grad():
-        out = model.generate(
-            **batch, num_beams=beams, max_new_tokens=MAX_NEW, do_sample=False, forced_eos_token_id=None
-        )
+        out = model.generate(**batch, num_beams=beams, max_new_tokens=MAX_NEW, do_sample=False)
     return tokenizer.batch_decode(out, skip_special_tokens=True)
 
 
