@@ -2,8 +2,10 @@
 
 The servicer calls `translate_jobs` (Translate, TranslateStream) and `attend_selection` (Attend)
 before anything is queued; an `InvalidRequestError` becomes INVALID_ARGUMENT with its message,
-which says what was wrong and what the limit is. Resolving the model name (NOT_FOUND) is the
-engine's business, not this module's.
+which says what was wrong and what the limit is. Each text is split into sentences here
+(`service.rpc.sentences`), and each sentence becomes one decoding job: the model's limits hold
+per sentence, and the number of sentences is bounded per request. Resolving the model name
+(NOT_FOUND) is the engine's business, not this module's.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from service.api.translator.v1 import translator_pb2 as pb
 from service.decoding import Sampling, SearchOptions, default_max_output_tokens
 from service.modeldir.manifest import ModelShape
 from service.modeldir.tokenizer import InputTooLongError, Tokenizer
+from service.rpc.sentences import Split, split_sentences, whole
 
 DEFAULT_BEAM_SIZE = 4
 LENGTH_PENALTY_RANGE = (0.0, 2.0)
@@ -82,14 +85,14 @@ def decoded(request: M | UndecodableRequest) -> M:
 class SchedulerShare:
     """What one scheduler instance holds (service/scheduler/pool.py): its share of the server's
     --max-sequences and --max-kv-cache-tokens, and the queue of the process. A request decodes on
-    one instance and must fit it empty, and every text of a call waits in the queue before it
+    one instance and must fit it empty, and every sentence of a call waits in the queue before it
     decodes, so these bound a request as surely as the model's limits do. A request beyond them is
     refused here, before anything is queued, with a message that says what to ask for instead; and
     GetModelInfo reports them."""
 
     max_sequences: int  # decoder rows; a beam of K is K rows
     max_kv_cache_tokens: int  # self-attention cache slots: a request holds beam × max_output_tokens
-    queue_capacity: int  # requests that can wait at once (one per text)
+    queue_capacity: int  # requests that can wait at once (one per sentence)
     split: str = ""  # who splits the server's limits ("2 instances split (--instances)"); "": none
     queue_setting: str = "--max-queue-size"  # where queue_capacity comes from, for messages
 
@@ -105,6 +108,7 @@ class RequestLimits:
     """What one request may ask for: the server's limits and the model's."""
 
     max_texts_per_request: int  # --max-texts-per-request
+    max_sentences_per_request: int  # --max-sentences-per-request, over all the texts of a call
     max_beam_size: int  # --max-beam-size
     max_source_tokens: int  # the end token included
     max_output_tokens: int  # the model's; the end token included
@@ -116,11 +120,16 @@ class RequestLimits:
 
     @property
     def effective_max_texts(self) -> int:
+        return min(self.max_texts_per_request, self.effective_max_sentences)
+
+    @property
+    def effective_max_sentences(self) -> int:
+        """Every sentence waits in the queue as one request."""
         share = self.scheduler
         return (
-            self.max_texts_per_request
+            self.max_sentences_per_request
             if share is None
-            else min(self.max_texts_per_request, share.queue_capacity)
+            else min(self.max_sentences_per_request, share.queue_capacity)
         )
 
     @property
@@ -141,13 +150,21 @@ class RequestLimits:
 
 
 @dataclass(frozen=True)
+class SentenceJob:
+    """One sentence, tokenised and with its decoding options: one scheduler Request."""
+
+    source_ids: tuple[int, ...]  # ends with the end token
+    options: SearchOptions  # the text's; the forced prefix only on its first sentence
+
+
+@dataclass(frozen=True)
 class TextJob:
-    """One text, tokenised and with its decoding options, ready for the scheduler."""
+    """One text: its sentences ready for the scheduler, and the spacing to join their translations."""
 
     text: str
-    source_ids: tuple[int, ...]  # ends with the end token
-    options: SearchOptions
-    seed: int | None  # the sampling seed in use (reported back), None when not sampling
+    split: Split
+    sentences: tuple[SentenceJob, ...]  # one per split.sentences
+    seed: int | None  # the sampling seed of every sentence (reported back), None when not sampling
 
 
 def translate_jobs(
@@ -156,17 +173,25 @@ def translate_jobs(
     tokenizer: Tokenizer,
     limits: RequestLimits,
     *,
+    language: str,
     streaming: bool = False,
     new_seed: Callable[[], int],
 ) -> list[TextJob]:
-    """Validate a Translate / TranslateStream request and build one job per text.
+    """Validate a Translate / TranslateStream request and build one job per text, one sentence job
+    per sentence (the whole text one with options.no_sentence_split).
 
     Args:
+        language: the model's source language, whose rules split the texts.
         new_seed: a fresh seed, for sampling requests that did not send one.
     Raises:
         InvalidRequestError: naming the field, the value and the limit.
     """
     _check_text_count(len(texts), limits)
+    for i, text in enumerate(texts):
+        if not text.strip():
+            raise InvalidRequestError(f"text {i} is empty")
+    splits = [whole(t) if options.no_sentence_split else split_sentences(t, language) for t in texts]
+    check_sentence_count(sum(len(s.sentences) for s in splits), limits)
     beam_size, length_penalty = _beam(options, limits)
     sampling = _sampling(options, limits) if options.WhichOneof("strategy") == "sampling" else None
     n_best = options.n_best or 1
@@ -186,35 +211,52 @@ def translate_jobs(
         )
     sp = tokenizer.special
     jobs = []
-    for i, text in enumerate(texts):
-        if not text.strip():
-            raise InvalidRequestError(f"text {i} is empty")
-        try:
-            source = tokenizer.encode_source(text, limits.max_source_tokens)
-        except InputTooLongError as err:
-            raise InvalidRequestError(f"text {i}: {err}") from err
-        max_out = requested_max or default_max_output_tokens(len(source), limits.effective_max_output_tokens)
-        _check_room(i, max_out, len(source), len(prefix), options.stopping, beam_size, limits)
+    for i, (text, split) in enumerate(zip(texts, splits, strict=True)):
         seed = None
         if sampling is not None:
             seed = options.sampling.seed if options.sampling.HasField("seed") else new_seed()
             sampling = Sampling(sampling.temperature, sampling.top_k, sampling.top_p, seed)
-        try:
-            search = SearchOptions(
-                max_output_tokens=max_out,
-                eos_id=sp.eos,
-                beam_size=beam_size,
-                length_penalty=length_penalty,
-                n_best=n_best,
-                never_ids=(sp.pad, sp.bos),
-                min_output_tokens=options.stopping.min_output_tokens,
-                forced_prefix=prefix,
-                sampling=sampling,
+        sentences = []
+        for j, sentence in enumerate(split.sentences):
+            where = sentence_name(i, j, len(split.sentences))
+            source = encode_sentence(tokenizer, sentence, limits, where)
+            forced = prefix if j == 0 else ()
+            max_out = requested_max or default_max_output_tokens(
+                len(source), limits.effective_max_output_tokens
             )
-        except ValueError as err:  # what _check_room does not foresee
-            raise InvalidRequestError(f"text {i}: {err}") from err
-        jobs.append(TextJob(text, tuple(source), search, seed))
+            unit = "text" if len(split.sentences) == 1 else "sentence"
+            _check_room((where, unit), max_out, len(source), len(forced), options.stopping, beam_size, limits)
+            try:
+                search = SearchOptions(
+                    max_output_tokens=max_out,
+                    eos_id=sp.eos,
+                    beam_size=beam_size,
+                    length_penalty=length_penalty,
+                    n_best=n_best,
+                    never_ids=(sp.pad, sp.bos),
+                    min_output_tokens=options.stopping.min_output_tokens,
+                    forced_prefix=forced,
+                    sampling=sampling,
+                )
+            except ValueError as err:  # what _check_room does not foresee
+                raise InvalidRequestError(f"{where}: {err}") from err
+            sentences.append(SentenceJob(tuple(source), search))
+        jobs.append(TextJob(text, split, tuple(sentences), seed))
     return jobs
+
+
+def sentence_name(i: int, j: int, count: int, text: str = "text {i}") -> str:
+    """How a message names sentence j of `count` in text i: the text alone when it is one sentence."""
+    named = text.format(i=i)
+    return named if count == 1 else f"{named}, sentence {j + 1} of {count}"
+
+
+def encode_sentence(tokenizer: Tokenizer, sentence: str, limits: RequestLimits, where: str) -> list[int]:
+    """The source ids of one sentence (end token included), within the model's limit."""
+    try:
+        return tokenizer.encode_source(sentence, limits.max_source_tokens)
+    except InputTooLongError as err:
+        raise InvalidRequestError(f"{where}: {err}") from err
 
 
 def _check_text_count(count: int, limits: RequestLimits) -> None:
@@ -236,8 +278,25 @@ def _check_text_count(count: int, limits: RequestLimits) -> None:
         )
 
 
+def check_sentence_count(count: int, limits: RequestLimits) -> None:
+    """Bounds the sentences of a call, which are its requests to the scheduler: checked before any
+    is tokenised, so that one huge paragraph costs no more than its split."""
+    if count > limits.max_sentences_per_request:
+        raise InvalidRequestError(
+            f"{count} sentences in one request, more than the limit of {limits.max_sentences_per_request} "
+            "(--max-sentences-per-request); send the texts over several calls"
+        )
+    share = limits.scheduler
+    if share is not None and count > share.queue_capacity:
+        raise InvalidRequestError(
+            f"{count} sentences in one request, more than the {share.queue_capacity} the server's request "
+            f"queue holds ({share.queue_setting}): every sentence waits in the queue, so the call could "
+            f"never be accepted; send at most {share.queue_capacity} sentences per call"
+        )
+
+
 def _check_room(
-    i: int,
+    sentence: tuple[str, str],
     max_out: int,
     source_len: int,
     prefix_len: int,
@@ -245,16 +304,17 @@ def _check_room(
     beam_size: int,
     limits: RequestLimits,
 ) -> None:
-    """Text `i`'s max_output_tokens (sent, or the default for its length) against the forced
+    """A sentence's max_output_tokens (sent, or the default for its length) against the forced
     prefix, the minimum and the KV cache. When the client never set it, the message says where the
-    number comes from; when it did, the fault is the whole request's, not one text's."""
+    number comes from and which sentence (`sentence`: its name, and "text" or "sentence" for
+    what it is); when it did, the fault is the whole request's, not one sentence's."""
     limit = limits.effective_max_output_tokens
     if stopping.max_output_tokens:
         where, named = "", f"max_output_tokens {max_out}"
     else:
-        where = f"text {i}: "
+        where, unit = f"{sentence[0]}: ", sentence[1]
         named = (
-            f"max_output_tokens {max_out} (not set: the default for this text's {source_len} source "
+            f"max_output_tokens {max_out} (not set: the default for this {unit}'s {source_len} source "
             f"tokens, 2 × {source_len} + 10, at most {limit})"
         )
     if prefix_len >= max_out:

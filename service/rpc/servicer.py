@@ -1,8 +1,9 @@
 """The gRPC servicer of `translator.v1.Translator`: proto ⇄ domain, and errors → status codes.
 
 Each RPC validates its request (`service.rpc.requests` for Translate/TranslateStream and Attend),
-submits one scheduler `Request` per text with the call's deadline, awaits the outcomes and builds the
-response.
+submits one scheduler `Request` per sentence of each text with the call's deadline, all at once so
+that they decode as rows of the same batch, awaits the outcomes and builds the response (a text's
+sentences joined again, `service.rpc.responses`).
 `_handled` is the one place where exceptions become gRPC statuses; it also counts every call in
 the metrics and writes one structured log line per call.
 """
@@ -15,7 +16,7 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeVar
 
@@ -32,6 +33,7 @@ from service.rpc.requests import (
     InvalidRequestError,
     RequestLimits,
     SchedulerShare,
+    SentenceJob,
     TextJob,
     UndecodableRequest,
     attend_selection,
@@ -139,6 +141,29 @@ _SMALLER_ATTENTION = (
 # --- pure helpers: domain → proto -------------------------------------------------------------------
 
 
+def _delta(text: str, token_ids: Sequence[int] = ()) -> pb.TranslateStreamResponse:
+    return pb.TranslateStreamResponse(delta=pb.TextDelta(text=text, token_ids=token_ids))
+
+
+async def _sentence_deltas(
+    tokenizer: Tokenizer, handle: Handle, request_id: str
+) -> AsyncIterator[tuple[str, tuple[int, ...]]]:
+    """(text, token ids) of one sentence's stream as it decodes, then any text held back at its end
+    (a cut UTF-8 character): together its translation's text."""
+    ids: list[int] = []
+    sent = ""
+    async for chunk in handle.token_chunks():  # several tokens when the loop fell behind
+        ids.extend(chunk)
+        new = text_delta(tokenizer, ids, sent)
+        sent += new
+        yield new, chunk
+    text = tokenizer.decode(list((await handle.result()).hypotheses[0].tokens))
+    if text != sent:
+        if not text.startswith(sent):
+            log.warning("request %s: streamed text is not a prefix of the result", request_id)
+        yield text[len(sent) :], ()
+
+
 class TranslatorServicer(pb_grpc.TranslatorServicer):
     """translator.v1.Translator over an engine (models, attention) and a scheduler (decoding)."""
 
@@ -227,6 +252,7 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
         server, pool = self.config.server, self.scheduler
         limits = self._request_limits[info.name] = RequestLimits(
             max_texts_per_request=server.max_texts_per_request,
+            max_sentences_per_request=server.max_sentences_per_request,
             max_beam_size=server.max_beam_size,
             max_source_tokens=info.limits.max_source_tokens,
             max_output_tokens=info.limits.max_target_tokens,
@@ -265,30 +291,40 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
             options,
             self.tokenizers[name],
             self._limits(info),
+            language=info.languages.source,
             streaming=streaming,
             new_seed=lambda: secrets.randbits(63),
         )
-        call.input_tokens = sum(len(j.source_ids) for j in jobs)
+        call.input_tokens = sum(len(s.source_ids) for j in jobs for s in j.sentences)
         return info, jobs
 
-    def _submit(self, model: str, job: TextJob, context: grpc.aio.ServicerContext, stream: bool) -> Handle:
+    @contextlib.contextmanager
+    def _submitted(
+        self, model: str, sentences: Sequence[SentenceJob], context: grpc.aio.ServicerContext, stream: bool
+    ) -> Iterator[list[Handle]]:
+        """Every sentence submitted at once, so that they decode side by side; any still running
+        when the block ends (one failed, the call was cancelled) is cancelled."""
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
-        return self.scheduler.submit(Request(model, job.source_ids, job.options, deadline, stream))
-
-    async def _generate(
-        self, model: str, jobs: Sequence[TextJob], context: grpc.aio.ServicerContext
-    ) -> list[Generation]:
-        """Decode every job; if one fails (or the call is cancelled), cancel the others."""
         handles: list[Handle] = []
         try:
-            for job in jobs:
-                handles.append(self._submit(model, job, context, stream=False))
-            return list(await asyncio.gather(*(h.result() for h in handles)))
+            for s in sentences:
+                request = Request(model, s.source_ids, s.options, deadline, stream)
+                handles.append(self.scheduler.submit(request))
+            yield handles
         finally:
             for h in handles:
                 if not h.done():
-                    h.cancel()
+                    h.cancel()  # the client went away or a sibling failed: the row leaves at the next step
+
+    async def _generate(
+        self, model: str, jobs: Sequence[TextJob], context: grpc.aio.ServicerContext
+    ) -> list[list[Generation]]:
+        """Decode every sentence of every job; each job's Generations, in order."""
+        sentences = [s for job in jobs for s in job.sentences]
+        with self._submitted(model, sentences, context, stream=False) as handles:
+            flat = iter(await asyncio.gather(*(h.result() for h in handles)))
+        return [[next(flat) for _ in job.sentences] for job in jobs]
 
     async def Translate(
         self, request: pb.TranslateRequest | UndecodableRequest, context: grpc.aio.ServicerContext
@@ -300,8 +336,8 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
             total = time.monotonic() - call.start
             tokenizer = self.tokenizers[info.name]
             translations = [
-                translation_message(job, gen, tokenizer, request.options, total)
-                for job, gen in zip(jobs, generations, strict=True)
+                translation_message(job, gens, tokenizer, request.options, total)
+                for job, gens in zip(jobs, generations, strict=True)
             ]
             call.output_tokens = sum(t.output_tokens for t in translations)
             response = pb.TranslateResponse(
@@ -315,28 +351,24 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
     ) -> AsyncIterator[pb.TranslateStreamResponse]:
         async with self._handled("TranslateStream", context) as call:
             request = decoded(request)
-            info, (job,) = self._jobs([request.text], request.options, call, streaming=True)
+            whole = pb.TranslateOptions()
+            whole.CopyFrom(request.options)
+            whole.no_sentence_split = True  # a stream decodes its text whole, as one sentence
+            info, (job,) = self._jobs([request.text], whole, call, streaming=True)
             tokenizer = self.tokenizers[info.name]
-            handle = self._submit(info.name, job, context, stream=True)
-            try:
-                ids: list[int] = []
-                sent = ""
-                async for chunk in handle.token_chunks():  # several tokens when the loop fell behind
-                    ids.extend(chunk)
-                    new = text_delta(tokenizer, ids, sent)
-                    sent += new
-                    delta = pb.TranslateStreamResponse(delta=pb.TextDelta(text=new, token_ids=chunk))
-                    yield self._fitting(delta, _SMALLER_STREAM)
-                gen = await handle.result()
-            finally:
-                if not handle.done():
-                    handle.cancel()  # the client went away: the row leaves the batch at the next step
-            final = translation_message(job, gen, tokenizer, request.options, time.monotonic() - call.start)
-            if final.text != sent:  # text held back at the end (a cut UTF-8 character)
-                if not final.text.startswith(sent):
-                    log.warning("request %s: streamed text is not a prefix of the result", call.request_id)
-                rest = pb.TranslateStreamResponse(delta=pb.TextDelta(text=final.text[len(sent) :]))
-                yield self._fitting(rest, _SMALLER_STREAM)
+            gens: list[Generation] = []
+            # Every sentence decodes from the start; their tokens wait in their handles until the
+            # sentences before them have been sent.
+            with self._submitted(info.name, job.sentences, context, stream=True) as handles:
+                for gap, handle in zip(job.split.gaps, handles, strict=False):
+                    if gap:  # the spacing before this sentence, as the text had it
+                        yield self._fitting(_delta(gap), _SMALLER_STREAM)
+                    async for text, ids in _sentence_deltas(tokenizer, handle, call.request_id):
+                        yield self._fitting(_delta(text, ids), _SMALLER_STREAM)
+                    gens.append(await handle.result())
+            if job.split.gaps[-1]:
+                yield self._fitting(_delta(job.split.gaps[-1]), _SMALLER_STREAM)
+            final = translation_message(job, gens, tokenizer, request.options, time.monotonic() - call.start)
             call.output_tokens = final.output_tokens
             response = pb.TranslateResponse(translations=[final], model=info.name, model_version=info.version)
             yield self._fitting(pb.TranslateStreamResponse(final=response), _SMALLER_STREAM)
@@ -367,10 +399,11 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
                     )
             else:
                 self._refuse_until_warm()
+                whole = pb.TranslateOptions(no_sentence_split=True)
                 (job,) = translate_jobs(
-                    [request.source], pb.TranslateOptions(), tokenizer, limits, new_seed=int
+                    [request.source], whole, tokenizer, limits, language=info.languages.source, new_seed=int
                 )
-                (gen,) = await self._generate(name, [job], context)
+                ((gen,),) = await self._generate(name, [job], context)
                 target = list(gen.hypotheses[0].tokens)
                 target_text = tokenizer.decode(target)
             call.input_tokens, call.output_tokens = len(source), len(target) + 1
@@ -428,6 +461,7 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
                 max_source_tokens=limits.max_source_tokens,
                 max_output_tokens=limits.effective_max_output_tokens,
                 max_texts_per_request=limits.effective_max_texts,
+                max_sentences_per_request=limits.effective_max_sentences,
                 max_beam_size=limits.effective_max_beam_size,
                 max_batch_size=self.scheduler.share.max_sequences,  # one decode loop's step
             ),
