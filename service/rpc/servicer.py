@@ -351,10 +351,7 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
     ) -> AsyncIterator[pb.TranslateStreamResponse]:
         async with self._handled("TranslateStream", context) as call:
             request = decoded(request)
-            whole = pb.TranslateOptions()
-            whole.CopyFrom(request.options)
-            whole.no_sentence_split = True  # a stream decodes its text whole, as one sentence
-            info, (job,) = self._jobs([request.text], whole, call, streaming=True)
+            info, (job,) = self._jobs([request.text], request.options, call, streaming=True)
             tokenizer = self.tokenizers[info.name]
             gens: list[Generation] = []
             # Every sentence decodes from the start; their tokens wait in their handles until the

@@ -243,6 +243,18 @@ def test_stream_deltas_concatenate_to_the_unary_result(stub: pb_grpc.TranslatorS
     assert final.final.translations[0] == unary or final.final.translations[0].text == unary.text
 
 
+def test_a_paragraph_streams_sentence_after_sentence_with_its_spacing(stub: pb_grpc.TranslatorStub) -> None:
+    (unary,) = translate(stub, [PARAGRAPH]).translations
+
+    *deltas, final = list(stub.TranslateStream(pb.TranslateStreamRequest(text=PARAGRAPH), timeout=30))
+
+    assert "".join(m.delta.text for m in deltas) == unary.text == final.final.translations[0].text
+    # the spacing comes as deltas of its own, between the sentences' tokens
+    spacing = [m.delta.text for m in deltas if not m.delta.token_ids and m.delta.text]
+    assert spacing == GAPS
+    assert final.final.translations[0].output_tokens == unary.output_tokens
+
+
 def test_text_delta_holds_back_a_partial_utf8_character(engine: Engine) -> None:
     tokenizer = Tokenizer.from_file(engine.graphs().model_dir / "tokenizer.json")
     ids = tokenizer.encode(" 日本")  # byte-level pieces: 日 and 本 are 3 bytes each
@@ -741,6 +753,21 @@ def test_a_cancelled_stream_leaves_the_batch(server: ServerThread, stub: pb_grpc
     stats = server.running.scheduler.stats()
     assert stats.outcomes == before + 1 and stats.in_flight == 0
     assert registry.get_sample_value("translator_sequences_finished_total", cancelled) == cancelled_before + 1
+
+
+def test_a_cancelled_stream_takes_every_sentence_out_of_the_batch(
+    server: ServerThread, stub: pb_grpc.TranslatorStub
+) -> None:
+    stopping = pb.StoppingCriteria(max_output_tokens=128, min_output_tokens=120)
+    text = f"{TEXTS[1]} {TEXTS[2]}"  # two sentences, decoding side by side
+    request = pb.TranslateStreamRequest(text=text, options=pb.TranslateOptions(stopping=stopping))
+    before = server.running.scheduler.stats().outcomes
+    with paced_steps(server.running.engine):
+        stream = stub.TranslateStream(request, timeout=30)
+        next(stream)  # the first sentence is streaming; the second decodes meanwhile
+        stream.cancel()
+        assert wait_until(lambda: server.running.scheduler.stats().outcomes == before + 2)
+    assert server.running.scheduler.stats().in_flight == 0
 
 
 @pytest.mark.parametrize("log_format", ["text", "json"])
