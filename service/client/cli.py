@@ -20,6 +20,7 @@ import argparse
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import fields
+from pathlib import Path
 from typing import Any, NamedTuple, get_args, get_type_hints
 
 from service.client.client import (
@@ -225,20 +226,35 @@ def cmd_attend(client: TranslatorClient, args: argparse.Namespace) -> None:
         layers=[] if args.layer is None else [args.layer],
         heads=[] if args.head is None else [args.head],
         average_heads=args.head is None,
+        no_sentence_split=args.no_split,
     )
+    if not attention.sentences:
+        _print_pair(attention, args, args.png)
+        return
+    # a source of several sentences: one report per sentence pair, one picture each (FILE-1.png, ...)
+    for k, pair in enumerate(attention.sentences, 1):
+        if k > 1:
+            print()
+        print(f"# sentence {k}: {pair.source} → {pair.target}")
+        png = Path(args.png) if args.png else None
+        _print_pair(pair, args, str(png.with_stem(f"{png.stem}-{k}")) if png else None)
+
+
+def _print_pair(attention: Attention, args: argparse.Namespace, png: str | None) -> None:
+    """The alignment of one pair, and its heatmap written to `png` when given."""
     source = [display_token(p) for p in attention.source_tokens]
     target = [display_token(p) for p in attention.target_tokens]
     for i, j in enumerate(attention.alignment):
         print(f"{target[i]} → {source[j]}")
-    if args.png:
+    if png:
         key, matrix = _chosen_matrix(attention, args)
         rows, cols = (source, source) if key[0] == "encoder" else (target, source)
         if key[0] == "decoder":  # columns are the decoder inputs: the start token, then the target
             cols = ["<s>", *target[:-1]]
         head = "head mean" if key[2] is None else f"head {key[2]}"
         title = f"{key[0]} attention, layer {key[1]}, {head}"
-        write_heatmap(args.png, matrix, rows, cols, title=title)
-        print(f"wrote {args.png} ({matrix.shape[0]}×{matrix.shape[1]}, {title})", file=sys.stderr)
+        write_heatmap(png, matrix, rows, cols, title=title)
+        print(f"wrote {png} ({matrix.shape[0]}×{matrix.shape[1]}, {title})", file=sys.stderr)
 
 
 def _chosen_matrix(attention: Attention, args: argparse.Namespace) -> tuple[Any, Any]:
@@ -400,7 +416,15 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument(
         "--head", type=int_range(0, UINT32_MAX), default=None, help="heatmap head (default: the mean)"
     )
-    a.add_argument("--png", default=None, metavar="FILE", help="write the heatmap as a PNG")
+    a.add_argument(
+        "--png",
+        default=None,
+        metavar="FILE",
+        help="write the heatmap as a PNG (several sentences: FILE-1.png, FILE-2.png, ...)",
+    )
+    a.add_argument(
+        "--no-split", action="store_true", help="attend to the source whole, not sentence by sentence"
+    )
     a.set_defaults(run=cmd_attend)
 
     i = commands.add_parser("info", help="describe the loaded models")

@@ -1,8 +1,8 @@
 """API requests → validated decoding jobs: every bad input becomes one clear message.
 
-The servicer calls `translate_jobs` (Translate, TranslateStream) and `attend_selection` (Attend)
-before anything is queued; an `InvalidRequestError` becomes INVALID_ARGUMENT with its message,
-which says what was wrong and what the limit is. Each text is split into sentences here
+The servicer calls `translate_jobs` (Translate, TranslateStream; Attend's checks are in
+`service.rpc.attend`) before anything is queued; an `InvalidRequestError` becomes INVALID_ARGUMENT
+with its message, which says what was wrong and what the limit is. Each text is split into sentences here
 (`service.rpc.sentences`), and each sentence becomes one decoding job: the model's limits hold
 per sentence, and the number of sentences is bounded per request. Resolving the model name
 (NOT_FOUND) is the engine's business, not this module's.
@@ -12,14 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeAlias, TypeVar
+from typing import TypeVar
 
 import numpy as np
 from google.protobuf.message import DecodeError, Message
 
 from service.api.translator.v1 import translator_pb2 as pb
 from service.decoding import Sampling, SearchOptions, default_max_output_tokens
-from service.modeldir.manifest import ModelShape
 from service.modeldir.tokenizer import InputTooLongError, Tokenizer
 from service.rpc.sentences import Split, split_sentences, whole
 
@@ -27,12 +26,6 @@ DEFAULT_BEAM_SIZE = 4
 LENGTH_PENALTY_RANGE = (0.0, 2.0)
 TEMPERATURE_RANGE = (0.01, 10.0)
 TOP_P_RANGE = (0.0, 1.0)
-Kind: TypeAlias = pb.AttentionKind.ValueType  # an AttentionKind value
-ATTENTION_KINDS: tuple[Kind, ...] = (
-    pb.ATTENTION_KIND_CROSS,
-    pb.ATTENTION_KIND_ENCODER_SELF,
-    pb.ATTENTION_KIND_DECODER_SELF,
-)
 
 M = TypeVar("M", bound=Message)
 
@@ -406,36 +399,3 @@ def _sampling(options: pb.TranslateOptions, limits: RequestLimits) -> Sampling:
     if not _within(s.top_p, TOP_P_RANGE):
         raise InvalidRequestError(f"top_p {_shown(s.top_p)} must be in (0, 1] (0: no truncation)")
     return Sampling(temperature=temperature, top_k=s.top_k, top_p=s.top_p or 1.0)
-
-
-# --- Attend ------------------------------------------------------------------------------------------
-
-
-def attend_selection(request: pb.AttendRequest, shape: ModelShape) -> tuple[list[Kind], list[int], list[int]]:
-    """(kinds, layers, heads) of an Attend request, checked against the model's shape.
-
-    No kinds means cross-attention alone; layers and heads come back sorted and without repeats
-    (no layers: every layer; no heads: the head mean alone).
-    Raises:
-        InvalidRequestError: an unknown or repeated kind, a layer or head the model does not have.
-    """
-    kinds = list(request.kinds) or [pb.ATTENTION_KIND_CROSS]
-    for kind in kinds:
-        if kind not in ATTENTION_KINDS:
-            raise InvalidRequestError(
-                f"kinds: {kind} is not an attention kind (CROSS, ENCODER_SELF, DECODER_SELF)"
-            )
-    if len(set(kinds)) != len(kinds):
-        raise InvalidRequestError("kinds: each attention kind may be requested at most once")
-    layers = sorted(set(request.layers))
-    for kind in kinds:
-        limit = shape.encoder_layers if kind == pb.ATTENTION_KIND_ENCODER_SELF else shape.decoder_layers
-        if layers and layers[-1] >= limit:
-            raise InvalidRequestError(
-                f"layers: {layers[-1]} is out of range; {pb.AttentionKind.Name(kind)} has {limit} "
-                f"layers (0 to {limit - 1})"
-            )
-    heads = sorted(set(request.heads))
-    if heads and heads[-1] >= shape.heads:
-        raise InvalidRequestError(f"heads: {heads[-1]} is out of range; the model has {shape.heads} heads")
-    return kinds, layers, heads

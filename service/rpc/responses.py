@@ -10,15 +10,18 @@ proto's, on Translation).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 from google.protobuf.message import Message
 
 from service.api.translator.v1 import translator_pb2 as pb
 from service.decoding import Hypothesis, normalized_score
+from service.engine.graphs import Attention
 from service.modeldir.tokenizer import Tokenizer
-from service.rpc.requests import InvalidRequestError, Kind, TextJob
+from service.rpc.attend import Kind
+from service.rpc.requests import InvalidRequestError, TextJob
 from service.scheduler import FinishReason, Generation, Timings
 
 FINISH_REASONS = {
@@ -139,6 +142,35 @@ def text_delta(tokenizer: Tokenizer, ids: Sequence[int], sent: str) -> str:
     if text.endswith(REPLACEMENT) or not text.startswith(sent):
         return ""
     return text[len(sent) :]
+
+
+@dataclass(frozen=True)
+class MapChoice:
+    """Which maps an Attend request asked for (service.rpc.attend.attend_selection)."""
+
+    kinds: Sequence[Kind]
+    layers: Sequence[int]  # empty: every layer
+    heads: Sequence[int]  # returned one by one
+    mean: bool  # also the head mean of each layer
+
+
+def pair_fields(
+    tokenizer: Tokenizer, source: Sequence[int], target: Sequence[int], att: Attention, choice: MapChoice
+) -> dict[str, Any]:
+    """The fields an AttendResponse and a SentenceAttention share, for one pair: the source (end
+    token included) and target ids (without it) and the pair's attention (a batch of one)."""
+    maps = {  # (L, H, T, S) of the one pair
+        pb.ATTENTION_KIND_CROSS: att.cross_attention[:, 0],
+        pb.ATTENTION_KIND_ENCODER_SELF: att.encoder_attention[:, 0],
+        pb.ATTENTION_KIND_DECODER_SELF: att.decoder_attention[:, 0],
+    }
+    eos = tokenizer.id_to_token(tokenizer.special.eos)
+    return {
+        "source_tokens": [tokenizer.id_to_token(t) for t in source],
+        "target_tokens": [*(tokenizer.id_to_token(t) for t in target), eos],
+        "matrices": attention_matrices(maps, choice.kinds, choice.layers, choice.heads, choice.mean),
+        "alignment": alignment(maps[pb.ATTENTION_KIND_CROSS]),
+    }
 
 
 def alignment(cross: np.ndarray) -> list[int]:

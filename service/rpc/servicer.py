@@ -29,6 +29,7 @@ from service.config import Config
 from service.engine.engine import Engine, ModelInfo, ModelNotFoundError
 from service.metrics import Metrics
 from service.modeldir.tokenizer import Tokenizer
+from service.rpc.attend import attend_pairs, attend_selection
 from service.rpc.requests import (
     InvalidRequestError,
     RequestLimits,
@@ -36,13 +37,12 @@ from service.rpc.requests import (
     SentenceJob,
     TextJob,
     UndecodableRequest,
-    attend_selection,
     decoded,
     translate_jobs,
 )
 from service.rpc.responses import (
-    alignment,
-    attention_matrices,
+    MapChoice,
+    pair_fields,
     text_delta,
     translation_message,
     within_message_limit,
@@ -380,48 +380,42 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
             tokenizer = self.tokenizers[name]
             limits = self._limits(info)
             kinds, layers, heads = attend_selection(request, self.engine.graphs(name).manifest.shape)
-            if not request.source.strip():
-                raise InvalidRequestError("source is empty")
-            try:
-                source = tokenizer.encode_source(request.source, limits.max_source_tokens)
-            except ValueError as err:
-                raise InvalidRequestError(f"source: {err}") from err
-            if request.HasField("target"):
-                target_text, target = request.target, tokenizer.encode_target(request.target)
-                # the limit GetModelInfo reports, though a given target takes no KV-cache slot
-                if len(target) + 1 > limits.effective_max_output_tokens:
-                    raise InvalidRequestError(
-                        f"target is {len(target) + 1} tokens (end token included), longer than the "
-                        f"limit of {limits.effective_max_output_tokens}"
-                    )
+            choice = MapChoice(kinds, layers, heads, mean=request.average_heads or not heads)
+            pairs = attend_pairs(request, tokenizer, limits, info.languages)
+            if pairs.target is not None:
+                spacing, targets = pairs.target, pairs.target_ids
+                texts = list(spacing.sentences)
             else:
                 self._refuse_until_warm()
-                whole = pb.TranslateOptions(no_sentence_split=True)
+                options = pb.TranslateOptions(no_sentence_split=request.no_sentence_split)
                 (job,) = translate_jobs(
-                    [request.source], whole, tokenizer, limits, language=info.languages.source, new_seed=int
+                    [request.source], options, tokenizer, limits, language=info.languages.source, new_seed=int
                 )
-                ((gen,),) = await self._generate(name, [job], context)
-                target = list(gen.hypotheses[0].tokens)
-                target_text = tokenizer.decode(target)
-            call.input_tokens, call.output_tokens = len(source), len(target) + 1
-            att = await asyncio.to_thread(
-                self.engine.attention, name, [source], [[info.dims.bos_id, *target]]
+                (gens,) = await self._generate(name, [job], context)
+                spacing = job.split  # the translations take the source's spacing, as in Translate
+                targets = tuple(g.hypotheses[0].tokens for g in gens)
+                texts = [tokenizer.decode(list(t)) for t in targets]
+            call.input_tokens = sum(len(s) for s in pairs.source_ids)
+            call.output_tokens = sum(len(t) + 1 for t in targets)
+            bos = info.dims.bos_id
+            maps = await asyncio.to_thread(  # pair by pair: each as if it were alone, unpadded
+                lambda: [
+                    self.engine.attention(name, [s], [[bos, *t]])
+                    for s, t in zip(pairs.source_ids, targets, strict=True)
+                ]
             )
-            maps = {  # (L, H, T, S) of the one pair
-                pb.ATTENTION_KIND_CROSS: att.cross_attention[:, 0],
-                pb.ATTENTION_KIND_ENCODER_SELF: att.encoder_attention[:, 0],
-                pb.ATTENTION_KIND_DECODER_SELF: att.decoder_attention[:, 0],
-            }
-            mean = request.average_heads or not heads
-            eos = tokenizer.id_to_token(tokenizer.special.eos)
-            response = pb.AttendResponse(
-                model=name,
-                target=target_text,
-                source_tokens=[tokenizer.id_to_token(t) for t in source],
-                target_tokens=[*(tokenizer.id_to_token(t) for t in target), eos],
-                matrices=attention_matrices(maps, kinds, layers, heads, mean),
-                alignment=alignment(maps[pb.ATTENTION_KIND_CROSS]),
-            )
+            reports = [
+                pair_fields(tokenizer, s, t, att, choice)
+                for s, t, att in zip(pairs.source_ids, targets, maps, strict=True)
+            ]
+            response = pb.AttendResponse(model=name, target=spacing.join(texts))
+            if len(reports) == 1:  # one pair: the response's own fields, as before sentences
+                response.MergeFrom(pb.AttendResponse(**reports[0]))
+            else:
+                response.sentences.extend(
+                    pb.SentenceAttention(source=source, target=text, **report)
+                    for source, text, report in zip(pairs.source.sentences, texts, reports, strict=True)
+                )
             return self._fitting(response, _SMALLER_ATTENTION)
         raise AssertionError("unreachable: _handled aborts the call on error")
 

@@ -312,6 +312,34 @@ def test_attend_with_a_given_target_and_checked_ranges(stub: pb_grpc.TranslatorS
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "3 layers" in details
 
 
+def test_attend_reports_a_source_of_several_sentences_per_sentence(stub: pb_grpc.TranslatorStub) -> None:
+    def attend(source: str, **fields: object) -> pb.AttendResponse:
+        return stub.Attend(pb.AttendRequest(source=source, heads=[1], **fields), timeout=30)
+
+    alone = [attend(s) for s in TEXTS[:2]]
+
+    both = attend(f"{TEXTS[0]}\n{TEXTS[1]}")
+
+    assert both.target == f"{alone[0].target}\n{alone[1].target}"
+    assert not (both.matrices or both.alignment or both.source_tokens)  # a map spans one pair
+    assert [(s.source, s.target) for s in both.sentences] == [
+        (t, a.target) for t, a in zip(TEXTS[:2], alone, strict=True)
+    ]
+    for sentence, one in zip(both.sentences, alone, strict=True):  # each as if it were attended alone
+        assert (sentence.source_tokens, sentence.target_tokens) == (one.source_tokens, one.target_tokens)
+        assert list(sentence.matrices) == list(one.matrices) and sentence.alignment == one.alignment
+
+    given = attend(f"{TEXTS[0]} {TEXTS[1]}", target="J'aime les chiens. Le vieil homme lit.")
+    assert [s.target for s in given.sentences] == ["J'aime les chiens.", "Le vieil homme lit."]
+    assert given.target == "J'aime les chiens. Le vieil homme lit."
+
+    whole = attend(f"{TEXTS[0]} {TEXTS[1]}", no_sentence_split=True)
+    assert not whole.sentences and whole.matrices and whole.source_tokens[-1] == "</s>"
+
+    code, details = status_of(lambda: attend(f"{TEXTS[0]} {TEXTS[1]}", target="J'aime les chiens."))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "target has 1 sentences and source 2" in details
+
+
 def test_get_model_info_describes_the_served_model(stub: pb_grpc.TranslatorStub, engine: Engine) -> None:
     response = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
     (model,) = response.models

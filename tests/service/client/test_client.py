@@ -120,6 +120,21 @@ def test_attend_rows_sum_to_one_and_the_alignment_maps_each_target_token(client:
     assert list(a.alignment) == cross.argmax(axis=1).tolist()
 
 
+def test_attend_reports_each_sentence_of_the_source(client: TranslatorClient) -> None:
+    a = client.attend(f"{CATS} {TEXTS[2]}", kinds=("cross",), layers=(2,))
+
+    assert a.target == "J'aime les chats. Nous voyons un petit chien."
+    assert not (a.matrices or a.alignment or a.source_tokens)
+    first, second = a.sentences
+    assert (first.source, first.target, second.source) == (CATS, "J'aime les chats.", TEXTS[2])
+    alone = client.attend(CATS, kinds=("cross",), layers=(2,))
+    assert alone.sentences == () and alone.source == CATS
+    assert first.alignment == alone.alignment
+    np.testing.assert_array_equal(first.matrices["cross", 2, None], alone.matrices["cross", 2, None])
+    whole = client.attend(f"{CATS} {TEXTS[2]}", no_sentence_split=True)
+    assert not whole.sentences and whole.alignment
+
+
 def test_model_info_and_health(client: TranslatorClient) -> None:
     (info,) = client.model_info()
 
@@ -227,6 +242,20 @@ def test_cli_attend_prints_the_alignment_and_writes_a_png(server: ServerThread, 
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(png) as image:
         assert image.format == "PNG" and image.width > 7 * 30 and image.height > 9 * 30
+
+
+def test_cli_attend_reports_each_sentence_and_writes_a_png_each(server: ServerThread, tmp_path: Path) -> None:
+    png = tmp_path / "pair.png"
+    run = cli(server, "attend", f"{CATS}\n{TEXTS[2]}", "--png", str(png))
+
+    assert run.returncode == 0, run.stderr
+    first, second = run.stdout.split("\n\n")
+    assert first.splitlines()[0] == "# sentence 1: I love cats. → J'aime les chats."
+    assert first.splitlines()[1:] == cli(server, "attend", CATS).stdout.splitlines()
+    assert second.startswith("# sentence 2: We see a small dog. → Nous voyons un petit chien.\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pair-1.png", "pair-2.png"]
+    whole = cli(server, "attend", "--no-split", f"{CATS} {TEXTS[2]}")
+    assert whole.returncode == 0 and "#" not in whole.stdout
 
 
 def test_cli_bad_request_exits_1_with_the_status(server: ServerThread) -> None:

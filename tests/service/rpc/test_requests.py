@@ -1,4 +1,4 @@
-"""service.rpc.requests: every bad input of a Translate or Attend request is refused with the limit named."""
+"""service.rpc.requests: every bad input of a Translate request is refused with the limit named."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import pytest
 
 from export.translate import DEFAULT_MODEL_DIR
 from service.api.translator.v1 import translator_pb2 as pb
-from service.modeldir.manifest import ModelShape
 from service.modeldir.tokenizer import Tokenizer
 from service.rpc.requests import (
     InvalidRequestError,
@@ -18,7 +17,6 @@ from service.rpc.requests import (
     SentenceJob,
     TextJob,
     UndecodableRequest,
-    attend_selection,
     decoded,
     request_decoder,
     translate_jobs,
@@ -424,54 +422,3 @@ def test_undecodable_bytes_become_an_invalid_request_naming_the_type_and_the_fau
             match=f"^the request is not a valid translator.v1.TranslateRequest: .*{fault}",
         ):
             decoded(bad)
-
-
-# --- Attend ------------------------------------------------------------------------------------------
-
-# Encoder and decoder depths differ, so that a message naming the wrong stack's depth shows.
-SHAPE = ModelShape(d_model=32, heads=4, encoder_layers=2, decoder_layers=3, vocab_size=100, max_positions=64)
-CROSS, ENCODER, DECODER = (
-    pb.ATTENTION_KIND_CROSS,
-    pb.ATTENTION_KIND_ENCODER_SELF,
-    pb.ATTENTION_KIND_DECODER_SELF,
-)
-
-
-def test_attend_selection_defaults_to_cross_attention_and_sorts_without_repeats() -> None:
-    assert attend_selection(pb.AttendRequest(source="x"), SHAPE) == ([CROSS], [], [])
-    request = pb.AttendRequest(source="x", kinds=[DECODER, ENCODER], layers=[1, 0, 1], heads=[3, 0, 3])
-    assert attend_selection(request, SHAPE) == ([DECODER, ENCODER], [0, 1], [0, 3])
-    at_the_limits = pb.AttendRequest(source="x", kinds=[CROSS, DECODER], layers=[2], heads=[3])
-    assert attend_selection(at_the_limits, SHAPE) == ([CROSS, DECODER], [2], [3])
-
-
-@pytest.mark.parametrize(
-    ("fields", "message"),
-    [
-        (
-            {"kinds": [7]},
-            r"^kinds: 7 is not an attention kind \(CROSS, ENCODER_SELF, DECODER_SELF\)$",
-        ),
-        (
-            {"kinds": [pb.ATTENTION_KIND_UNSPECIFIED]},
-            r"^kinds: 0 is not an attention kind \(CROSS, ENCODER_SELF, DECODER_SELF\)$",
-        ),
-        ({"kinds": [CROSS, CROSS]}, r"^kinds: each attention kind may be requested at most once$"),
-        (
-            {"layers": [3]},
-            r"^layers: 3 is out of range; ATTENTION_KIND_CROSS has 3 layers \(0 to 2\)$",
-        ),
-        (
-            {"kinds": [DECODER], "layers": [0, 3]},
-            r"^layers: 3 is out of range; ATTENTION_KIND_DECODER_SELF has 3 layers \(0 to 2\)$",
-        ),
-        (
-            {"kinds": [CROSS, ENCODER], "layers": [2]},
-            r"^layers: 2 is out of range; ATTENTION_KIND_ENCODER_SELF has 2 layers \(0 to 1\)$",
-        ),
-        ({"heads": [1, 4]}, r"^heads: 4 is out of range; the model has 4 heads$"),
-    ],
-)
-def test_attend_selection_refuses_what_the_model_does_not_have(fields: dict, message: str) -> None:
-    with pytest.raises(InvalidRequestError, match=message):
-        attend_selection(pb.AttendRequest(source="x", **fields), SHAPE)
