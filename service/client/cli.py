@@ -7,8 +7,11 @@
 
 A blank TEXT (empty or only spaces), given as an argument or as a stdin line, prints an empty line
 and sends nothing, so that output line i is always the translation of input i (one line per text
-unless --n-best > 1). --stream sends the decoding options as given: the server refuses beam search
-and --n-best > 1 for streams, and that error is shown.
+unless --n-best > 1). The server translates a text sentence by sentence (--no-split: whole). A
+translation cut short at the output limit (--max-tokens, or the server's default; finish_reason
+LENGTH, for any of its sentences) is printed all the same, with a note on stderr naming its input
+number. --stream sends the decoding options as given: the server refuses beam search and
+--n-best > 1 for streams, and that error is shown.
 
 Errors print "error: STATUS: message" on stderr and exit 1; usage errors (an option out of range
 included) exit 2.
@@ -34,6 +37,7 @@ from service.client.client import (
 )
 
 DEFAULT_ADDRESS = "localhost:50051"
+PROG = "python -m service.client"
 
 
 def int_range(low: int, high: int | None = None) -> Callable[[str], int]:
@@ -108,7 +112,8 @@ OPTION_FLAGS = {
     "min_output_tokens": Flag("--min-tokens", "tokens before the end (0: none)"),
     "target_prefix": Flag("--prefix", "text the translation must start with"),
     "model": Flag("--model", "model name (default: the server's default)"),
-    "return_timings": Flag("--timings", "print timings on stderr"),
+    "return_timings": Flag("--timings", "print timings and the finish reason on stderr"),
+    "no_sentence_split": Flag("--no-split", "translate each text whole, not sentence by sentence"),
 }
 
 
@@ -146,46 +151,57 @@ def _batches(lines: Iterable[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
-def _print_translation(t: Translation, n_best: int) -> None:
+def _print_translation(t: Translation, n_best: int, number: int) -> None:
     if n_best > 1:  # every hypothesis on its own line, best first, with its ranking score
         for h in t.hypotheses:
             print(f"{h.normalized_score:.4f}\t{h.text}")
     else:
         print(t.text)
-    _print_timings(t)
+    _print_notes(t, number)
 
 
-def _print_timings(t: Translation) -> None:
-    if t.timings is not None:  # stderr, so that stdout stays one translation per line
+def _print_notes(t: Translation, number: int) -> None:
+    """On stderr, so that stdout stays one translation per line: the timings when asked for, and a
+    note when the translation was cut at the output limit (which its text alone does not show)."""
+    if t.timings is not None:
         x = t.timings
         print(
             f"timings: queue {x.queue_seconds * 1e3:.1f} ms, first token "
             f"{x.time_to_first_token_seconds * 1e3:.1f} ms, decode {x.decode_seconds * 1e3:.1f} ms, "
-            f"total {x.total_seconds * 1e3:.1f} ms, {t.output_tokens} tokens",
+            f"total {x.total_seconds * 1e3:.1f} ms, {t.output_tokens} tokens, finish_reason "
+            f"{t.finish_reason}",
+            file=sys.stderr,
+        )
+    if t.finish_reason == "LENGTH":
+        print(
+            f"{PROG}: translation {number} was cut at the output limit (finish_reason LENGTH)",
             file=sys.stderr,
         )
 
 
-def _translate_batch(client: TranslatorClient, texts: list[str], args: argparse.Namespace) -> None:
-    """Translates a batch, empty (blank) lines giving empty lines, and prints it in order."""
+def _translate_batch(
+    client: TranslatorClient, texts: list[str], args: argparse.Namespace, first: int
+) -> None:
+    """Translates a batch, empty (blank) lines giving empty lines, and prints it in order; `first`
+    is the input number of texts[0] (from 1, blank texts counted)."""
     todo = [t for t in texts if t.strip()]
     done = iter(client.translate(todo, _options(args)) if todo else [])
-    for text in texts:
+    for number, text in enumerate(texts, first):
         if text.strip():
-            _print_translation(next(done), args.n_best)
+            _print_translation(next(done), args.n_best, number)
         else:
             print()
     sys.stdout.flush()
 
 
-def _stream_one(client: TranslatorClient, text: str, args: argparse.Namespace) -> None:
+def _stream_one(client: TranslatorClient, text: str, args: argparse.Namespace, number: int) -> None:
     stream = client.translate_stream(text, _options(args)) if text.strip() else None
     for delta in stream or ():
         sys.stdout.write(delta)
         sys.stdout.flush()
     print(flush=True)
     if stream is not None and stream.result is not None:
-        _print_timings(stream.result)
+        _print_notes(stream.result, number)
 
 
 def _max_texts(client: TranslatorClient, model: str) -> int | None:
@@ -200,8 +216,8 @@ def _max_texts(client: TranslatorClient, model: str) -> int | None:
 def cmd_translate(client: TranslatorClient, args: argparse.Namespace) -> None:
     texts: Iterable[str] = args.texts or sys.stdin
     if args.stream:
-        for text in texts:
-            _stream_one(client, text.rstrip("\r\n"), args)
+        for number, text in enumerate(texts, 1):
+            _stream_one(client, text.rstrip("\r\n"), args, number)
         return
     size = args.batch_size
     # The server refuses a call with more texts than its limit (64 unless configured otherwise),
@@ -211,8 +227,10 @@ def cmd_translate(client: TranslatorClient, args: argparse.Namespace) -> None:
         limit = _max_texts(client, args.model)
         if limit:
             size = min(size, limit)
+    first = 1
     for batch in _batches(texts, size):
-        _translate_batch(client, batch, args)
+        _translate_batch(client, batch, args, first)
+        first += len(batch)
 
 
 # --- attend ----------------------------------------------------------------------------------------
@@ -384,7 +402,7 @@ def cmd_health(client: TranslatorClient, args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m service.client", description="translator gRPC client")
+    parser = argparse.ArgumentParser(prog=PROG, description="translator gRPC client")
     parser.add_argument("--address", default=DEFAULT_ADDRESS, help="server host:port (%(default)s)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per call (%(default)s)")
     commands = parser.add_subparsers(dest="command", required=True)

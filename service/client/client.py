@@ -256,6 +256,8 @@ class TranslateOptions:
         model: model name ("": the server's default model).
         return_tokens: fill Hypothesis.tokens.
         return_timings: fill Translation.timings.
+        no_sentence_split: translate each text whole, as one sentence (by default the server
+            splits a text into sentences and joins their translations with the text's spacing).
 
     Raises:
         ValueError: `sample` together with beam search (beam_size other than 1, or a
@@ -276,6 +278,7 @@ class TranslateOptions:
     model: str = ""
     return_tokens: bool = False
     return_timings: bool = False
+    no_sentence_split: bool = False
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -305,6 +308,7 @@ class TranslateOptions:
             target_prefix=self.target_prefix,
             return_tokens=self.return_tokens,
             return_timings=self.return_timings,
+            no_sentence_split=self.no_sentence_split,
         )
         if self.sample:
             options.sampling.CopyFrom(

@@ -85,6 +85,17 @@ def test_stream_deltas_join_to_the_unary_text(client: TranslatorClient) -> None:
     assert stream.result is not None and stream.result.text == unary.text
 
 
+def test_a_paragraph_comes_back_with_its_spacing_unless_split_is_off(client: TranslatorClient) -> None:
+    paragraph = f"{CATS}  {TEXTS[2]}\n"
+    (t,) = client.translate([paragraph])
+    assert t.text == "J'aime les chats.  Nous voyons un petit chien.\n"
+    assert "".join(client.translate_stream(paragraph)) == t.text
+
+    (whole,) = client.translate([paragraph], no_sentence_split=True)
+    assert whole.text != t.text  # the text as one sequence, as before the server split texts
+    assert TranslateOptions(no_sentence_split=True).to_proto().no_sentence_split
+
+
 def test_sampling_with_a_seed_is_reproducible(client: TranslatorClient) -> None:
     first = client.translate(TEXTS, sample=True, temperature=0.8, seed=7)
     again = client.translate(TEXTS, sample=True, temperature=0.8, seed=7)
@@ -230,6 +241,26 @@ def test_cli_stream(server: ServerThread) -> None:
     assert (run.returncode, run.stdout) == (0, "J'aime les chats.\n")
 
 
+CUT = "python -m service.client: translation {} was cut at the output limit (finish_reason LENGTH)\n"
+
+
+def test_cli_says_on_stderr_when_a_translation_was_cut_short(server: ServerThread) -> None:
+    run = cli(server, "translate", "--max-tokens", "3", CATS)
+    assert (run.returncode, run.stdout, run.stderr) == (0, "J'a\n", CUT.format(1))
+
+    # numbered as the input lines, blank ones counted; a text is cut when any of its sentences is
+    run = cli(server, "translate", "--max-tokens", "9", stdin=f"\n{CATS}\n{CATS} {TEXTS[1]}\n")
+    assert run.returncode == 0 and run.stdout.splitlines()[1] == "J'aime les chats."
+    assert run.stderr == CUT.format(3)
+
+    run = cli(server, "translate", "--stream", "--max-tokens", "3", "", CATS)
+    assert (run.returncode, run.stdout, run.stderr) == (0, "\nJ'a\n", CUT.format(2))
+
+    timed = cli(server, "translate", "--timings", "--max-tokens", "3", CATS)
+    assert "3 tokens, finish_reason LENGTH\n" in timed.stderr and timed.stderr.endswith(CUT.format(1))
+    assert cli(server, "translate", "--timings", CATS).stderr.endswith("finish_reason END_OF_SEQUENCE\n")
+
+
 def test_cli_attend_prints_the_alignment_and_writes_a_png(server: ServerThread, tmp_path: Path) -> None:
     from PIL import Image
 
@@ -311,6 +342,7 @@ def test_cli_flags_build_the_translate_options() -> None:
     assert _options(args) == TranslateOptions()
     argv = ["--beam-size", "4", "--n-best", "2", "--max-tokens", "9", "--min-tokens", "1", "--prefix", "Le"]
     argv += ["--model", "m", "--timings", "--temperature", "0.5", "--top-k", "3", "--top-p", "0.9"]
+    argv += ["--no-split"]
     expected = TranslateOptions(
         beam_size=4,
         n_best=2,
@@ -322,6 +354,7 @@ def test_cli_flags_build_the_translate_options() -> None:
         temperature=0.5,
         top_k=3,
         top_p=0.9,
+        no_sentence_split=True,
     )
     assert _options(build_parser().parse_args(["translate", *argv, "x"])) == expected
     sampled = build_parser().parse_args(["translate", "--sample", "--seed", "7", "x"])
