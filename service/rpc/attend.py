@@ -63,7 +63,7 @@ def attend_pairs(
     count = len(split.sentences)
     check_sentence_count(count, limits)
     source_ids = tuple(
-        tuple(encode_sentence(tokenizer, s, limits, sentence_name(0, j, count, "source")))
+        tuple(encode_sentence(tokenizer, s, limits, sentence_name("source", j, count)))
         for j, s in enumerate(split.sentences)
     )
     if not request.HasField("target"):
@@ -81,7 +81,7 @@ def attend_pairs(
         ids = tuple(tokenizer.encode_target(sentence))
         if len(ids) + 1 > limit:
             raise InvalidRequestError(
-                f"{sentence_name(0, j, count, 'target')} is {len(ids) + 1} tokens (end token included), "
+                f"{sentence_name('target', j, count)} is {len(ids) + 1} tokens (end token included), "
                 f"longer than the limit of {limit}"
             )
         target_ids.append(ids)

@@ -211,14 +211,14 @@ def translate_jobs(
             sampling = Sampling(sampling.temperature, sampling.top_k, sampling.top_p, seed)
         sentences = []
         for j, sentence in enumerate(split.sentences):
-            where = sentence_name(i, j, len(split.sentences))
+            where = sentence_name(f"text {i}", j, len(split.sentences))
             source = encode_sentence(tokenizer, sentence, limits, where)
             forced = prefix if j == 0 else ()
             max_out = requested_max or default_max_output_tokens(
                 len(source), limits.effective_max_output_tokens
             )
             unit = "text" if len(split.sentences) == 1 else "sentence"
-            _check_room((where, unit), max_out, len(source), len(forced), options.stopping, beam_size, limits)
+            _check_room(where, unit, max_out, len(source), len(forced), options.stopping, beam_size, limits)
             try:
                 search = SearchOptions(
                     max_output_tokens=max_out,
@@ -238,10 +238,10 @@ def translate_jobs(
     return jobs
 
 
-def sentence_name(i: int, j: int, count: int, text: str = "text {i}") -> str:
-    """How a message names sentence j of `count` in text i: the text alone when it is one sentence."""
-    named = text.format(i=i)
-    return named if count == 1 else f"{named}, sentence {j + 1} of {count}"
+def sentence_name(text: str, j: int, count: int) -> str:
+    """How a message names sentence j of the `count` in `text` ("text 2", "source"): the text alone
+    when it is one sentence."""
+    return text if count == 1 else f"{text}, sentence {j + 1} of {count}"
 
 
 def encode_sentence(tokenizer: Tokenizer, sentence: str, limits: RequestLimits, where: str) -> list[int]:
@@ -255,41 +255,37 @@ def encode_sentence(tokenizer: Tokenizer, sentence: str, limits: RequestLimits, 
 def _check_text_count(count: int, limits: RequestLimits) -> None:
     if not count:
         raise InvalidRequestError(f"no texts: send between 1 and {limits.effective_max_texts}")
-    if count > limits.max_texts_per_request:
-        raise InvalidRequestError(
-            f"{count} texts in one request, more than the limit of {limits.max_texts_per_request} "
-            "(--max-texts-per-request)"
-        )
-    share = limits.scheduler
-    if share is not None and count > share.queue_capacity:
-        # Not "queue full, retry later" (RESOURCE_EXHAUSTED): each text waits in the queue before it
-        # decodes, so such a call is refused on an idle server too, however often it is retried.
-        raise InvalidRequestError(
-            f"{count} texts in one request, more than the {share.queue_capacity} the server's request "
-            f"queue holds ({share.queue_setting}): every text waits in the queue, so the call could "
-            f"never be accepted; send at most {share.queue_capacity} texts per call"
-        )
+    _check_count(count, "text", limits.max_texts_per_request, "--max-texts-per-request", limits)
 
 
 def check_sentence_count(count: int, limits: RequestLimits) -> None:
     """Bounds the sentences of a call, which are its requests to the scheduler: checked before any
     is tokenised, so that one huge paragraph costs no more than its split."""
-    if count > limits.max_sentences_per_request:
+    flag = "--max-sentences-per-request"
+    fix = "; send the texts over several calls"
+    _check_count(count, "sentence", limits.max_sentences_per_request, flag, limits, fix)
+
+
+def _check_count(count: int, unit: str, limit: int, flag: str, limits: RequestLimits, fix: str = "") -> None:
+    """`count` texts or sentences (`unit`) of one call against their setting and the queue."""
+    if count > limit:
         raise InvalidRequestError(
-            f"{count} sentences in one request, more than the limit of {limits.max_sentences_per_request} "
-            "(--max-sentences-per-request); send the texts over several calls"
+            f"{count} {unit}s in one request, more than the limit of {limit} ({flag}){fix}"
         )
     share = limits.scheduler
     if share is not None and count > share.queue_capacity:
+        # Not "queue full, retry later" (RESOURCE_EXHAUSTED): each one waits in the queue before it
+        # decodes, so such a call is refused on an idle server too, however often it is retried.
         raise InvalidRequestError(
-            f"{count} sentences in one request, more than the {share.queue_capacity} the server's request "
-            f"queue holds ({share.queue_setting}): every sentence waits in the queue, so the call could "
-            f"never be accepted; send at most {share.queue_capacity} sentences per call"
+            f"{count} {unit}s in one request, more than the {share.queue_capacity} the server's request "
+            f"queue holds ({share.queue_setting}): every {unit} waits in the queue, so the call could "
+            f"never be accepted; send at most {share.queue_capacity} {unit}s per call"
         )
 
 
 def _check_room(
-    sentence: tuple[str, str],
+    name: str,
+    unit: str,
     max_out: int,
     source_len: int,
     prefix_len: int,
@@ -299,13 +295,13 @@ def _check_room(
 ) -> None:
     """A sentence's max_output_tokens (sent, or the default for its length) against the forced
     prefix, the minimum and the KV cache. When the client never set it, the message says where the
-    number comes from and which sentence (`sentence`: its name, and "text" or "sentence" for
-    what it is); when it did, the fault is the whole request's, not one sentence's."""
+    number comes from and which sentence (`name`; `unit`: "text" or "sentence", what it is); when
+    it did, the fault is the whole request's, not one sentence's."""
     limit = limits.effective_max_output_tokens
     if stopping.max_output_tokens:
         where, named = "", f"max_output_tokens {max_out}"
     else:
-        where, unit = f"{sentence[0]}: ", sentence[1]
+        where = f"{name}: "
         named = (
             f"max_output_tokens {max_out} (not set: the default for this {unit}'s {source_len} source "
             f"tokens, 2 × {source_len} + 10, at most {limit})"
