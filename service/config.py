@@ -80,6 +80,8 @@ class ServerConfig:
     # balancing over DNS (a headless Kubernetes Service) find new replicas; 0: never.
     max_connection_age_s: float = 0.0
     max_texts_per_request: int = 64  # texts in one Translate request at most
+    # sentences in one request at most, over all its texts: each is a request to the scheduler
+    max_sentences_per_request: int = 256
     max_beam_size: int = 8  # largest beam a request may ask for
     log_level: LogLevel = "INFO"  # DEBUG, INFO, WARNING or ERROR
     log_format: LogFormat = "text"  # text for people, json for log collectors
@@ -313,6 +315,13 @@ SETTINGS = (
         "max_texts_per_request",
         "--max-texts-per-request",
         "texts per Translate request",
+        _int_at_least(1),
+    ),
+    _Setting(
+        "server",
+        "max_sentences_per_request",
+        "--max-sentences-per-request",
+        "sentences per request, over all its texts",
         _int_at_least(1),
     ),
     _Setting(

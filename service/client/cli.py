@@ -7,8 +7,11 @@
 
 A blank TEXT (empty or only spaces), given as an argument or as a stdin line, prints an empty line
 and sends nothing, so that output line i is always the translation of input i (one line per text
-unless --n-best > 1). --stream sends the decoding options as given: the server refuses beam search
-and --n-best > 1 for streams, and that error is shown.
+unless --n-best > 1). The server translates a text sentence by sentence (--no-split: whole). A
+translation cut short at the output limit (--max-tokens, or the server's default; finish_reason
+LENGTH, for any of its sentences) is printed all the same, with a note on stderr naming its input
+number. --stream sends the decoding options as given: the server refuses beam search and
+--n-best > 1 for streams, and that error is shown.
 
 Errors print "error: STATUS: message" on stderr and exit 1; usage errors (an option out of range
 included) exit 2.
@@ -20,6 +23,7 @@ import argparse
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import fields
+from pathlib import Path
 from typing import Any, NamedTuple, get_args, get_type_hints
 
 from service.client.client import (
@@ -33,6 +37,7 @@ from service.client.client import (
 )
 
 DEFAULT_ADDRESS = "localhost:50051"
+PROG = "python -m service.client"
 
 
 def int_range(low: int, high: int | None = None) -> Callable[[str], int]:
@@ -109,7 +114,8 @@ OPTION_FLAGS = {
     "model": Flag("--model", "model name (default: the server's default)"),
     "source_language": Flag("--source-language", "source language code (see info)"),
     "target_language": Flag("--target-language", "target language code (a multilingual model needs it)"),
-    "return_timings": Flag("--timings", "print timings on stderr"),
+    "return_timings": Flag("--timings", "print timings and the finish reason on stderr"),
+    "no_sentence_split": Flag("--no-split", "translate each text whole, not sentence by sentence"),
 }
 
 
@@ -147,46 +153,57 @@ def _batches(lines: Iterable[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
-def _print_translation(t: Translation, n_best: int) -> None:
+def _print_translation(t: Translation, n_best: int, number: int) -> None:
     if n_best > 1:  # every hypothesis on its own line, best first, with its ranking score
         for h in t.hypotheses:
             print(f"{h.normalized_score:.4f}\t{h.text}")
     else:
         print(t.text)
-    _print_timings(t)
+    _print_notes(t, number)
 
 
-def _print_timings(t: Translation) -> None:
-    if t.timings is not None:  # stderr, so that stdout stays one translation per line
+def _print_notes(t: Translation, number: int) -> None:
+    """On stderr, so that stdout stays one translation per line: the timings when asked for, and a
+    note when the translation was cut at the output limit (which its text alone does not show)."""
+    if t.timings is not None:
         x = t.timings
         print(
             f"timings: queue {x.queue_seconds * 1e3:.1f} ms, first token "
             f"{x.time_to_first_token_seconds * 1e3:.1f} ms, decode {x.decode_seconds * 1e3:.1f} ms, "
-            f"total {x.total_seconds * 1e3:.1f} ms, {t.output_tokens} tokens",
+            f"total {x.total_seconds * 1e3:.1f} ms, {t.output_tokens} tokens, finish_reason "
+            f"{t.finish_reason}",
+            file=sys.stderr,
+        )
+    if t.finish_reason == "LENGTH":
+        print(
+            f"{PROG}: translation {number} was cut at the output limit (finish_reason LENGTH)",
             file=sys.stderr,
         )
 
 
-def _translate_batch(client: TranslatorClient, texts: list[str], args: argparse.Namespace) -> None:
-    """Translates a batch, empty (blank) lines giving empty lines, and prints it in order."""
+def _translate_batch(
+    client: TranslatorClient, texts: list[str], args: argparse.Namespace, first: int
+) -> None:
+    """Translates a batch, empty (blank) lines giving empty lines, and prints it in order; `first`
+    is the input number of texts[0] (from 1, blank texts counted)."""
     todo = [t for t in texts if t.strip()]
     done = iter(client.translate(todo, _options(args)) if todo else [])
-    for text in texts:
+    for number, text in enumerate(texts, first):
         if text.strip():
-            _print_translation(next(done), args.n_best)
+            _print_translation(next(done), args.n_best, number)
         else:
             print()
     sys.stdout.flush()
 
 
-def _stream_one(client: TranslatorClient, text: str, args: argparse.Namespace) -> None:
+def _stream_one(client: TranslatorClient, text: str, args: argparse.Namespace, number: int) -> None:
     stream = client.translate_stream(text, _options(args)) if text.strip() else None
     for delta in stream or ():
         sys.stdout.write(delta)
         sys.stdout.flush()
     print(flush=True)
     if stream is not None and stream.result is not None:
-        _print_timings(stream.result)
+        _print_notes(stream.result, number)
 
 
 def _max_texts(client: TranslatorClient, model: str) -> int | None:
@@ -201,8 +218,8 @@ def _max_texts(client: TranslatorClient, model: str) -> int | None:
 def cmd_translate(client: TranslatorClient, args: argparse.Namespace) -> None:
     texts: Iterable[str] = args.texts or sys.stdin
     if args.stream:
-        for text in texts:
-            _stream_one(client, text.rstrip("\r\n"), args)
+        for number, text in enumerate(texts, 1):
+            _stream_one(client, text.rstrip("\r\n"), args, number)
         return
     size = args.batch_size
     # The server refuses a call with more texts than its limit (64 unless configured otherwise),
@@ -212,8 +229,10 @@ def cmd_translate(client: TranslatorClient, args: argparse.Namespace) -> None:
         limit = _max_texts(client, args.model)
         if limit:
             size = min(size, limit)
+    first = 1
     for batch in _batches(texts, size):
-        _translate_batch(client, batch, args)
+        _translate_batch(client, batch, args, first)
+        first += len(batch)
 
 
 # --- attend ----------------------------------------------------------------------------------------
@@ -230,20 +249,35 @@ def cmd_attend(client: TranslatorClient, args: argparse.Namespace) -> None:
         model=args.model,
         source_language=args.source_language,
         target_language=args.target_language,
+        no_sentence_split=args.no_split,
     )
+    if not attention.sentences:
+        _print_pair(attention, args, args.png)
+        return
+    # a source of several sentences: one report per sentence pair, one picture each (FILE-1.png, ...)
+    for k, pair in enumerate(attention.sentences, 1):
+        if k > 1:
+            print()
+        print(f"# sentence {k}: {pair.source} → {pair.target}")
+        png = Path(args.png) if args.png else None
+        _print_pair(pair, args, str(png.with_stem(f"{png.stem}-{k}")) if png else None)
+
+
+def _print_pair(attention: Attention, args: argparse.Namespace, png: str | None) -> None:
+    """The alignment of one pair, and its heatmap written to `png` when given."""
     source = [display_token(p) for p in attention.source_tokens]
     target = [display_token(p) for p in attention.target_tokens]
     for i, j in enumerate(attention.alignment):
         print(f"{target[i]} → {source[j]}")
-    if args.png:
+    if png:
         key, matrix = _chosen_matrix(attention, args)
         rows, cols = (source, source) if key[0] == "encoder" else (target, source)
         if key[0] == "decoder":  # columns are the decoder inputs: the start token, then the target
             cols = ["<s>", *target[:-1]]
         head = "head mean" if key[2] is None else f"head {key[2]}"
         title = f"{key[0]} attention, layer {key[1]}, {head}"
-        write_heatmap(args.png, matrix, rows, cols, title=title)
-        print(f"wrote {args.png} ({matrix.shape[0]}×{matrix.shape[1]}, {title})", file=sys.stderr)
+        write_heatmap(png, matrix, rows, cols, title=title)
+        print(f"wrote {png} ({matrix.shape[0]}×{matrix.shape[1]}, {title})", file=sys.stderr)
 
 
 def _chosen_matrix(attention: Attention, args: argparse.Namespace) -> tuple[Any, Any]:
@@ -378,7 +412,7 @@ def cmd_health(client: TranslatorClient, args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m service.client", description="translator gRPC client")
+    parser = argparse.ArgumentParser(prog=PROG, description="translator gRPC client")
     parser.add_argument("--address", default=DEFAULT_ADDRESS, help="server host:port (%(default)s)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per call (%(default)s)")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -410,7 +444,15 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument(
         "--head", type=int_range(0, UINT32_MAX), default=None, help="heatmap head (default: the mean)"
     )
-    a.add_argument("--png", default=None, metavar="FILE", help="write the heatmap as a PNG")
+    a.add_argument(
+        "--png",
+        default=None,
+        metavar="FILE",
+        help="write the heatmap as a PNG (several sentences: FILE-1.png, FILE-2.png, ...)",
+    )
+    a.add_argument(
+        "--no-split", action="store_true", help="attend to the source whole, not sentence by sentence"
+    )
     for name in ("model", "source_language", "target_language"):
         a.add_argument(OPTION_FLAGS[name].flag, dest=name, default="", help=OPTION_FLAGS[name].help)
     a.set_defaults(run=cmd_attend)

@@ -143,6 +143,11 @@ class Attention:
     `matrices` maps (kind, layer, head) to a float32 array of shape (rows, cols); kind is "cross",
     "encoder" or "decoder", head None is the mean over heads. `alignment[i]` is the index into
     `source_tokens` that `target_tokens[i]` attends to most (last decoder layer, head mean).
+
+    A source of several sentences is attended sentence by sentence: `sentences` holds one
+    Attention per sentence pair, in order (its `source` the source sentence, its `target` the
+    target sentence), and this one's tokens, matrices and alignment are empty (`target` is the
+    whole target).
     """
 
     model: str
@@ -151,6 +156,20 @@ class Attention:
     target_tokens: tuple[str, ...]
     matrices: dict[tuple[str, int, int | None], np.ndarray]
     alignment: tuple[int, ...]
+    sentences: tuple[Attention, ...] = ()
+    source: str = ""  # in an entry of `sentences`: its source sentence
+
+
+def _attention(model: str, m: pb.AttendResponse | pb.SentenceAttention, source: str = "") -> Attention:
+    """The pair an AttendResponse or one of its SentenceAttention entries describes."""
+    matrices = {
+        (_KIND_NAMES[x.kind], x.layer, x.head if x.HasField("head") else None): np.asarray(
+            x.values, dtype=np.float32
+        ).reshape(x.rows, x.cols)
+        for x in m.matrices
+    }
+    tokens = tuple(m.source_tokens), tuple(m.target_tokens)
+    return Attention(model, m.target, *tokens, matrices, tuple(m.alignment), source=source)
 
 
 @dataclass(frozen=True)
@@ -240,6 +259,8 @@ class TranslateOptions:
             a multilingual model needs target_language ("": a bilingual model's own pair).
         return_tokens: fill Hypothesis.tokens.
         return_timings: fill Translation.timings.
+        no_sentence_split: translate each text whole, as one sentence (by default the server
+            splits a text into sentences and joins their translations with the text's spacing).
 
     Raises:
         ValueError: `sample` together with beam search (beam_size other than 1, or a
@@ -262,6 +283,7 @@ class TranslateOptions:
     target_language: str = ""
     return_tokens: bool = False
     return_timings: bool = False
+    no_sentence_split: bool = False
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -293,6 +315,7 @@ class TranslateOptions:
             return_timings=self.return_timings,
             source_language=self.source_language,
             target_language=self.target_language,
+            no_sentence_split=self.no_sentence_split,
         )
         if self.sample:
             options.sampling.CopyFrom(
@@ -406,6 +429,7 @@ class TranslatorClient:
         model: str = "",
         source_language: str = "",
         target_language: str = "",
+        no_sentence_split: bool = False,
     ) -> Attention:
         """The attention maps of the model for a source text and a target text.
 
@@ -418,9 +442,12 @@ class TranslatorClient:
             average_heads: also return the mean over heads (always returned when `heads` is empty).
             model: model name ("": the default model).
             source_language, target_language: as in TranslateOptions.
+            no_sentence_split: attend to the source and the target whole, as one pair (by default
+                a source of several sentences is attended sentence by sentence).
 
         Returns:
-            The Attention: tokens, matrices keyed by (kind, layer, head or None), alignment.
+            The Attention: tokens, matrices keyed by (kind, layer, head or None), alignment; per
+            sentence pair in `sentences` for a source of several sentences.
 
         Raises:
             TranslatorError: the call failed.
@@ -443,17 +470,11 @@ class TranslatorClient:
             average_heads=average_heads,
             source_language=source_language,
             target_language=target_language,
+            no_sentence_split=no_sentence_split,
         )
         r = self._call(self._stub.Attend, request)
-        matrices = {
-            (_KIND_NAMES[m.kind], m.layer, m.head if m.HasField("head") else None): np.asarray(
-                m.values, dtype=np.float32
-            ).reshape(m.rows, m.cols)
-            for m in r.matrices
-        }
-        return Attention(
-            r.model, r.target, tuple(r.source_tokens), tuple(r.target_tokens), matrices, tuple(r.alignment)
-        )
+        sentences = tuple(_attention(r.model, s, s.source) for s in r.sentences)
+        return replace(_attention(r.model, r, "" if sentences else source), sentences=sentences)
 
     def model_info(self) -> list[ModelInfo]:
         """Every model the server has loaded, in name order; `default` marks the default one."""

@@ -1,35 +1,32 @@
 """API requests → validated decoding jobs: every bad input becomes one clear message.
 
-The servicer calls `translate_jobs` (Translate, TranslateStream) and `attend_selection` (Attend)
-before anything is queued; an `InvalidRequestError` becomes INVALID_ARGUMENT with its message,
-which says what was wrong and what the limit is. Resolving the model name (NOT_FOUND) is the
-engine's business, not this module's.
+The servicer calls `translate_jobs` (Translate, TranslateStream; Attend's checks are in
+`service.rpc.attend`) before anything is queued; an `InvalidRequestError` becomes INVALID_ARGUMENT
+with its message, which says what was wrong and what the limit is. Each text is split into sentences here
+(`service.rpc.sentences`), and each sentence becomes one decoding job: the model's limits hold
+per sentence, and the number of sentences is bounded per request. Resolving the model name
+(NOT_FOUND) is the engine's business, not this module's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeAlias, TypeVar
+from typing import TypeVar
 
 import numpy as np
 from google.protobuf.message import DecodeError, Message
 
 from service.api.translator.v1 import translator_pb2 as pb
 from service.decoding import Sampling, SearchOptions, default_max_output_tokens
-from service.modeldir.manifest import Languages, ModelShape
+from service.modeldir.manifest import Languages
 from service.modeldir.tokenizer import InputTooLongError, Tokenizer
+from service.rpc.sentences import Split, split_sentences, whole
 
 DEFAULT_BEAM_SIZE = 4
 LENGTH_PENALTY_RANGE = (0.0, 2.0)
 TEMPERATURE_RANGE = (0.01, 10.0)
 TOP_P_RANGE = (0.0, 1.0)
-Kind: TypeAlias = pb.AttentionKind.ValueType  # an AttentionKind value
-ATTENTION_KINDS: tuple[Kind, ...] = (
-    pb.ATTENTION_KIND_CROSS,
-    pb.ATTENTION_KIND_ENCODER_SELF,
-    pb.ATTENTION_KIND_DECODER_SELF,
-)
 
 M = TypeVar("M", bound=Message)
 
@@ -82,14 +79,14 @@ def decoded(request: M | UndecodableRequest) -> M:
 class SchedulerShare:
     """What one scheduler instance holds (service/scheduler/pool.py): its share of the server's
     --max-sequences and --max-kv-cache-tokens, and the queue of the process. A request decodes on
-    one instance and must fit it empty, and every text of a call waits in the queue before it
+    one instance and must fit it empty, and every sentence of a call waits in the queue before it
     decodes, so these bound a request as surely as the model's limits do. A request beyond them is
     refused here, before anything is queued, with a message that says what to ask for instead; and
     GetModelInfo reports them."""
 
     max_sequences: int  # decoder rows; a beam of K is K rows
     max_kv_cache_tokens: int  # self-attention cache slots: a request holds beam × max_output_tokens
-    queue_capacity: int  # requests that can wait at once (one per text)
+    queue_capacity: int  # requests that can wait at once (one per sentence)
     split: str = ""  # who splits the server's limits ("2 instances split (--instances)"); "": none
     queue_setting: str = "--max-queue-size"  # where queue_capacity comes from, for messages
 
@@ -105,6 +102,7 @@ class RequestLimits:
     """What one request may ask for: the server's limits and the model's."""
 
     max_texts_per_request: int  # --max-texts-per-request
+    max_sentences_per_request: int  # --max-sentences-per-request, over all the texts of a call
     max_beam_size: int  # --max-beam-size
     max_source_tokens: int  # the end token included
     max_output_tokens: int  # the model's; the end token included
@@ -119,11 +117,16 @@ class RequestLimits:
 
     @property
     def effective_max_texts(self) -> int:
+        return min(self.max_texts_per_request, self.effective_max_sentences)
+
+    @property
+    def effective_max_sentences(self) -> int:
+        """Every sentence waits in the queue as one request."""
         share = self.scheduler
         return (
-            self.max_texts_per_request
+            self.max_sentences_per_request
             if share is None
-            else min(self.max_texts_per_request, share.queue_capacity)
+            else min(self.max_sentences_per_request, share.queue_capacity)
         )
 
     @property
@@ -144,13 +147,21 @@ class RequestLimits:
 
 
 @dataclass(frozen=True)
+class SentenceJob:
+    """One sentence, tokenised and with its decoding options: one scheduler Request."""
+
+    source_ids: tuple[int, ...]  # ends with the end token
+    options: SearchOptions  # the text's; the forced prefix only on its first sentence
+
+
+@dataclass(frozen=True)
 class TextJob:
-    """One text, tokenised and with its decoding options, ready for the scheduler."""
+    """One text: its sentences ready for the scheduler, and the spacing to join their translations."""
 
     text: str
-    source_ids: tuple[int, ...]  # ends with the end token
-    options: SearchOptions
-    seed: int | None  # the sampling seed in use (reported back), None when not sampling
+    split: Split
+    sentences: tuple[SentenceJob, ...]  # one per split.sentences
+    seed: int | None  # the sampling seed of every sentence (reported back), None when not sampling
 
 
 def translate_jobs(
@@ -159,17 +170,25 @@ def translate_jobs(
     tokenizer: Tokenizer,
     limits: RequestLimits,
     *,
+    language: str,
     streaming: bool = False,
     new_seed: Callable[[], int],
 ) -> list[TextJob]:
-    """Validate a Translate / TranslateStream request and build one job per text.
+    """Validate a Translate / TranslateStream request and build one job per text, one sentence job
+    per sentence (the whole text one with options.no_sentence_split).
 
     Args:
+        language: the model's source language, whose rules split the texts.
         new_seed: a fresh seed, for sampling requests that did not send one.
     Raises:
         InvalidRequestError: naming the field, the value and the limit.
     """
     _check_text_count(len(texts), limits)
+    for i, text in enumerate(texts):
+        if not text.strip():
+            raise InvalidRequestError(f"text {i} is empty")
+    splits = [whole(t) if options.no_sentence_split else split_sentences(t, language) for t in texts]
+    check_sentence_count(sum(len(s.sentences) for s in splits), limits)
     beam_size, length_penalty = _beam(options, limits)
     sampling = _sampling(options, limits) if options.WhichOneof("strategy") == "sampling" else None
     n_best = options.n_best or 1
@@ -192,36 +211,40 @@ def translate_jobs(
         )
     sp = tokenizer.special
     jobs = []
-    for i, text in enumerate(texts):
-        if not text.strip():
-            raise InvalidRequestError(f"text {i} is empty")
-        try:
-            source = tokenizer.encode_source(text, limits.max_source_tokens, source_language)
-        except InputTooLongError as err:
-            raise InvalidRequestError(f"text {i}: {err}") from err
-        max_out = requested_max or default_max_output_tokens(len(source), limits.effective_max_output_tokens)
-        _check_room(i, max_out, len(source), len(start) + len(prefix), options.stopping, beam_size, limits)
+    for i, (text, split) in enumerate(zip(texts, splits, strict=True)):
         seed = None
         if sampling is not None:
             seed = options.sampling.seed if options.sampling.HasField("seed") else new_seed()
             sampling = Sampling(sampling.temperature, sampling.top_k, sampling.top_p, seed)
-        try:
-            search = SearchOptions(
-                max_output_tokens=max_out,
-                eos_id=sp.eos,
-                beam_size=beam_size,
-                length_penalty=length_penalty,
-                n_best=n_best,
-                never_ids=(sp.pad, sp.bos) if limits.never_ids is None else limits.never_ids,
-                min_output_tokens=options.stopping.min_output_tokens,
-                forced_start=start,
-                forced_prefix=prefix,
-                forced_eos_at_limit=limits.forced_eos_at_limit,
-                sampling=sampling,
+        sentences = []
+        for j, sentence in enumerate(split.sentences):
+            where = sentence_name(f"text {i}", j, len(split.sentences))
+            source = encode_sentence(tokenizer, sentence, limits, where, source_language)
+            forced = prefix if j == 0 else ()  # a target prefix starts the text; a language, each sentence
+            max_out = requested_max or default_max_output_tokens(
+                len(source), limits.effective_max_output_tokens
             )
-        except ValueError as err:  # what _check_room does not foresee
-            raise InvalidRequestError(f"text {i}: {err}") from err
-        jobs.append(TextJob(text, tuple(source), search, seed))
+            unit = "text" if len(split.sentences) == 1 else "sentence"
+            imposed = len(start) + len(forced)
+            _check_room(where, unit, max_out, len(source), imposed, options.stopping, beam_size, limits)
+            try:
+                search = SearchOptions(
+                    max_output_tokens=max_out,
+                    eos_id=sp.eos,
+                    beam_size=beam_size,
+                    length_penalty=length_penalty,
+                    n_best=n_best,
+                    never_ids=(sp.pad, sp.bos) if limits.never_ids is None else limits.never_ids,
+                    min_output_tokens=options.stopping.min_output_tokens,
+                    forced_start=start,
+                    forced_prefix=forced,
+                    forced_eos_at_limit=limits.forced_eos_at_limit,
+                    sampling=sampling,
+                )
+            except ValueError as err:  # what _check_room does not foresee
+                raise InvalidRequestError(f"{where}: {err}") from err
+            sentences.append(SentenceJob(tuple(source), search))
+        jobs.append(TextJob(text, split, tuple(sentences), seed))
     return jobs
 
 
@@ -272,27 +295,57 @@ def _codes(codes: Mapping[str, int]) -> str:
     return listed + more
 
 
+def sentence_name(text: str, j: int, count: int) -> str:
+    """How a message names sentence j of the `count` in `text` ("text 2", "source"): the text alone
+    when it is one sentence."""
+    return text if count == 1 else f"{text}, sentence {j + 1} of {count}"
+
+
+def encode_sentence(
+    tokenizer: Tokenizer, sentence: str, limits: RequestLimits, where: str, language: str | None = None
+) -> list[int]:
+    """The source ids of one sentence (end token included; a multilingual model's source-language
+    token first), within the model's limit."""
+    try:
+        return tokenizer.encode_source(sentence, limits.max_source_tokens, language)
+    except InputTooLongError as err:
+        raise InvalidRequestError(f"{where}: {err}") from err
+
+
 def _check_text_count(count: int, limits: RequestLimits) -> None:
     if not count:
         raise InvalidRequestError(f"no texts: send between 1 and {limits.effective_max_texts}")
-    if count > limits.max_texts_per_request:
+    _check_count(count, "text", limits.max_texts_per_request, "--max-texts-per-request", limits)
+
+
+def check_sentence_count(count: int, limits: RequestLimits) -> None:
+    """Bounds the sentences of a call, which are its requests to the scheduler: checked before any
+    is tokenised, so that one huge paragraph costs no more than its split."""
+    flag = "--max-sentences-per-request"
+    fix = "; send the texts over several calls"
+    _check_count(count, "sentence", limits.max_sentences_per_request, flag, limits, fix)
+
+
+def _check_count(count: int, unit: str, limit: int, flag: str, limits: RequestLimits, fix: str = "") -> None:
+    """`count` texts or sentences (`unit`) of one call against their setting and the queue."""
+    if count > limit:
         raise InvalidRequestError(
-            f"{count} texts in one request, more than the limit of {limits.max_texts_per_request} "
-            "(--max-texts-per-request)"
+            f"{count} {unit}s in one request, more than the limit of {limit} ({flag}){fix}"
         )
     share = limits.scheduler
     if share is not None and count > share.queue_capacity:
-        # Not "queue full, retry later" (RESOURCE_EXHAUSTED): each text waits in the queue before it
+        # Not "queue full, retry later" (RESOURCE_EXHAUSTED): each one waits in the queue before it
         # decodes, so such a call is refused on an idle server too, however often it is retried.
         raise InvalidRequestError(
-            f"{count} texts in one request, more than the {share.queue_capacity} the server's request "
-            f"queue holds ({share.queue_setting}): every text waits in the queue, so the call could "
-            f"never be accepted; send at most {share.queue_capacity} texts per call"
+            f"{count} {unit}s in one request, more than the {share.queue_capacity} the server's request "
+            f"queue holds ({share.queue_setting}): every {unit} waits in the queue, so the call could "
+            f"never be accepted; send at most {share.queue_capacity} {unit}s per call"
         )
 
 
 def _check_room(
-    i: int,
+    name: str,
+    unit: str,
     max_out: int,
     source_len: int,
     prefix_len: int,
@@ -300,16 +353,17 @@ def _check_room(
     beam_size: int,
     limits: RequestLimits,
 ) -> None:
-    """Text `i`'s max_output_tokens (sent, or the default for its length) against the forced
+    """A sentence's max_output_tokens (sent, or the default for its length) against the forced
     prefix, the minimum and the KV cache. When the client never set it, the message says where the
-    number comes from; when it did, the fault is the whole request's, not one text's."""
+    number comes from and which sentence (`name`; `unit`: "text" or "sentence", what it is); when
+    it did, the fault is the whole request's, not one sentence's."""
     limit = limits.effective_max_output_tokens
     if stopping.max_output_tokens:
         where, named = "", f"max_output_tokens {max_out}"
     else:
-        where = f"text {i}: "
+        where = f"{name}: "
         named = (
-            f"max_output_tokens {max_out} (not set: the default for this text's {source_len} source "
+            f"max_output_tokens {max_out} (not set: the default for this {unit}'s {source_len} source "
             f"tokens, 2 × {source_len} + 10, at most {limit})"
         )
     if prefix_len >= max_out:
@@ -401,36 +455,3 @@ def _sampling(options: pb.TranslateOptions, limits: RequestLimits) -> Sampling:
     if not _within(s.top_p, TOP_P_RANGE):
         raise InvalidRequestError(f"top_p {_shown(s.top_p)} must be in (0, 1] (0: no truncation)")
     return Sampling(temperature=temperature, top_k=s.top_k, top_p=s.top_p or 1.0)
-
-
-# --- Attend ------------------------------------------------------------------------------------------
-
-
-def attend_selection(request: pb.AttendRequest, shape: ModelShape) -> tuple[list[Kind], list[int], list[int]]:
-    """(kinds, layers, heads) of an Attend request, checked against the model's shape.
-
-    No kinds means cross-attention alone; layers and heads come back sorted and without repeats
-    (no layers: every layer; no heads: the head mean alone).
-    Raises:
-        InvalidRequestError: an unknown or repeated kind, a layer or head the model does not have.
-    """
-    kinds = list(request.kinds) or [pb.ATTENTION_KIND_CROSS]
-    for kind in kinds:
-        if kind not in ATTENTION_KINDS:
-            raise InvalidRequestError(
-                f"kinds: {kind} is not an attention kind (CROSS, ENCODER_SELF, DECODER_SELF)"
-            )
-    if len(set(kinds)) != len(kinds):
-        raise InvalidRequestError("kinds: each attention kind may be requested at most once")
-    layers = sorted(set(request.layers))
-    for kind in kinds:
-        limit = shape.encoder_layers if kind == pb.ATTENTION_KIND_ENCODER_SELF else shape.decoder_layers
-        if layers and layers[-1] >= limit:
-            raise InvalidRequestError(
-                f"layers: {layers[-1]} is out of range; {pb.AttentionKind.Name(kind)} has {limit} "
-                f"layers (0 to {limit - 1})"
-            )
-    heads = sorted(set(request.heads))
-    if heads and heads[-1] >= shape.heads:
-        raise InvalidRequestError(f"heads: {heads[-1]} is out of range; the model has {shape.heads} heads")
-    return kinds, layers, heads

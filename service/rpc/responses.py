@@ -1,22 +1,28 @@
 """Response messages of `translator.v1` built from decoding results: pure functions, no I/O.
 
 The servicer (`service/rpc/servicer.py`) calls these to turn hypotheses, generations and attention
-arrays into proto messages; keeping them apart keeps the servicer to the protocol's flow.
+arrays into proto messages; keeping them apart keeps the servicer to the protocol's flow. A text of
+several sentences comes back as one Translation: `translation_message` joins its sentences'
+hypotheses with the text's spacing and sums their scores, tokens and timings (the rules are the
+proto's, on Translation).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 from google.protobuf.message import Message
 
 from service.api.translator.v1 import translator_pb2 as pb
 from service.decoding import Hypothesis, normalized_score
+from service.engine.graphs import Attention
 from service.modeldir.tokenizer import Tokenizer
-from service.rpc.requests import InvalidRequestError, Kind, TextJob
-from service.scheduler import FinishReason, Generation
+from service.rpc.attend import Kind
+from service.rpc.requests import InvalidRequestError, TextJob
+from service.scheduler import FinishReason, Generation, Timings
 
 FINISH_REASONS = {
     FinishReason.END_OF_SEQUENCE: pb.FINISH_REASON_END_OF_SEQUENCE,
@@ -66,41 +72,68 @@ def token_messages(h: Hypothesis, tokenizer: Tokenizer, prefix_len: int) -> list
 
 
 def translation_message(
-    job: TextJob, gen: Generation, tokenizer: Tokenizer, options: pb.TranslateOptions, total_s: float
+    job: TextJob,
+    gens: Sequence[Generation],
+    tokenizer: Tokenizer,
+    options: pb.TranslateOptions,
+    total_s: float,
 ) -> pb.Translation:
-    """The Translation of one text from its job and its Generation."""
+    """The Translation of one text from its job and its sentences' Generations (one each, in order).
+
+    Hypothesis k of the text is hypothesis k of every sentence, joined with the text's spacing, its
+    score their sum and its length their total; the text has as many hypotheses as its sentence
+    with the fewest.
+    """
+    if len(gens) != len(job.sentences):
+        raise ValueError(f"{len(gens)} generations for {len(job.sentences)} sentences")
+    length_penalty = job.sentences[0].options.length_penalty
+    prefix_lens = [len(s.options.forced) for s in job.sentences]
     hypotheses = []
-    for h in gen.hypotheses:
+    for k in range(min(len(g.hypotheses) for g in gens)):
+        hs = [g.hypotheses[k] for g in gens]
+        score = sum(float(h.score) for h in hs)
+        length = sum(h.length for h in hs)
         hyp = pb.Hypothesis(
-            text=tokenizer.decode(list(h.tokens)),
-            score=float(h.score),
-            normalized_score=normalized_score(h.score, h.length, job.options.length_penalty),
-            finish_reason=pb.FINISH_REASON_END_OF_SEQUENCE if h.finished else pb.FINISH_REASON_LENGTH,
+            text=job.split.join([tokenizer.decode(list(h.tokens)) for h in hs]),
+            score=score,
+            normalized_score=normalized_score(score, length, length_penalty),
+            finish_reason=_finish_reason(all(h.finished for h in hs)),
         )
         if options.return_tokens:
-            hyp.tokens.extend(token_messages(h, tokenizer, len(job.options.forced)))
+            for h, prefix_len in zip(hs, prefix_lens, strict=True):
+                hyp.tokens.extend(token_messages(h, tokenizer, prefix_len))
         hypotheses.append(hyp)
-    best = gen.hypotheses[0]
+    cut = any(g.finish_reason == FinishReason.LENGTH for g in gens)
     out = pb.Translation(
         text=hypotheses[0].text,
-        finish_reason=FINISH_REASONS[gen.finish_reason],
+        finish_reason=FINISH_REASONS[FinishReason.LENGTH if cut else FinishReason.END_OF_SEQUENCE],
         hypotheses=hypotheses,
-        input_tokens=gen.input_tokens,
-        output_tokens=best.length,
+        input_tokens=sum(g.input_tokens for g in gens),
+        output_tokens=sum(g.hypotheses[0].length for g in gens),
     )
     if options.return_timings:
-        t = gen.timings
-        out.timings.CopyFrom(
-            pb.Timings(
-                queue_seconds=t.queue_wait_s,
-                time_to_first_token_seconds=t.time_to_first_token_s or 0.0,
-                decode_seconds=t.decode_s,
-                total_seconds=total_s,
-            )
-        )
+        out.timings.CopyFrom(timings_message([g.timings for g in gens], total_s))
     if job.seed is not None:
         out.seed = job.seed
     return out
+
+
+def _finish_reason(finished: bool) -> pb.FinishReason.ValueType:
+    return pb.FINISH_REASON_END_OF_SEQUENCE if finished else pb.FINISH_REASON_LENGTH
+
+
+def timings_message(sentences: Sequence[Timings], total_s: float) -> pb.Timings:
+    """A text's Timings from its sentences', all submitted at once: queued until the first one was
+    admitted, its first token its first sentence's, decoding from there to the last one's end (so
+    queue + decode is when the text was ready, as for one sentence)."""
+    admitted = min(t.queue_wait_s for t in sentences)
+    ended = max(t.queue_wait_s + t.decode_s for t in sentences)
+    return pb.Timings(
+        queue_seconds=admitted,
+        time_to_first_token_seconds=sentences[0].time_to_first_token_s or 0.0,
+        decode_seconds=ended - admitted,
+        total_seconds=total_s,
+    )
 
 
 def text_delta(tokenizer: Tokenizer, ids: Sequence[int], sent: str) -> str:
@@ -109,6 +142,35 @@ def text_delta(tokenizer: Tokenizer, ids: Sequence[int], sent: str) -> str:
     if text.endswith(REPLACEMENT) or not text.startswith(sent):
         return ""
     return text[len(sent) :]
+
+
+@dataclass(frozen=True)
+class MapChoice:
+    """Which maps an Attend request asked for (service.rpc.attend.attend_selection)."""
+
+    kinds: Sequence[Kind]
+    layers: Sequence[int]  # empty: every layer
+    heads: Sequence[int]  # returned one by one
+    mean: bool  # also the head mean of each layer
+
+
+def pair_fields(
+    tokenizer: Tokenizer, source: Sequence[int], target: Sequence[int], att: Attention, choice: MapChoice
+) -> dict[str, Any]:
+    """The fields an AttendResponse and a SentenceAttention share, for one pair: the source (end
+    token included) and target ids (without it) and the pair's attention (a batch of one)."""
+    maps = {  # (L, H, T, S) of the one pair
+        pb.ATTENTION_KIND_CROSS: att.cross_attention[:, 0],
+        pb.ATTENTION_KIND_ENCODER_SELF: att.encoder_attention[:, 0],
+        pb.ATTENTION_KIND_DECODER_SELF: att.decoder_attention[:, 0],
+    }
+    eos = tokenizer.id_to_token(tokenizer.special.eos)
+    return {
+        "source_tokens": [tokenizer.id_to_token(t) for t in source],
+        "target_tokens": [*(tokenizer.id_to_token(t) for t in target), eos],
+        "matrices": attention_matrices(maps, choice.kinds, choice.layers, choice.heads, choice.mean),
+        "alignment": alignment(maps[pb.ATTENTION_KIND_CROSS]),
+    }
 
 
 def alignment(cross: np.ndarray) -> list[int]:

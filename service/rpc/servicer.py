@@ -1,8 +1,9 @@
 """The gRPC servicer of `translator.v1.Translator`: proto ⇄ domain, and errors → status codes.
 
 Each RPC validates its request (`service.rpc.requests` for Translate/TranslateStream and Attend),
-submits one scheduler `Request` per text with the call's deadline, awaits the outcomes and builds the
-response.
+submits one scheduler `Request` per sentence of each text with the call's deadline, all at once so
+that they decode as rows of the same batch, awaits the outcomes and builds the response (a text's
+sentences joined again, `service.rpc.responses`).
 `_handled` is the one place where exceptions become gRPC statuses; it also counts every call in
 the metrics and writes one structured log line per call.
 """
@@ -15,7 +16,7 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeVar
 
@@ -28,20 +29,20 @@ from service.config import Config
 from service.engine.engine import Engine, ModelInfo, ModelNotFoundError
 from service.metrics import Metrics
 from service.modeldir.tokenizer import Tokenizer
+from service.rpc.attend import attend_pairs, attend_selection
 from service.rpc.requests import (
     InvalidRequestError,
     RequestLimits,
     SchedulerShare,
+    SentenceJob,
     TextJob,
     UndecodableRequest,
-    attend_selection,
     decoded,
-    request_languages,
     translate_jobs,
 )
 from service.rpc.responses import (
-    alignment,
-    attention_matrices,
+    MapChoice,
+    pair_fields,
     text_delta,
     translation_message,
     within_message_limit,
@@ -140,6 +141,29 @@ _SMALLER_ATTENTION = (
 # --- pure helpers: domain → proto -------------------------------------------------------------------
 
 
+def _delta(text: str, token_ids: Sequence[int] = ()) -> pb.TranslateStreamResponse:
+    return pb.TranslateStreamResponse(delta=pb.TextDelta(text=text, token_ids=token_ids))
+
+
+async def _sentence_deltas(
+    tokenizer: Tokenizer, handle: Handle, request_id: str
+) -> AsyncIterator[tuple[str, tuple[int, ...]]]:
+    """(text, token ids) of one sentence's stream as it decodes, then any text held back at its end
+    (a cut UTF-8 character): together its translation's text."""
+    ids: list[int] = []
+    sent = ""
+    async for chunk in handle.token_chunks():  # several tokens when the loop fell behind
+        ids.extend(chunk)
+        new = text_delta(tokenizer, ids, sent)
+        sent += new
+        yield new, chunk
+    text = tokenizer.decode(list((await handle.result()).hypotheses[0].tokens))
+    if text != sent:
+        if not text.startswith(sent):
+            log.warning("request %s: streamed text is not a prefix of the result", request_id)
+        yield text[len(sent) :], ()
+
+
 class TranslatorServicer(pb_grpc.TranslatorServicer):
     """translator.v1.Translator over an engine (models, attention) and a scheduler (decoding)."""
 
@@ -228,6 +252,7 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
         server, pool = self.config.server, self.scheduler
         limits = self._request_limits[info.name] = RequestLimits(
             max_texts_per_request=server.max_texts_per_request,
+            max_sentences_per_request=server.max_sentences_per_request,
             max_beam_size=server.max_beam_size,
             max_source_tokens=info.limits.max_source_tokens,
             max_output_tokens=info.limits.max_target_tokens,
@@ -269,30 +294,40 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
             options,
             self.tokenizers[name],
             self._limits(info),
+            language=options.source_language or info.languages.source,
             streaming=streaming,
             new_seed=lambda: secrets.randbits(63),
         )
-        call.input_tokens = sum(len(j.source_ids) for j in jobs)
+        call.input_tokens = sum(len(s.source_ids) for j in jobs for s in j.sentences)
         return info, jobs
 
-    def _submit(self, model: str, job: TextJob, context: grpc.aio.ServicerContext, stream: bool) -> Handle:
+    @contextlib.contextmanager
+    def _submitted(
+        self, model: str, sentences: Sequence[SentenceJob], context: grpc.aio.ServicerContext, stream: bool
+    ) -> Iterator[list[Handle]]:
+        """Every sentence submitted at once, so that they decode side by side; any still running
+        when the block ends (one failed, the call was cancelled) is cancelled."""
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
-        return self.scheduler.submit(Request(model, job.source_ids, job.options, deadline, stream))
-
-    async def _generate(
-        self, model: str, jobs: Sequence[TextJob], context: grpc.aio.ServicerContext
-    ) -> list[Generation]:
-        """Decode every job; if one fails (or the call is cancelled), cancel the others."""
         handles: list[Handle] = []
         try:
-            for job in jobs:
-                handles.append(self._submit(model, job, context, stream=False))
-            return list(await asyncio.gather(*(h.result() for h in handles)))
+            for s in sentences:
+                request = Request(model, s.source_ids, s.options, deadline, stream)
+                handles.append(self.scheduler.submit(request))
+            yield handles
         finally:
             for h in handles:
                 if not h.done():
-                    h.cancel()
+                    h.cancel()  # the client went away or a sibling failed: the row leaves at the next step
+
+    async def _generate(
+        self, model: str, jobs: Sequence[TextJob], context: grpc.aio.ServicerContext
+    ) -> list[list[Generation]]:
+        """Decode every sentence of every job; each job's Generations, in order."""
+        sentences = [s for job in jobs for s in job.sentences]
+        with self._submitted(model, sentences, context, stream=False) as handles:
+            flat = iter(await asyncio.gather(*(h.result() for h in handles)))
+        return [[next(flat) for _ in job.sentences] for job in jobs]
 
     async def Translate(
         self, request: pb.TranslateRequest | UndecodableRequest, context: grpc.aio.ServicerContext
@@ -304,8 +339,8 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
             total = time.monotonic() - call.start
             tokenizer = self.tokenizers[info.name]
             translations = [
-                translation_message(job, gen, tokenizer, request.options, total)
-                for job, gen in zip(jobs, generations, strict=True)
+                translation_message(job, gens, tokenizer, request.options, total)
+                for job, gens in zip(jobs, generations, strict=True)
             ]
             call.output_tokens = sum(t.output_tokens for t in translations)
             response = pb.TranslateResponse(
@@ -321,26 +356,19 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
             request = decoded(request)
             info, (job,) = self._jobs([request.text], request.options, call, streaming=True)
             tokenizer = self.tokenizers[info.name]
-            handle = self._submit(info.name, job, context, stream=True)
-            try:
-                ids: list[int] = []
-                sent = ""
-                async for chunk in handle.token_chunks():  # several tokens when the loop fell behind
-                    ids.extend(chunk)
-                    new = text_delta(tokenizer, ids, sent)
-                    sent += new
-                    delta = pb.TranslateStreamResponse(delta=pb.TextDelta(text=new, token_ids=chunk))
-                    yield self._fitting(delta, _SMALLER_STREAM)
-                gen = await handle.result()
-            finally:
-                if not handle.done():
-                    handle.cancel()  # the client went away: the row leaves the batch at the next step
-            final = translation_message(job, gen, tokenizer, request.options, time.monotonic() - call.start)
-            if final.text != sent:  # text held back at the end (a cut UTF-8 character)
-                if not final.text.startswith(sent):
-                    log.warning("request %s: streamed text is not a prefix of the result", call.request_id)
-                rest = pb.TranslateStreamResponse(delta=pb.TextDelta(text=final.text[len(sent) :]))
-                yield self._fitting(rest, _SMALLER_STREAM)
+            gens: list[Generation] = []
+            # Every sentence decodes from the start; their tokens wait in their handles until the
+            # sentences before them have been sent.
+            with self._submitted(info.name, job.sentences, context, stream=True) as handles:
+                for gap, handle in zip(job.split.gaps, handles, strict=False):
+                    if gap:  # the spacing before this sentence, as the text had it
+                        yield self._fitting(_delta(gap), _SMALLER_STREAM)
+                    async for text, ids in _sentence_deltas(tokenizer, handle, call.request_id):
+                        yield self._fitting(_delta(text, ids), _SMALLER_STREAM)
+                    gens.append(await handle.result())
+            if job.split.gaps[-1]:
+                yield self._fitting(_delta(job.split.gaps[-1]), _SMALLER_STREAM)
+            final = translation_message(job, gens, tokenizer, request.options, time.monotonic() - call.start)
             call.output_tokens = final.output_tokens
             response = pb.TranslateResponse(translations=[final], model=info.name, model_version=info.version)
             yield self._fitting(pb.TranslateStreamResponse(final=response), _SMALLER_STREAM)
@@ -355,53 +383,47 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
             tokenizer = self.tokenizers[name]
             limits = self._limits(info)
             kinds, layers, heads = attend_selection(request, self.engine.graphs(name).manifest.shape)
-            if not request.source.strip():
-                raise InvalidRequestError("source is empty")
-            source_language, start = request_languages(
-                request.source_language, request.target_language, tokenizer, limits
-            )
-            try:
-                source = tokenizer.encode_source(request.source, limits.max_source_tokens, source_language)
-            except ValueError as err:
-                raise InvalidRequestError(f"source: {err}") from err
-            if request.HasField("target"):
-                # a multilingual model's target-language token is the first target token
-                target_text = request.target
-                target = [*start, *tokenizer.encode_target(request.target)]
-                # the limit GetModelInfo reports, though a given target takes no KV-cache slot
-                if len(target) + 1 > limits.effective_max_output_tokens:
-                    raise InvalidRequestError(
-                        f"target is {len(target) + 1} tokens (end token included), longer than the "
-                        f"limit of {limits.effective_max_output_tokens}"
-                    )
+            choice = MapChoice(kinds, layers, heads, mean=request.average_heads or not heads)
+            pairs = attend_pairs(request, tokenizer, limits, info.languages)
+            if pairs.target is not None:
+                spacing, targets = pairs.target, pairs.target_ids
+                texts = list(spacing.sentences)
             else:
                 self._refuse_until_warm()
-                languages = pb.TranslateOptions(
-                    source_language=request.source_language, target_language=request.target_language
+                options = pb.TranslateOptions(
+                    no_sentence_split=request.no_sentence_split,
+                    source_language=request.source_language,
+                    target_language=request.target_language,
                 )
-                (job,) = translate_jobs([request.source], languages, tokenizer, limits, new_seed=int)
-                (gen,) = await self._generate(name, [job], context)
-                target = list(gen.hypotheses[0].tokens)
-                target_text = tokenizer.decode(target)
-            call.input_tokens, call.output_tokens = len(source), len(target) + 1
-            att = await asyncio.to_thread(
-                self.engine.attention, name, [source], [[info.dims.bos_id, *target]]
+                language = request.source_language or info.languages.source
+                (job,) = translate_jobs(
+                    [request.source], options, tokenizer, limits, language=language, new_seed=int
+                )
+                (gens,) = await self._generate(name, [job], context)
+                spacing = job.split  # the translations take the source's spacing, as in Translate
+                targets = tuple(g.hypotheses[0].tokens for g in gens)
+                texts = [tokenizer.decode(list(t)) for t in targets]
+            call.input_tokens = sum(len(s) for s in pairs.source_ids)
+            call.output_tokens = sum(len(t) + 1 for t in targets)
+            bos = info.dims.bos_id
+            maps = await asyncio.to_thread(  # pair by pair: each as if it were alone, unpadded
+                lambda: [
+                    self.engine.attention(name, [s], [[bos, *t]])
+                    for s, t in zip(pairs.source_ids, targets, strict=True)
+                ]
             )
-            maps = {  # (L, H, T, S) of the one pair
-                pb.ATTENTION_KIND_CROSS: att.cross_attention[:, 0],
-                pb.ATTENTION_KIND_ENCODER_SELF: att.encoder_attention[:, 0],
-                pb.ATTENTION_KIND_DECODER_SELF: att.decoder_attention[:, 0],
-            }
-            mean = request.average_heads or not heads
-            eos = tokenizer.id_to_token(tokenizer.special.eos)
-            response = pb.AttendResponse(
-                model=name,
-                target=target_text,
-                source_tokens=[tokenizer.id_to_token(t) for t in source],
-                target_tokens=[*(tokenizer.id_to_token(t) for t in target), eos],
-                matrices=attention_matrices(maps, kinds, layers, heads, mean),
-                alignment=alignment(maps[pb.ATTENTION_KIND_CROSS]),
-            )
+            reports = [
+                pair_fields(tokenizer, s, t, att, choice)
+                for s, t, att in zip(pairs.source_ids, targets, maps, strict=True)
+            ]
+            response = pb.AttendResponse(model=name, target=spacing.join(texts))
+            if len(reports) == 1:  # one pair: the response's own fields, as before sentences
+                response.MergeFrom(pb.AttendResponse(**reports[0]))
+            else:
+                response.sentences.extend(
+                    pb.SentenceAttention(source=source, target=text, **report)
+                    for source, text, report in zip(pairs.source.sentences, texts, reports, strict=True)
+                )
             return self._fitting(response, _SMALLER_ATTENTION)
         raise AssertionError("unreachable: _handled aborts the call on error")
 
@@ -439,6 +461,7 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
                 max_source_tokens=limits.max_source_tokens,
                 max_output_tokens=limits.effective_max_output_tokens,
                 max_texts_per_request=limits.effective_max_texts,
+                max_sentences_per_request=limits.effective_max_sentences,
                 max_beam_size=limits.effective_max_beam_size,
                 max_batch_size=self.scheduler.share.max_sequences,  # one decode loop's step
             ),

@@ -149,6 +149,80 @@ def test_tokens_timings_prefix_and_seed_are_returned(stub: pb_grpc.TranslatorStu
     assert [x.text for x in a] == [x.text for x in b] and [x.seed for x in a] == [7, 7]
 
 
+# --- a paragraph: its sentences translated as rows of one batch, joined with its spacing ------------
+
+SIX = [
+    "I love cats.",
+    "The old man gives the red book to the child.",
+    "We see a small dog.",
+    "The woman reads a new book.",
+    "The children eat bread.",
+    "We see the big house.",
+]
+# two spaces, a line break, a blank line, spaces around: all kept
+GAPS = ["  ", " ", "  ", "\n", "\n\n", " ", " \n"]
+PARAGRAPH = GAPS[0] + "".join(s + g for s, g in zip(SIX, GAPS[1:], strict=True))
+
+
+def test_a_paragraph_is_its_sentences_translations_joined_with_its_spacing(
+    stub: pb_grpc.TranslatorStub,
+) -> None:
+    alone = [t.text for t in translate(stub, SIX).translations]
+
+    (t,) = translate(stub, [PARAGRAPH], return_tokens=True).translations
+
+    assert t.text == GAPS[0] + "".join(s + g for s, g in zip(alone, GAPS[1:], strict=True))
+    assert t.finish_reason == pb.FINISH_REASON_END_OF_SEQUENCE
+    (hyp,) = t.hypotheses
+    assert [tok.special for tok in hyp.tokens].count(True) == 6 and len(hyp.tokens) == t.output_tokens
+    assert sum(tok.logprob for tok in hyp.tokens) == pytest.approx(hyp.score, abs=1e-4)
+    many = translate(stub, [PARAGRAPH, SIX[0]], beam=pb.BeamSearch(beam_size=4), n_best=2).translations
+    assert [len(x.hypotheses) for x in many] == [2, 2] and many[1].text == alone[0]
+
+
+def test_a_paragraph_over_the_source_limit_is_translated_sentence_by_sentence(
+    stub: pb_grpc.TranslatorStub, engine: Engine
+) -> None:
+    tokenizer = Tokenizer.from_file(engine.graphs().model_dir / "tokenizer.json")
+    long = " ".join([LONG] * 6)
+    assert len(tokenizer.encode(long)) + 1 > 128
+
+    (t,) = translate(stub, [long]).translations
+    (one,) = translate(stub, [LONG]).translations
+    assert t.text == " ".join([one.text] * 6) and t.input_tokens == 6 * one.input_tokens
+
+    code, details = status_of(lambda: translate(stub, [long], no_sentence_split=True))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "limit of 128" in details
+
+
+def test_no_sentence_split_translates_the_text_whole_as_before(
+    stub: pb_grpc.TranslatorStub, engine: Engine
+) -> None:
+    text = " ".join(SIX[:3])
+    (whole,) = translate(stub, [text], no_sentence_split=True).translations
+    assert whole.text == translate_texts(engine.graphs(), None, [text])[0]
+    assert (
+        whole.input_tokens
+        == len(Tokenizer.from_file(engine.graphs().model_dir / "tokenizer.json").encode(text)) + 1
+    )
+
+
+def test_sentences_beyond_the_limits_are_invalid_argument_naming_them(stub: pb_grpc.TranslatorStub) -> None:
+    over = "I love cats. " + "the red book " * 50 + "sleeps.\nWe see a small dog."
+    code, details = status_of(lambda: translate(stub, [SIX[0], over]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert re.fullmatch(
+        r"text 1, sentence 2 of 3: input is \d+ tokens \(end token included\), longer than "
+        "the limit of 128",
+        details,
+    ), details
+
+    code, details = status_of(lambda: translate(stub, ["I love cats. " * 200, "We see a dog. " * 57]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details.startswith("257 sentences in one request, more than the limit of 256")
+    assert "--max-sentences-per-request" in details
+
+
 # --- TranslateStream -------------------------------------------------------------------------------
 
 
@@ -167,6 +241,18 @@ def test_stream_deltas_concatenate_to_the_unary_result(stub: pb_grpc.TranslatorS
     ids = [i for m in deltas for i in m.delta.token_ids]
     assert ids == [tok.id for tok in unary.hypotheses[0].tokens if not tok.special]
     assert final.final.translations[0] == unary or final.final.translations[0].text == unary.text
+
+
+def test_a_paragraph_streams_sentence_after_sentence_with_its_spacing(stub: pb_grpc.TranslatorStub) -> None:
+    (unary,) = translate(stub, [PARAGRAPH]).translations
+
+    *deltas, final = list(stub.TranslateStream(pb.TranslateStreamRequest(text=PARAGRAPH), timeout=30))
+
+    assert "".join(m.delta.text for m in deltas) == unary.text == final.final.translations[0].text
+    # the spacing comes as deltas of its own, between the sentences' tokens
+    spacing = [m.delta.text for m in deltas if not m.delta.token_ids and m.delta.text]
+    assert spacing == GAPS
+    assert final.final.translations[0].output_tokens == unary.output_tokens
 
 
 def test_text_delta_holds_back_a_partial_utf8_character(engine: Engine) -> None:
@@ -226,6 +312,34 @@ def test_attend_with_a_given_target_and_checked_ranges(stub: pb_grpc.TranslatorS
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "3 layers" in details
 
 
+def test_attend_reports_a_source_of_several_sentences_per_sentence(stub: pb_grpc.TranslatorStub) -> None:
+    def attend(source: str, **fields: object) -> pb.AttendResponse:
+        return stub.Attend(pb.AttendRequest(source=source, heads=[1], **fields), timeout=30)
+
+    alone = [attend(s) for s in TEXTS[:2]]
+
+    both = attend(f"{TEXTS[0]}\n{TEXTS[1]}")
+
+    assert both.target == f"{alone[0].target}\n{alone[1].target}"
+    assert not (both.matrices or both.alignment or both.source_tokens)  # a map spans one pair
+    assert [(s.source, s.target) for s in both.sentences] == [
+        (t, a.target) for t, a in zip(TEXTS[:2], alone, strict=True)
+    ]
+    for sentence, one in zip(both.sentences, alone, strict=True):  # each as if it were attended alone
+        assert (sentence.source_tokens, sentence.target_tokens) == (one.source_tokens, one.target_tokens)
+        assert list(sentence.matrices) == list(one.matrices) and sentence.alignment == one.alignment
+
+    given = attend(f"{TEXTS[0]} {TEXTS[1]}", target="J'aime les chiens. Le vieil homme lit.")
+    assert [s.target for s in given.sentences] == ["J'aime les chiens.", "Le vieil homme lit."]
+    assert given.target == "J'aime les chiens. Le vieil homme lit."
+
+    whole = attend(f"{TEXTS[0]} {TEXTS[1]}", no_sentence_split=True)
+    assert not whole.sentences and whole.matrices and whole.source_tokens[-1] == "</s>"
+
+    code, details = status_of(lambda: attend(f"{TEXTS[0]} {TEXTS[1]}", target="J'aime les chiens."))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "target has 1 sentences and source 2" in details
+
+
 def test_get_model_info_describes_the_served_model(stub: pb_grpc.TranslatorStub, engine: Engine) -> None:
     response = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
     (model,) = response.models
@@ -241,7 +355,8 @@ def test_get_model_info_describes_the_served_model(stub: pb_grpc.TranslatorStub,
         model.limits.max_source_tokens,
         model.limits.max_beam_size,
         model.limits.max_texts_per_request,
-    ) == (128, 8, 64)
+        model.limits.max_sentences_per_request,
+    ) == (128, 8, 64, 256)
 
 
 # --- health, reflection, metrics --------------------------------------------------------------------
@@ -443,6 +558,7 @@ def test_get_model_info_advertises_what_a_request_can_get(small_stub: pb_grpc.Tr
     assert (limits.max_batch_size, limits.max_beam_size) == (2, 2)  # one instance's 2 rows, not 4 or 8
     assert limits.max_output_tokens == 60  # a greedy request's slots in one instance's cache, not 128
     assert limits.max_texts_per_request == 2  # what the queue holds, not 64
+    assert limits.max_sentences_per_request == 2  # what the queue holds, not 256
     assert limits.max_source_tokens == 128
 
 
@@ -665,6 +781,21 @@ def test_a_cancelled_stream_leaves_the_batch(server: ServerThread, stub: pb_grpc
     stats = server.running.scheduler.stats()
     assert stats.outcomes == before + 1 and stats.in_flight == 0
     assert registry.get_sample_value("translator_sequences_finished_total", cancelled) == cancelled_before + 1
+
+
+def test_a_cancelled_stream_takes_every_sentence_out_of_the_batch(
+    server: ServerThread, stub: pb_grpc.TranslatorStub
+) -> None:
+    stopping = pb.StoppingCriteria(max_output_tokens=128, min_output_tokens=120)
+    text = f"{TEXTS[1]} {TEXTS[2]}"  # two sentences, decoding side by side
+    request = pb.TranslateStreamRequest(text=text, options=pb.TranslateOptions(stopping=stopping))
+    before = server.running.scheduler.stats().outcomes
+    with paced_steps(server.running.engine):
+        stream = stub.TranslateStream(request, timeout=30)
+        next(stream)  # the first sentence is streaming; the second decodes meanwhile
+        stream.cancel()
+        assert wait_until(lambda: server.running.scheduler.stats().outcomes == before + 2)
+    assert server.running.scheduler.stats().in_flight == 0
 
 
 @pytest.mark.parametrize("log_format", ["text", "json"])

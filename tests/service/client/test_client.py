@@ -85,6 +85,17 @@ def test_stream_deltas_join_to_the_unary_text(client: TranslatorClient) -> None:
     assert stream.result is not None and stream.result.text == unary.text
 
 
+def test_a_paragraph_comes_back_with_its_spacing_unless_split_is_off(client: TranslatorClient) -> None:
+    paragraph = f"{CATS}  {TEXTS[2]}\n"
+    (t,) = client.translate([paragraph])
+    assert t.text == "J'aime les chats.  Nous voyons un petit chien.\n"
+    assert "".join(client.translate_stream(paragraph)) == t.text
+
+    (whole,) = client.translate([paragraph], no_sentence_split=True)
+    assert whole.text != t.text  # the text as one sequence, as before the server split texts
+    assert TranslateOptions(no_sentence_split=True).to_proto().no_sentence_split
+
+
 def test_sampling_with_a_seed_is_reproducible(client: TranslatorClient) -> None:
     first = client.translate(TEXTS, sample=True, temperature=0.8, seed=7)
     again = client.translate(TEXTS, sample=True, temperature=0.8, seed=7)
@@ -118,6 +129,21 @@ def test_attend_rows_sum_to_one_and_the_alignment_maps_each_target_token(client:
         np.testing.assert_allclose(matrix.sum(axis=1), 1.0, atol=1e-3)
     assert len(a.alignment) == len(a.target_tokens)
     assert list(a.alignment) == cross.argmax(axis=1).tolist()
+
+
+def test_attend_reports_each_sentence_of_the_source(client: TranslatorClient) -> None:
+    a = client.attend(f"{CATS} {TEXTS[2]}", kinds=("cross",), layers=(2,))
+
+    assert a.target == "J'aime les chats. Nous voyons un petit chien."
+    assert not (a.matrices or a.alignment or a.source_tokens)
+    first, second = a.sentences
+    assert (first.source, first.target, second.source) == (CATS, "J'aime les chats.", TEXTS[2])
+    alone = client.attend(CATS, kinds=("cross",), layers=(2,))
+    assert alone.sentences == () and alone.source == CATS
+    assert first.alignment == alone.alignment
+    np.testing.assert_array_equal(first.matrices["cross", 2, None], alone.matrices["cross", 2, None])
+    whole = client.attend(f"{CATS} {TEXTS[2]}", no_sentence_split=True)
+    assert not whole.sentences and whole.alignment
 
 
 def test_model_info_and_health(client: TranslatorClient) -> None:
@@ -215,6 +241,26 @@ def test_cli_stream(server: ServerThread) -> None:
     assert (run.returncode, run.stdout) == (0, "J'aime les chats.\n")
 
 
+CUT = "python -m service.client: translation {} was cut at the output limit (finish_reason LENGTH)\n"
+
+
+def test_cli_says_on_stderr_when_a_translation_was_cut_short(server: ServerThread) -> None:
+    run = cli(server, "translate", "--max-tokens", "3", CATS)
+    assert (run.returncode, run.stdout, run.stderr) == (0, "J'a\n", CUT.format(1))
+
+    # numbered as the input lines, blank ones counted; a text is cut when any of its sentences is
+    run = cli(server, "translate", "--max-tokens", "9", stdin=f"\n{CATS}\n{CATS} {TEXTS[1]}\n")
+    assert run.returncode == 0 and run.stdout.splitlines()[1] == "J'aime les chats."
+    assert run.stderr == CUT.format(3)
+
+    run = cli(server, "translate", "--stream", "--max-tokens", "3", "", CATS)
+    assert (run.returncode, run.stdout, run.stderr) == (0, "\nJ'a\n", CUT.format(2))
+
+    timed = cli(server, "translate", "--timings", "--max-tokens", "3", CATS)
+    assert "3 tokens, finish_reason LENGTH\n" in timed.stderr and timed.stderr.endswith(CUT.format(1))
+    assert cli(server, "translate", "--timings", CATS).stderr.endswith("finish_reason END_OF_SEQUENCE\n")
+
+
 def test_cli_attend_prints_the_alignment_and_writes_a_png(server: ServerThread, tmp_path: Path) -> None:
     from PIL import Image
 
@@ -227,6 +273,20 @@ def test_cli_attend_prints_the_alignment_and_writes_a_png(server: ServerThread, 
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(png) as image:
         assert image.format == "PNG" and image.width > 7 * 30 and image.height > 9 * 30
+
+
+def test_cli_attend_reports_each_sentence_and_writes_a_png_each(server: ServerThread, tmp_path: Path) -> None:
+    png = tmp_path / "pair.png"
+    run = cli(server, "attend", f"{CATS}\n{TEXTS[2]}", "--png", str(png))
+
+    assert run.returncode == 0, run.stderr
+    first, second = run.stdout.split("\n\n")
+    assert first.splitlines()[0] == "# sentence 1: I love cats. → J'aime les chats."
+    assert first.splitlines()[1:] == cli(server, "attend", CATS).stdout.splitlines()
+    assert second.startswith("# sentence 2: We see a small dog. → Nous voyons un petit chien.\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pair-1.png", "pair-2.png"]
+    whole = cli(server, "attend", "--no-split", f"{CATS} {TEXTS[2]}")
+    assert whole.returncode == 0 and "#" not in whole.stdout
 
 
 def test_cli_bad_request_exits_1_with_the_status(server: ServerThread) -> None:
@@ -282,6 +342,7 @@ def test_cli_flags_build_the_translate_options() -> None:
     assert _options(args) == TranslateOptions()
     argv = ["--beam-size", "4", "--n-best", "2", "--max-tokens", "9", "--min-tokens", "1", "--prefix", "Le"]
     argv += ["--model", "m", "--timings", "--temperature", "0.5", "--top-k", "3", "--top-p", "0.9"]
+    argv += ["--no-split"]
     expected = TranslateOptions(
         beam_size=4,
         n_best=2,
@@ -293,6 +354,7 @@ def test_cli_flags_build_the_translate_options() -> None:
         temperature=0.5,
         top_k=3,
         top_p=0.9,
+        no_sentence_split=True,
     )
     assert _options(build_parser().parse_args(["translate", *argv, "x"])) == expected
     sampled = build_parser().parse_args(["translate", "--sample", "--seed", "7", "x"])

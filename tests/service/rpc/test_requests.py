@@ -1,4 +1,4 @@
-"""service.rpc.requests: every bad input of a Translate or Attend request is refused with the limit named."""
+"""service.rpc.requests: every bad input of a Translate request is refused with the limit named."""
 
 from __future__ import annotations
 
@@ -9,14 +9,15 @@ import pytest
 
 from export.translate import DEFAULT_MODEL_DIR
 from service.api.translator.v1 import translator_pb2 as pb
-from service.modeldir.manifest import Languages, ModelShape
+from service.modeldir.manifest import Languages
 from service.modeldir.tokenizer import Tokenizer
 from service.rpc.requests import (
     InvalidRequestError,
     RequestLimits,
     SchedulerShare,
+    SentenceJob,
+    TextJob,
     UndecodableRequest,
-    attend_selection,
     decoded,
     request_decoder,
     request_languages,
@@ -24,7 +25,12 @@ from service.rpc.requests import (
 )
 
 LIMITS = RequestLimits(
-    max_texts_per_request=4, max_beam_size=8, max_source_tokens=128, max_output_tokens=128, vocab_size=2000
+    max_texts_per_request=4,
+    max_sentences_per_request=6,
+    max_beam_size=8,
+    max_source_tokens=128,
+    max_output_tokens=128,
+    vocab_size=2000,
 )
 
 
@@ -40,32 +46,43 @@ def jobs(tokenizer: Tokenizer, texts: list[str], streaming: bool = False, **opti
         pb.TranslateOptions(**options),
         tokenizer,
         LIMITS,
+        language="en",
         streaming=streaming,
         new_seed=lambda: next(seeds),
     )
 
 
+def rows(text_jobs: list[TextJob]) -> list[SentenceJob]:
+    """The sentence jobs of texts of one sentence each, in order."""
+    assert all(len(j.sentences) == 1 for j in text_jobs)
+    return [j.sentences[0] for j in text_jobs]
+
+
 def test_defaults_are_greedy_with_a_per_text_length_limit(tokenizer: Tokenizer) -> None:
-    short, long = jobs(tokenizer, ["I love cats.", "The old man gives the red book to the child."])
+    texts = ["I love cats.", "The old man gives the red book to the child."]
+    short, long = rows(jobs(tokenizer, texts))
     assert short.source_ids[-1] == tokenizer.special.eos
-    assert short.options.beam_size == 1 and short.options.sampling is None and short.seed is None
+    assert short.options.beam_size == 1 and short.options.sampling is None
+    assert jobs(tokenizer, texts)[0].seed is None
     assert short.options.max_output_tokens == 2 * len(short.source_ids) + 10
     assert long.options.max_output_tokens == 2 * len(long.source_ids) + 10
     assert short.options.never_ids == (tokenizer.special.pad, tokenizer.special.bos)
 
 
 def test_beam_sampling_stopping_and_prefix_options(tokenizer: Tokenizer) -> None:
-    (beam,) = jobs(tokenizer, ["I see cats."], beam=pb.BeamSearch(), n_best=3)
+    (beam,) = rows(jobs(tokenizer, ["I see cats."], beam=pb.BeamSearch(), n_best=3))
     assert (beam.options.beam_size, beam.options.length_penalty, beam.options.n_best) == (4, 1.0, 3)
-    (beam,) = jobs(tokenizer, ["I see cats."], beam=pb.BeamSearch(beam_size=2, length_penalty=0.0))
+    (beam,) = rows(jobs(tokenizer, ["I see cats."], beam=pb.BeamSearch(beam_size=2, length_penalty=0.0)))
     assert (beam.options.beam_size, beam.options.length_penalty) == (2, 0.0)
     a, b = jobs(tokenizer, ["I see cats.", "I see dogs."], sampling=pb.Sampling(temperature=0.7, top_k=5))
-    assert a.options.sampling is not None and a.options.sampling.top_p == 1.0
+    sampling = a.sentences[0].options.sampling
+    assert sampling is not None and sampling.top_p == 1.0
     assert (a.seed, b.seed) == (100, 101)  # the server picks a seed per text and reports it
     (seeded,) = jobs(tokenizer, ["I see cats."], sampling=pb.Sampling(seed=7))
-    assert seeded.seed == 7 and seeded.options.sampling is not None and seeded.options.sampling.seed == 7
+    sampling = seeded.sentences[0].options.sampling
+    assert seeded.seed == 7 and sampling is not None and sampling.seed == 7
     stopping = pb.StoppingCriteria(max_output_tokens=20, min_output_tokens=3)
-    (stopped,) = jobs(tokenizer, ["I see cats."], stopping=stopping, target_prefix="Je")
+    (stopped,) = rows(jobs(tokenizer, ["I see cats."], stopping=stopping, target_prefix="Je"))
     assert (stopped.options.max_output_tokens, stopped.options.min_output_tokens) == (20, 3)
     assert stopped.options.forced_prefix == tuple(tokenizer.encode("Je"))
 
@@ -113,6 +130,87 @@ def test_bad_input_is_refused_with_a_clear_message(
         jobs(tokenizer, texts, streaming, **options)
 
 
+# --- a text is its sentences: the limits hold per sentence ------------------------------------------
+
+PARAGRAPH = "I see cats.  We see a small dog.\nThe old man gives the red book to the child."
+
+
+def test_each_sentence_of_a_text_is_a_job_of_its_own(tokenizer: Tokenizer) -> None:
+    (job,) = jobs(tokenizer, [PARAGRAPH], target_prefix="Je", sampling=pb.Sampling(seed=7))
+
+    assert job.split.sentences == (
+        "I see cats.",
+        "We see a small dog.",
+        "The old man gives the red book to the child.",
+    )
+    assert job.split.gaps == ("", "  ", "\n", "")
+    for sentence, text in zip(job.sentences, job.split.sentences, strict=True):
+        assert sentence.source_ids == (*tokenizer.encode(text), tokenizer.special.eos)
+        assert sentence.options.max_output_tokens == 2 * len(sentence.source_ids) + 10
+        assert sentence.options.sampling is not None and sentence.options.sampling.seed == 7
+    # the translation starts with the prefix: its first sentence's does
+    assert [s.options.forced_prefix for s in job.sentences] == [tuple(tokenizer.encode("Je")), (), ()]
+    assert job.seed == 7
+
+
+def test_no_sentence_split_keeps_a_text_whole(tokenizer: Tokenizer) -> None:
+    (job,) = jobs(tokenizer, [PARAGRAPH], no_sentence_split=True)
+    (sentence,) = job.sentences
+    assert job.split.sentences == (PARAGRAPH,) and job.split.gaps == ("", "")
+    assert sentence.source_ids == (*tokenizer.encode(PARAGRAPH), tokenizer.special.eos)
+
+
+def test_a_text_longer_than_the_model_takes_is_accepted_when_its_sentences_fit(tokenizer: Tokenizer) -> None:
+    text = " ".join([LONG] * 6)
+    assert len(tokenizer.encode(text)) > LIMITS.max_source_tokens
+    (job,) = jobs(tokenizer, [text])
+    assert len(job.sentences) == 6
+    with pytest.raises(InvalidRequestError, match=r"^text 0: input is .* tokens .*limit of 128$"):
+        jobs(tokenizer, [text], no_sentence_split=True)
+
+
+@pytest.mark.parametrize(
+    ("texts", "message"),
+    [
+        (  # a single sentence over the model's limit, named in its text
+            ["I see cats. " + "the cat " * 100 + "sleeps."],
+            r"^text 0, sentence 2 of 2: input is \d+ tokens \(end token included\), longer than the limit "
+            "of 128$",
+        ),
+        (
+            ["I see cats. We see dogs. I see cats.", "We see dogs. I see cats. We see dogs. I see cats."],
+            r"^7 sentences in one request, more than the limit of 6 \(--max-sentences-per-request\); send "
+            "the texts over several calls$",
+        ),
+    ],
+)
+def test_sentences_over_the_limits_are_refused_naming_them(
+    tokenizer: Tokenizer, texts: list[str], message: str
+) -> None:
+    with pytest.raises(InvalidRequestError, match=message):
+        jobs(tokenizer, texts)
+
+
+def test_a_default_length_that_does_not_fit_names_the_sentence(tokenizer: Tokenizer) -> None:
+    with pytest.raises(
+        InvalidRequestError,
+        match=r"^text 0, sentence 2 of 2: beam_size 2 × max_output_tokens 60 \(not set: the default for "
+        r"this sentence's \d\d source tokens",
+    ):
+        shared_jobs(tokenizer, [f"I see. {LONG}"], beam=pb.BeamSearch(beam_size=2))
+
+
+def test_every_sentence_waits_in_the_queue(tokenizer: Tokenizer) -> None:
+    assert SHARED.effective_max_sentences == 3
+    assert len(shared_jobs(tokenizer, ["I see cats. We see dogs.", "I see."])) == 2
+    with pytest.raises(
+        InvalidRequestError,
+        match=r"^4 sentences in one request, more than the 3 the server's request queue holds "
+        r"\(--max-queue-size\): every sentence waits .*send at most 3 sentences per call$",
+    ):
+        shared_jobs(tokenizer, ["I see cats. We see dogs.", "I see. We see."])
+
+
 # --- float fields: the documented inclusive bounds hold for the float32 the client sends ------------
 
 
@@ -135,7 +233,7 @@ def _round_trip(options: pb.TranslateOptions) -> pb.TranslateOptions:
 )
 def test_float_fields_at_their_inclusive_bounds_are_accepted(tokenizer: Tokenizer, options: dict) -> None:
     sent = _round_trip(pb.TranslateOptions(**options))
-    (job,) = translate_jobs(["I see cats."], sent, tokenizer, LIMITS, new_seed=lambda: 1)
+    (job,) = rows(translate_jobs(["I see cats."], sent, tokenizer, LIMITS, language="en", new_seed=lambda: 1))
     if sent.HasField("sampling"):
         assert job.options.sampling is not None
         assert job.options.sampling.temperature == pytest.approx(sent.sampling.temperature or 1.0)
@@ -161,6 +259,7 @@ def test_float_fields_just_outside_their_bounds_are_refused(
             _round_trip(pb.TranslateOptions(**options)),
             tokenizer,
             LIMITS,
+            language="en",
             new_seed=lambda: 1,
         )
 
@@ -176,7 +275,9 @@ LONG = "The old man gives the red book to the small child, and the young woman s
 
 
 def shared_jobs(tokenizer: Tokenizer, texts: list[str], **options: object):
-    return translate_jobs(texts, pb.TranslateOptions(**options), tokenizer, SHARED, new_seed=lambda: 1)
+    return translate_jobs(
+        texts, pb.TranslateOptions(**options), tokenizer, SHARED, language="en", new_seed=lambda: 1
+    )
 
 
 def test_the_effective_limits_are_the_tighter_of_settings_model_and_scheduler() -> None:
@@ -203,13 +304,11 @@ def test_the_effective_limits_are_the_tighter_of_settings_model_and_scheduler() 
 def test_requests_within_the_effective_limits_are_accepted(tokenizer: Tokenizer) -> None:
     assert len(shared_jobs(tokenizer, ["I see cats."] * 3)) == 3
     stopping = pb.StoppingCriteria(max_output_tokens=30)
-    (beam,) = shared_jobs(tokenizer, [LONG], beam=pb.BeamSearch(beam_size=2), stopping=stopping)
+    (beam,) = rows(shared_jobs(tokenizer, [LONG], beam=pb.BeamSearch(beam_size=2), stopping=stopping))
     assert (beam.options.beam_size, beam.options.max_output_tokens) == (2, 30)
-    (greedy,) = shared_jobs(
-        tokenizer, [LONG]
-    )  # its default, 2 × source + 10, is capped at the 60 it can hold
+    (greedy,) = rows(shared_jobs(tokenizer, [LONG]))  # its default, 2 × source + 10, is capped at 60
     assert len(greedy.source_ids) * 2 + 10 > 60 and greedy.options.max_output_tokens == 60
-    (full,) = shared_jobs(tokenizer, [LONG], stopping=pb.StoppingCriteria(max_output_tokens=60))
+    (full,) = rows(shared_jobs(tokenizer, [LONG], stopping=pb.StoppingCriteria(max_output_tokens=60)))
     assert full.options.max_output_tokens == 60
 
 
@@ -327,15 +426,7 @@ def test_undecodable_bytes_become_an_invalid_request_naming_the_type_and_the_fau
             decoded(bad)
 
 
-# --- Attend ------------------------------------------------------------------------------------------
-
-# Encoder and decoder depths differ, so that a message naming the wrong stack's depth shows.
-SHAPE = ModelShape(d_model=32, heads=4, encoder_layers=2, decoder_layers=3, vocab_size=100, max_positions=64)
-CROSS, ENCODER, DECODER = (
-    pb.ATTENTION_KIND_CROSS,
-    pb.ATTENTION_KIND_ENCODER_SELF,
-    pb.ATTENTION_KIND_DECODER_SELF,
-)
+# --- languages -------------------------------------------------------------------------------------
 
 
 class _Multilingual(Tokenizer):
@@ -385,47 +476,9 @@ def test_languages_of_a_multilingual_model(tokenizer: Tokenizer) -> None:
         pb.TranslateOptions(target_language="l07_Xxxx"),
         multi,
         replace(limits, never_ids=()),
+        language="en",
         new_seed=int,
     )
-    assert job.options.forced_start == (1907,) and job.options.never_ids == ()
-    assert job.source_ids[0] == 1900  # the source language's token first
-
-
-def test_attend_selection_defaults_to_cross_attention_and_sorts_without_repeats() -> None:
-    assert attend_selection(pb.AttendRequest(source="x"), SHAPE) == ([CROSS], [], [])
-    request = pb.AttendRequest(source="x", kinds=[DECODER, ENCODER], layers=[1, 0, 1], heads=[3, 0, 3])
-    assert attend_selection(request, SHAPE) == ([DECODER, ENCODER], [0, 1], [0, 3])
-    at_the_limits = pb.AttendRequest(source="x", kinds=[CROSS, DECODER], layers=[2], heads=[3])
-    assert attend_selection(at_the_limits, SHAPE) == ([CROSS, DECODER], [2], [3])
-
-
-@pytest.mark.parametrize(
-    ("fields", "message"),
-    [
-        (
-            {"kinds": [7]},
-            r"^kinds: 7 is not an attention kind \(CROSS, ENCODER_SELF, DECODER_SELF\)$",
-        ),
-        (
-            {"kinds": [pb.ATTENTION_KIND_UNSPECIFIED]},
-            r"^kinds: 0 is not an attention kind \(CROSS, ENCODER_SELF, DECODER_SELF\)$",
-        ),
-        ({"kinds": [CROSS, CROSS]}, r"^kinds: each attention kind may be requested at most once$"),
-        (
-            {"layers": [3]},
-            r"^layers: 3 is out of range; ATTENTION_KIND_CROSS has 3 layers \(0 to 2\)$",
-        ),
-        (
-            {"kinds": [DECODER], "layers": [0, 3]},
-            r"^layers: 3 is out of range; ATTENTION_KIND_DECODER_SELF has 3 layers \(0 to 2\)$",
-        ),
-        (
-            {"kinds": [CROSS, ENCODER], "layers": [2]},
-            r"^layers: 2 is out of range; ATTENTION_KIND_ENCODER_SELF has 2 layers \(0 to 1\)$",
-        ),
-        ({"heads": [1, 4]}, r"^heads: 4 is out of range; the model has 4 heads$"),
-    ],
-)
-def test_attend_selection_refuses_what_the_model_does_not_have(fields: dict, message: str) -> None:
-    with pytest.raises(InvalidRequestError, match=message):
-        attend_selection(pb.AttendRequest(source="x", **fields), SHAPE)
+    (sentence,) = job.sentences
+    assert sentence.options.forced_start == (1907,) and sentence.options.never_ids == ()
+    assert sentence.source_ids[0] == 1900  # the source language's token first
