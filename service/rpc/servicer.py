@@ -387,7 +387,7 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
             response = pb.AttendResponse(
                 model=name,
                 target=target_text,
-                source_tokens=[tokenizer.id_to_token(t) for t in source],
+                source_tokens=[tokenizer.source_token(t) for t in source],
                 target_tokens=[*(tokenizer.id_to_token(t) for t in target), eos],
                 matrices=attention_matrices(maps, kinds, layers, heads, mean),
                 alignment=alignment(maps[pb.ATTENTION_KIND_CROSS]),
