@@ -44,17 +44,17 @@ def import_checkpoint(
         raise ImportRefused(f"{src}: model_type {model_type!r} is not supported ({', '.join(SUPPORTED)})")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ImportRefused(f"{out}: already exists and is not empty")
-    vocab = marian.read_vocab(src)
-    cfg = marian.transformer_config(config, vocab)
+    vocabs = marian.read_vocabs(src)
+    cfg = marian.transformer_config(config, vocabs)
     model = Transformer(cfg).eval()
-    load_hf_weights(model, read_weights(src))
+    load_hf_weights(model, read_weights(src), shared_table=marian.shares_a_table(config))
     languages = languages or _languages(src)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         save_model(model, scratch)
-        tokenizer_file = marian.write_tokenizer(src, scratch, cfg)
+        tokenizer_file = marian.write_tokenizer(src, scratch, cfg, vocabs)
         manifest = export_model_directory(
             scratch,
             name=name or out.resolve().name,
