@@ -62,7 +62,12 @@ def import_checkpoint(
             languages=languages,
             tokenizer_file=tokenizer_file,
         )
-        scratch.chmod(0o755)  # mkdtemp's 0700 would hide the model from the server's user
+        # mkdtemp's 0700, and safetensors' 0600 for model.safetensors, would hide the model from
+        # the server's user
+        scratch.chmod(0o755)
+        for file in scratch.iterdir():
+            if file.is_file():
+                file.chmod(0o644)
         if out.exists():
             out.rmdir()  # empty, checked above
         scratch.rename(out)

@@ -117,6 +117,13 @@ def test_manifest_records_the_marian_architecture(marian_model_dir: Path) -> Non
     assert tokenizer_files <= set(manifest.files)
 
 
+def test_every_file_is_readable_by_the_servers_user(marian_model_dir: Path) -> None:
+    """safetensors writes model.safetensors 0600; a server running as another user must read it."""
+    assert marian_model_dir.stat().st_mode & 0o755 == 0o755
+    for file in marian_model_dir.iterdir():
+        assert file.stat().st_mode & 0o644 == 0o644, file.name
+
+
 def test_separate_vocabularies_are_imported_as_two_tables(separate_model_dir: Path) -> None:
     manifest = load_manifest(separate_model_dir)
     architecture = manifest.architecture
