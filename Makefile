@@ -12,7 +12,8 @@ MODEL_DIR ?= models/en-fr-small
 CORPUS_DIR ?= data/corpus
 SEED ?= 1234
 
-.PHONY: setup lock proto corpus train eval translate export variants verify bench-kv bench-calls bench-gc bench run \
+.PHONY: setup lock proto corpus train eval translate export variants verify bench-kv bench-calls bench-gc \
+	bench-import bench run \
 	test test-full lint clean compose-up compose-down import-hf
 
 setup: $(SETUP_DONE)
@@ -111,6 +112,11 @@ bench-calls: $(SETUP_DONE) $(CORPUS_DIR)/test.tsv
 # The garbage collector's pauses in the server under load, frozen startup objects or not (≈1 min)
 bench-gc: $(SETUP_DONE)
 	$(PY) -m bench.gc_pauses --model-dir $(MODEL_DIR) --out docs/gc-pauses.md
+
+# A transformer-base-sized MarianMT checkpoint (random weights, built here) imported and served beside
+# $(MODEL_DIR): import time, model-directory size (fp32, int8), the server's resident memory (≈2 min).
+bench-import: $(SETUP_DONE) $(CORPUS_DIR)/test.tsv
+	$(PY) -m bench.import_hf --model-dir $(MODEL_DIR) --corpus $(CORPUS_DIR)/test.tsv --out docs/import-benchmark.md
 
 # The service benchmark (a measurement, not a test; ≈9 min on 2 cores): the in-process gRPC server under
 # closed- and open-loop load (continuous, collect-then-run, batch 1), the engine alone at batch 1/8/32/64

@@ -1,4 +1,5 @@
-"""Benchmark servers as subprocesses: a reserved port, start until SERVING, stop, CPU of the tree.
+"""Benchmark servers as subprocesses: a reserved port, start until SERVING, stop, CPU and memory of
+the tree.
 
 Every benchmark that runs `python -m service` (or the bare echo server) beside its load generator
 uses these, so that the servers are started, waited for and measured the same way.
@@ -110,22 +111,52 @@ def output_tail(output: IO[bytes], chars: int = 4000) -> str:
     return os.pread(output.fileno(), size - start, start).decode(errors="replace")
 
 
-def process_tree_cpu_seconds(pid: int) -> float:
-    """CPU seconds (user + system, every thread) used so far by process `pid` and every descendant
-    alive now, from /proc (Linux): the worker server's CPU is spread over several processes."""
-    ticks, pending = 0, [pid]
+def process_tree(pid: int) -> Iterator[int]:
+    """`pid` and every descendant alive now (Linux /proc); a process gone meanwhile is skipped."""
+    pending = [pid]
     while pending:
         current = pending.pop()
         try:
-            stat = Path(f"/proc/{current}/stat").read_text()
             tasks = list(Path(f"/proc/{current}/task").iterdir())
+        except (FileNotFoundError, ProcessLookupError):  # exited meanwhile
+            continue
+        yield current
+        for task in tasks:  # a child is listed under the thread that started it
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                pending += [int(child) for child in (task / "children").read_text().split()]
+
+
+def process_tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system, every thread) used so far by process `pid` and every descendant
+    alive now, from /proc (Linux): the worker server's CPU is spread over several processes."""
+    ticks = 0
+    for current in process_tree(pid):
+        try:
+            stat = Path(f"/proc/{current}/stat").read_text()
         except (FileNotFoundError, ProcessLookupError):  # exited meanwhile
             continue
         # after the command name, in parentheses and free to hold spaces: field 3 onwards; utime and
         # stime are fields 14 and 15
         fields = stat.rpartition(")")[2].split()
         ticks += int(fields[11]) + int(fields[12])
-        for task in tasks:  # a child is listed under the thread that started it
-            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-                pending += [int(child) for child in (task / "children").read_text().split()]
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def process_tree_memory(pid: int) -> tuple[int, int]:
+    """(resident bytes now, the sum of each process's peak resident bytes) of process `pid` and every
+    descendant alive now, from /proc/*/status (VmRSS, VmHWM; Linux). Pages shared between the
+    processes count once per process."""
+    resident = peak = 0
+    for current in process_tree(pid):
+        try:
+            status = Path(f"/proc/{current}/status").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        kib = {
+            k: int(v.split()[0])
+            for k, _, v in (line.partition(":") for line in status.splitlines())
+            if k in ("VmRSS", "VmHWM")
+        }
+        resident += 1024 * kib.get("VmRSS", 0)
+        peak += 1024 * kib.get("VmHWM", 0)
+    return resident, peak

@@ -19,14 +19,14 @@ PositionLayout = Literal["interleaved", "marian", "fairseq"]
 
 # Fields added after the first models were exported: left out of `to_dict` at their defaults, so
 # the config.json and manifest of a model that does not use them stay byte for byte as written.
-_LATER_FIELDS = ("position_layout", "position_offset")
+_LATER_FIELDS = ("position_layout", "position_offset", "source_vocab_size")
 
 
 @dataclass(frozen=True)
 class TransformerConfig:
     """Everything needed to build a model of this family (and to host other checkpoints of it)."""
 
-    vocab_size: int  # shared source/target vocabulary
+    vocab_size: int  # the target vocabulary (V), and the source one unless source_vocab_size says otherwise
     d_model: int = 256  # width of every residual stream
     n_heads: int = 4  # attention heads; d_k = d_model / n_heads
     n_encoder_layers: int = 3
@@ -47,6 +47,9 @@ class TransformerConfig:
     unk_id: int = 3
     position_layout: PositionLayout = "interleaved"
     position_offset: int = 0  # the first token's position (M2M100 / NLLB count from pad_id + 1)
+    # The source vocabulary's size where it differs from the target's (separate vocabularies, e.g.
+    # some OPUS-MT models); None: the same as vocab_size. Needs share_embeddings false.
+    source_vocab_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
@@ -61,6 +64,19 @@ class TransformerConfig:
             )
         if self.position_offset < 0:
             raise ValueError(f"position_offset {self.position_offset} is negative")
+        if self.source_vocab_size is not None:
+            if self.source_vocab_size < 1:
+                raise ValueError(f"source_vocab_size {self.source_vocab_size} is not positive")
+            if self.share_embeddings and self.source_vocab_size != self.vocab_size:
+                raise ValueError(
+                    f"source_vocab_size {self.source_vocab_size} differs from vocab_size {self.vocab_size}: "
+                    "one shared embedding table cannot hold both (share_embeddings false)"
+                )
+
+    @property
+    def src_vocab_size(self) -> int:
+        """The source vocabulary's size: the encoder's embedding rows."""
+        return self.vocab_size if self.source_vocab_size is None else self.source_vocab_size
 
     @property
     def d_k(self) -> int:

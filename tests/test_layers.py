@@ -34,6 +34,7 @@ REFERENCE_DECODER = "service.engine.reference_decoder"  # tests, export checks a
 DEFERRED = {
     ("bench.load_engine", "bench.kv_cache"): "imports torch: only when the KV-cache cell runs",
     ("bench.load_engine", "bench.variants"): "imports torch: only when the KV-cache cell runs",
+    ("bench.import_hf", "bench.report"): "imports torch: not in the process sessions_apart spawns",
 }
 
 

@@ -16,3 +16,4 @@ class ImportPlan:
     languages: Languages  # a bilingual model's pair; a multilingual one's default source, target ""
     write_tokenizer: Callable[[Path], str]  # writes the tokenizer files into a directory → its file
     decoding: Decoding | None = None  # None: this project's conventions (pad and start never generated)
+    shared_table: bool = True  # the encoder's and decoder's tables are stored as one (model.shared)

@@ -53,7 +53,7 @@ def import_checkpoint(
         raise ImportRefused(f"{out}: already exists and is not empty")
     plan = FAMILIES[model_type](src, config, read_generation_config(src))
     model = Transformer(plan.cfg).eval()
-    load_hf_weights(model, read_weights(src))
+    load_hf_weights(model, read_weights(src), shared_table=plan.shared_table)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -67,7 +67,12 @@ def import_checkpoint(
             tokenizer_file=plan.write_tokenizer(scratch),
             decoding=plan.decoding,
         )
-        scratch.chmod(0o755)  # mkdtemp's 0700 would hide the model from the server's user
+        # mkdtemp's 0700, and safetensors' 0600 for model.safetensors, would hide the model from
+        # the server's user
+        scratch.chmod(0o755)
+        for file in scratch.iterdir():
+            if file.is_file():
+                file.chmod(0o644)
         if out.exists():
             out.rmdir()  # empty, checked above
         scratch.rename(out)

@@ -30,18 +30,21 @@ _DECODER_LAYER = {
     "fc2": "ffn.w_2",
     "final_layer_norm": "ffn_sublayer.norm",
 }
-# Where each embedding table may be stored; the first name present wins.
+# Where each embedding table may be stored; the first name present wins. A checkpoint whose encoder
+# and decoder have tables of their own has no shared one (a model.shared it holds is not read).
+_SHARED = "model.shared.weight"
 _TABLES = {
-    "src_embed.weight": ("model.encoder.embed_tokens.weight", "model.shared.weight"),
-    "tgt_embed.weight": ("model.decoder.embed_tokens.weight", "model.shared.weight"),
+    "src_embed.weight": ("model.encoder.embed_tokens.weight", _SHARED),
+    "tgt_embed.weight": ("model.decoder.embed_tokens.weight", _SHARED),
     "output_proj.weight": ("lm_head.weight",),
 }
 # Derived from the config, never needed from the file (the model computes its own table).
 _IGNORED_SUFFIXES = ("embed_positions.weight", "embed_positions._float_tensor")
 
 
-def hf_names(model: Transformer) -> dict[str, tuple[str, ...]]:
-    """Our parameter name → the checkpoint names it may be stored under."""
+def hf_names(model: Transformer, shared_table: bool = True) -> dict[str, tuple[str, ...]]:
+    """Our parameter name → the checkpoint names it may be stored under; `model.shared` only where
+    the checkpoint's config gives the encoder and decoder one table (`shared_table`)."""
     cfg = model.cfg
     names: dict[str, tuple[str, ...]] = {}
     for stack, count, table in (
@@ -55,15 +58,20 @@ def hf_names(model: Transformer) -> dict[str, tuple[str, ...]]:
     for stack in ("encoder", "decoder"):
         for kind in ("weight", "bias"):
             names[f"{stack}_norm.{kind}"] = (f"model.{stack}.layer_norm.{kind}",)
-    names.update(_TABLES)
+    names.update({ours: tuple(n for n in hf if shared_table or n != _SHARED) for ours, hf in _TABLES.items()})
     names["logits_bias"] = ("final_logits_bias",)
     return names
 
 
-def load_hf_weights(model: Transformer, tensors: dict[str, torch.Tensor]) -> None:
-    """Fill `model` from a checkpoint's tensors; refuse a missing, misshapen or unused tensor."""
+def load_hf_weights(model: Transformer, tensors: dict[str, torch.Tensor], shared_table: bool = True) -> None:
+    """Fill `model` from a checkpoint's tensors; refuse a missing, misshapen or unused tensor.
+
+    Args:
+        shared_table: the checkpoint's config gives the encoder and decoder one table
+            (`model.shared`, Marian's share_encoder_decoder_embeddings).
+    """
     state = model.state_dict()
-    names = hf_names(model)
+    names = hf_names(model, shared_table)
     used: set[str] = set()
     loaded: dict[str, torch.Tensor] = {}
     for ours, target in state.items():

@@ -16,7 +16,8 @@ GRAPH_FILES = {"encoder": "encoder.onnx", "decoder_step": "decoder_step.onnx", "
 
 
 def graph_specs(cfg: TransformerConfig, float_dtype: str = "float32") -> dict[str, GraphSpec]:
-    """The graphs' signatures for a model config (docs/model-directory.md, "Graphs").
+    """The graphs' signatures for a model config (docs/model-directory.md, "Graphs"); `V` is the
+    target vocabulary (the source one only sizes the encoder's table, inside the graph).
 
     Args:
         float_dtype: of the float tensors, "float16" for the fp16 variant; log-probabilities
@@ -104,7 +105,8 @@ def example_inputs(
         elif t.name == "positions":
             out[t.name] = np.zeros(shape, dtype=np.int64)  # set below, from self_mask
         elif t.dtype == "int64":
-            ids = rng.integers(4, cfg.vocab_size, size=shape, dtype=np.int64)
+            vocab = cfg.src_vocab_size if t.name == "src_ids" else cfg.vocab_size
+            ids = rng.integers(4, vocab, size=shape, dtype=np.int64)
             if t.name == "tgt_ids":
                 ids[:, 0] = cfg.bos_id
             out[t.name] = ids

@@ -49,6 +49,11 @@ def _check_tokenizer(path: Path, cfg: TransformerConfig) -> Tokenizer:
         raise ValueError(
             f"{path}: {tokenizer.vocab_size} tokens do not fit the model's vocab_size {cfg.vocab_size}"
         )
+    if tokenizer.source_vocab_size > cfg.src_vocab_size:
+        raise ValueError(
+            f"{path}: {tokenizer.source_vocab_size} source tokens do not fit the model's source "
+            f"vocabulary of {cfg.src_vocab_size}"
+        )
     return tokenizer
 
 

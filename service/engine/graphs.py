@@ -30,7 +30,7 @@ _FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 class ModelDims:
     """What decoding needs to know about the model behind the graphs."""
 
-    vocab_size: int  # V
+    vocab_size: int  # V, the target vocabulary
     decoder_layers: int  # L of the caches
     heads: int  # H
     head_dim: int  # Dh = d_model / H

@@ -100,7 +100,7 @@ class ModelShape:
     heads: int  # H
     encoder_layers: int
     decoder_layers: int
-    vocab_size: int  # V, shared by source and target
+    vocab_size: int  # V, the target vocabulary (the source one may differ: architecture.source_vocab_size)
     max_positions: int  # longest sequence on either side, specials included
 
     @property

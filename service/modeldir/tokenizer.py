@@ -53,7 +53,13 @@ class Tokenizer(ABC):
 
     @property
     @abstractmethod
-    def vocab_size(self) -> int: ...
+    def vocab_size(self) -> int:
+        """The target vocabulary's size (what decoding chooses from)."""
+
+    @property
+    def source_vocab_size(self) -> int:
+        """The source vocabulary's size: the target's where the two are one."""
+        return self.vocab_size
 
     @abstractmethod
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
@@ -66,6 +72,11 @@ class Tokenizer(ABC):
     @abstractmethod
     def id_to_token(self, token_id: int) -> str:
         """The target token of an id, as the vocabulary spells it."""
+
+    def source_token(self, token_id: int) -> str:
+        """The source token of an id (what `encode` gave), as the source vocabulary spells it; the
+        target token where source and target share one vocabulary."""
+        return self.id_to_token(token_id)
 
     def encode(self, text: str) -> list[int]:
         """Source ids of `text`, without special tokens."""
@@ -208,11 +219,18 @@ class MarianTokenizer(Tokenizer):
         # Transformers decodes with the source model unless the vocabularies are separate
         self._decoder_spm = self._target if target_vocab else self._source
         self._pieces = {int(i): piece for piece, i in self._target_vocab.items()}
+        self._source_pieces = (
+            {int(i): piece for piece, i in self._vocab.items()} if target_vocab else self._pieces
+        )
         self._special_set = frozenset(astuple(self.special))
 
     @property
     def vocab_size(self) -> int:
         return len(self._target_vocab)
+
+    @property
+    def source_vocab_size(self) -> int:
+        return len(self._vocab)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         out = []
@@ -235,6 +253,9 @@ class MarianTokenizer(Tokenizer):
 
     def id_to_token(self, token_id: int) -> str:
         return self._pieces.get(token_id, "")
+
+    def source_token(self, token_id: int) -> str:
+        return self._source_pieces.get(token_id, "")
 
 
 class M2M100Tokenizer(MarianTokenizer):

@@ -166,7 +166,7 @@ def pair_fields(
     }
     eos = tokenizer.id_to_token(tokenizer.special.eos)
     return {
-        "source_tokens": [tokenizer.id_to_token(t) for t in source],
+        "source_tokens": [tokenizer.source_token(t) for t in source],
         "target_tokens": [*(tokenizer.id_to_token(t) for t in target), eos],
         "matrices": attention_matrices(maps, choice.kinds, choice.layers, choice.heads, choice.mean),
         "alignment": alignment(maps[pb.ATTENTION_KIND_CROSS]),

@@ -350,6 +350,19 @@ def test_config_validation() -> None:
     with pytest.raises(ValueError, match="norm placement"):
         TransformerConfig(vocab_size=20, norm_placement="sandwich")  # type: ignore[arg-type]
     assert TransformerConfig(vocab_size=20, d_model=32, n_heads=4).d_k == 8
+    with pytest.raises(ValueError, match="one shared embedding table cannot hold both"):
+        TransformerConfig(vocab_size=20, source_vocab_size=30)  # share_embeddings by default
+    with pytest.raises(ValueError, match="source_vocab_size 0 is not positive"):
+        TransformerConfig(vocab_size=20, source_vocab_size=0, share_embeddings=False)
+
+
+def test_a_source_vocabulary_of_its_own_sizes_the_encoder_table(tiny_model) -> None:
+    model = tiny_model(seed=5, source_vocab_size=40, share_embeddings=False)
+    assert model.cfg.src_vocab_size == 40 and model.src_embed.weight.shape == (40, 16)
+    assert model.tgt_embed.weight.shape == model.output_proj.weight.shape == (24, 16)
+    with torch.no_grad():  # source ids beyond the target vocabulary are read; logits are over the target's
+        assert model(torch.tensor([[39, 30, 2]]), torch.tensor([[1, 5]])).shape == (1, 2, 24)
+    assert tiny_model().cfg.src_vocab_size == 24
 
 
 def test_config_dict_round_trip_and_unknown_fields(tiny_config) -> None:
@@ -359,6 +372,9 @@ def test_config_dict_round_trip_and_unknown_fields(tiny_config) -> None:
     assert TransformerConfig.from_dict(fairseq.to_dict()) == fairseq
     # fields added later are written only when used: older models' config.json stay as they were
     assert "position_layout" not in cfg.to_dict() and fairseq.to_dict()["position_offset"] == 2
+    separate = tiny_config(source_vocab_size=40, share_embeddings=False)
+    assert TransformerConfig.from_dict(separate.to_dict()) == separate
+    assert "source_vocab_size" not in cfg.to_dict() and separate.to_dict()["source_vocab_size"] == 40
     with pytest.raises(ValueError, match="unknown config fields: bogus, extra"):
         TransformerConfig.from_dict({**cfg.to_dict(), "extra": 1, "bogus": 2})
 

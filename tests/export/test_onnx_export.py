@@ -42,6 +42,7 @@ CONFIGS = {
         "share_embeddings": False,
         "tie_output_embeddings": False,
         "final_logits_bias": True,
+        "source_vocab_size": VOCAB + 20,  # a source vocabulary of its own, larger than the target's
     },
 }
 _PAIRS = [("the cat sleeps", "le chat dort"), ("a red house", "une maison rouge")] * 4

@@ -22,9 +22,9 @@ MAX_NEW = 24
 
 
 @pytest.fixture(scope="module")
-def server(marian_model_dir: Path, nllb_model_dir: Path) -> Iterator[ServerThread]:
+def server(marian_model_dir: Path, separate_model_dir: Path, nllb_model_dir: Path) -> Iterator[ServerThread]:
     config = loopback_config()
-    models = (DEFAULT_MODEL, marian_model_dir, nllb_model_dir)
+    models = (DEFAULT_MODEL, marian_model_dir, separate_model_dir, nllb_model_dir)
     with ServerThread(replace(config, engine=replace(config.engine, model_dirs=models))) as running:
         yield running
 
@@ -40,14 +40,26 @@ def stub_target(server: ServerThread) -> str:
     return server.target
 
 
-@pytest.fixture(scope="module")
-def hf(marian_checkpoint: Path) -> tuple[MarianTokenizer, MarianMTModel]:
-    return MarianTokenizer.from_pretrained(marian_checkpoint), MarianMTModel.from_pretrained(
-        marian_checkpoint, attn_implementation="eager"
+HF = tuple[MarianTokenizer, MarianMTModel]
+
+
+def _load(checkpoint: Path) -> HF:
+    return MarianTokenizer.from_pretrained(checkpoint), MarianMTModel.from_pretrained(
+        checkpoint, attn_implementation="eager"
     ).eval()
 
 
-def _generate(hf: tuple[MarianTokenizer, MarianMTModel], texts: list[str], beams: int) -> list[str]:
+@pytest.fixture(scope="module")
+def hf(marian_checkpoint: Path) -> HF:
+    return _load(marian_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def hf_separate(separate_checkpoint: Path) -> HF:
+    return _load(separate_checkpoint)
+
+
+def _generate(hf: HF, texts: list[str], beams: int) -> list[str]:
     tokenizer, model = hf
     batch = tokenizer(texts, return_tensors="pt", padding=True)
     with torch.no_grad():
@@ -64,17 +76,24 @@ def test_both_models_are_listed(stub: pb_grpc.TranslatorStub) -> None:
 
 
 @pytest.mark.parametrize("beams", [1, 4])
+@pytest.mark.parametrize("model", ["tiny-marian", "tiny-marian-separate-vocabs"])
 def test_translations_equal_transformers(
-    stub: pb_grpc.TranslatorStub, hf, tiny_corpus: dict[str, list[tuple[str, str]]], beams: int
+    stub: pb_grpc.TranslatorStub,
+    hf: HF,
+    hf_separate: HF,
+    tiny_corpus: dict[str, list[tuple[str, str]]],
+    model: str,
+    beams: int,
 ) -> None:
     texts = [en for en, _ in tiny_corpus["test"][:16]]
     options = pb.TranslateOptions(
-        model="tiny-marian",
+        model=model,
         beam=pb.BeamSearch(beam_size=beams) if beams > 1 else None,
         stopping=pb.StoppingCriteria(max_output_tokens=MAX_NEW),
     )
     reply = stub.Translate(pb.TranslateRequest(texts=texts, options=options))
-    assert [t.hypotheses[0].text for t in reply.translations] == _generate(hf, texts, beams)
+    expected = _generate(hf if model == "tiny-marian" else hf_separate, texts, beams)
+    assert [t.hypotheses[0].text for t in reply.translations] == expected
     default = stub.Translate(pb.TranslateRequest(texts=["I love cats."]))  # the other model, unchanged
     assert default.translations[0].hypotheses[0].text == "J'aime les chats."
 
@@ -120,6 +139,32 @@ def test_cross_attention_equals_transformers(stub: pb_grpc.TranslatorStub, hf, t
         expected = out.cross_attentions[matrix.layer][0, matrix.head].numpy()
         got = np.array(matrix.values, dtype=np.float32).reshape(matrix.rows, matrix.cols)
         np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_attend_names_source_tokens_from_the_source_vocabulary(
+    stub: pb_grpc.TranslatorStub, hf_separate: HF, tiny_corpus
+) -> None:
+    tokenizer, model = hf_separate
+    source, target = tiny_corpus["test"][5]
+    reply = stub.Attend(
+        pb.AttendRequest(model="tiny-marian-separate-vocabs", source=source, target=target, layers=[1])
+    )
+    source_ids = tokenizer(source)["input_ids"]
+    source_vocab = {i: piece for piece, i in tokenizer.encoder.items()}
+    target_vocab = {i: piece for piece, i in tokenizer.target_encoder.items()}
+    target_ids = tokenizer(text_target=target)["input_ids"]
+    assert list(reply.source_tokens) == [source_vocab[i] for i in source_ids]
+    assert list(reply.source_tokens) == [*tokenizer.spm_source.encode(source, out_type=str), "</s>"]
+    assert list(reply.target_tokens) == [target_vocab[i] for i in target_ids]
+    assert list(reply.source_tokens) != [target_vocab.get(i, "") for i in source_ids]  # the ids differ
+    src = tokenizer(source, return_tensors="pt")
+    decoder_input = torch.tensor([[model.config.decoder_start_token_id, *target_ids[:-1]]])
+    with torch.no_grad():
+        out = model(**src, decoder_input_ids=decoder_input, output_attentions=True)
+    averaged = out.cross_attentions[1][0].mean(dim=0).numpy()  # layer 1, its heads averaged
+    (matrix,) = reply.matrices
+    got = np.array(matrix.values, dtype=np.float32).reshape(matrix.rows, matrix.cols)
+    np.testing.assert_allclose(got, averaged, atol=1e-4)
 
 
 def test_bad_requests_for_the_imported_model_are_refused(stub: pb_grpc.TranslatorStub) -> None:

@@ -26,11 +26,11 @@ def corpus() -> dict[str, list[tuple[str, str]]]:
     return {name: [(p.en, p.fr) for p in pairs] for name, pairs in generate_corpus(CORPUS).items()}
 
 
-def _train_spm(texts: list[str], prefix: Path) -> Path:
+def _train_spm(texts: list[str], prefix: Path, pieces: int = PIECES) -> Path:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts),
         model_prefix=str(prefix),
-        vocab_size=PIECES,
+        vocab_size=pieces,
         model_type="unigram",
         character_coverage=1.0,
         bos_id=-1,
@@ -42,32 +42,66 @@ def _train_spm(texts: list[str], prefix: Path) -> Path:
     return prefix.with_suffix(".model")
 
 
+def _pieces(model_file: Path) -> list[str]:
+    model = spm.SentencePieceProcessor(model_file=str(model_file))
+    return [model.id_to_piece(i) for i in range(model.get_piece_size())]
+
+
+def _write_vocab(path: Path, specials: dict[str, int], *piece_lists: list[str]) -> dict[str, int]:
+    vocab = dict(specials)
+    for pieces in piece_lists:
+        for piece in pieces:
+            vocab.setdefault(piece, len(vocab))
+    path.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    return vocab
+
+
 def build_marian(
-    out: Path, pairs: list[tuple[str, str]], seed: int = 0, eos_bias: float = EOS_BIAS, **config: Any
+    out: Path,
+    pairs: list[tuple[str, str]],
+    seed: int = 0,
+    eos_bias: float = EOS_BIAS,
+    separate_vocabs: bool = False,
+    **config: Any,
 ) -> Path:
-    """A MarianMT checkpoint in `out`: source.spm, target.spm, a shared vocab.json, random weights,
-    the end token's logit raised by `eos_bias` so that outputs end at varied lengths."""
+    """A MarianMT checkpoint in `out`: source.spm, target.spm, random weights, the end token's logit
+    raised by `eos_bias` so that outputs end at varied lengths, and
+    - one vocab.json of both models' pieces, `<pad>` last, one embedding table (OPUS-MT's usual
+      layout); or, with `separate_vocabs`,
+    - vocab.json of the source pieces and target_vocab.json of the target ones (a smaller
+      SentencePiece model, so that the sizes differ), `</s>` `<unk>` `<pad>` first in both, and
+      the encoder's and the decoder's tables of their own (share_encoder_decoder_embeddings false).
+    `config` overrides MarianConfig's settings (activation_function, tie_word_embeddings, ...)."""
     out.mkdir(parents=True, exist_ok=True)
+    sizes = {"source": PIECES, "target": PIECES * 3 // 4 if separate_vocabs else PIECES}
     for side, texts in (("source", [en for en, _ in pairs]), ("target", [fr for _, fr in pairs])):
-        _train_spm(texts, out / side).rename(out / f"{side}.spm")
+        _train_spm(texts, out / side, sizes[side]).rename(out / f"{side}.spm")
         (out / f"{side}.vocab").unlink()
-    vocab = {"</s>": 0, "<unk>": 1}
-    for side in ("source", "target"):
-        model = spm.SentencePieceProcessor(model_file=str(out / f"{side}.spm"))
-        for i in range(model.get_piece_size()):
-            vocab.setdefault(model.id_to_piece(i), len(vocab))
-    vocab["<pad>"] = len(vocab)
-    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    source_pieces, target_pieces = _pieces(out / "source.spm"), _pieces(out / "target.spm")
+    extra: dict[str, Any] = {}
+    if separate_vocabs:
+        specials = {"</s>": 0, "<unk>": 1, "<pad>": 2}
+        vocab = _write_vocab(out / "vocab.json", specials, source_pieces)
+        target_vocab = _write_vocab(out / "target_vocab.json", specials, target_pieces)
+        extra = {"target_vocab_file": str(out / "target_vocab.json"), "separate_vocabs": True}
+        sizes = {"vocab_size": len(vocab), "decoder_vocab_size": len(target_vocab)}
+        extra_config: dict[str, Any] = {"share_encoder_decoder_embeddings": False}
+    else:
+        vocab = _write_vocab(out / "vocab.json", {"</s>": 0, "<unk>": 1}, source_pieces, target_pieces)
+        vocab["<pad>"] = len(vocab)
+        (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+        sizes = {"vocab_size": len(vocab), "decoder_vocab_size": len(vocab)}
+        extra_config = {}
     tokenizer = MarianTokenizer(
         source_spm=str(out / "source.spm"),
         target_spm=str(out / "target.spm"),
         vocab=str(out / "vocab.json"),
         source_lang="en",
         target_lang="fr",
+        **extra,
     )
     settings = {
-        "vocab_size": len(vocab),
-        "decoder_vocab_size": len(vocab),
+        **sizes,
         "d_model": 32,
         "encoder_layers": 2,
         "decoder_layers": 2,
@@ -82,6 +116,7 @@ def build_marian(
         "activation_function": "swish",
         "scale_embedding": True,
         "init_std": 0.3,
+        **extra_config,
         **config,
     }
     torch.manual_seed(seed)

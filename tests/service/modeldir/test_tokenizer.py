@@ -73,3 +73,9 @@ def test_source_limit_is_named(tokenizer: Tokenizer) -> None:
 def test_missing_file_is_named(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match=r"tokenizer\.json"):
         Tokenizer.from_file(tmp_path / "tokenizer.json")
+
+
+def test_one_vocabulary_names_source_and_target_tokens_alike(tokenizer: Tokenizer) -> None:
+    ids = tokenizer.encode_source("The old man reads.", 32)
+    assert [tokenizer.source_token(i) for i in ids] == [tokenizer.id_to_token(i) for i in ids]
+    assert tokenizer.source_vocab_size == tokenizer.vocab_size
