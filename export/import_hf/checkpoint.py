@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from export.model_config import Activation
+
 CONFIG = "config.json"
 GENERATION_CONFIG = "generation_config.json"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -56,6 +58,21 @@ def forced_eos(config: dict[str, Any], generation: dict[str, Any], eos_id: int) 
     return forced == eos_id or (isinstance(forced, list) and eos_id in forced)
 
 
+def generation_defaults(config: dict[str, Any], generation: dict[str, Any]) -> dict[str, Any]:
+    """The decoding record's defaults from what the checkpoint ships: num_beams, and max_length
+    (which counts the decoder's start token) as the most output tokens; only what it sets."""
+
+    def setting(key: str) -> Any:
+        return generation.get(key, config.get(key))
+
+    defaults: dict[str, Any] = {}
+    if isinstance(setting("num_beams"), int) and setting("num_beams") > 1:
+        defaults["default_beam_size"] = setting("num_beams")
+    if isinstance(setting("max_length"), int) and setting("max_length") > 1:
+        defaults["max_output_tokens"] = setting("max_length") - 1
+    return defaults
+
+
 def read_weights(src: Path) -> dict[str, torch.Tensor]:
     """Every stored tensor, as float32 where it is floating point."""
     for name in WEIGHT_FILES:
@@ -72,3 +89,33 @@ def read_weights(src: Path) -> dict[str, torch.Tensor]:
     except Exception as err:  # a truncated or foreign file: say which, not a traceback
         raise ImportRefused(f"{path}: unreadable weights ({type(err).__name__}: {err})") from err
     return {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+
+
+def required(config: dict[str, Any], key: str) -> Any:
+    """config.json's `key`, refused when missing."""
+    if config.get(key) is None:
+        raise ImportRefused(f"config.json: {key} is missing")
+    return config[key]
+
+
+def alike(config: dict[str, Any], encoder_key: str, decoder_key: str) -> Any:
+    """A setting the encoder and the decoder must have alike (this model has one for both)."""
+    if config.get(encoder_key) != config.get(decoder_key):
+        raise ImportRefused(
+            f"config.json: {encoder_key} {config.get(encoder_key)} differs from {decoder_key} "
+            f"{config.get(decoder_key)}; the encoder and decoder must share it"
+        )
+    return config[encoder_key]
+
+
+_ACTIVATIONS: dict[str, Activation] = {"swish": "swish", "silu": "swish", "gelu": "gelu", "relu": "relu"}
+
+
+def activation(config: dict[str, Any], default: str) -> Activation:
+    """config.json's activation_function, as `TransformerConfig` names it."""
+    name = str(config.get("activation_function", default))
+    if name not in _ACTIVATIONS:
+        raise ImportRefused(
+            f"config.json: activation_function {name!r} is not supported ({', '.join(_ACTIVATIONS)})"
+        )
+    return _ACTIVATIONS[name]

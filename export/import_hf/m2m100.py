@@ -17,9 +17,17 @@ from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
 
-from export.import_hf.checkpoint import ImportRefused, forced_eos, read_json
+from export.import_hf.checkpoint import (
+    ImportRefused,
+    activation,
+    alike,
+    forced_eos,
+    generation_defaults,
+    read_json,
+    required,
+)
 from export.import_hf.family import ImportPlan
-from export.model_config import Activation, TransformerConfig
+from export.model_config import TransformerConfig
 from service.modeldir.manifest import Decoding, Languages
 
 DESCRIPTOR = "multilingual.json"  # NLLB's: names tokenizer.json and its language tokens
@@ -27,7 +35,6 @@ SPM_DESCRIPTOR = "sentencepiece.json"  # M2M100's: its SentencePiece model, voca
 _TOKENIZER = "tokenizer.json"
 _SPM = "sentencepiece.bpe.model"
 _VOCAB = "vocab.json"
-_ACTIVATIONS: dict[str, Activation] = {"relu": "relu", "gelu": "gelu", "swish": "swish", "silu": "swish"}
 
 
 def plan(src: Path, config: dict[str, Any], generation: dict[str, Any]) -> ImportPlan:
@@ -73,6 +80,7 @@ def plan(src: Path, config: dict[str, Any], generation: dict[str, Any]) -> Impor
             never_ids=tuple(bad),
             multilingual=True,
             forced_eos_at_limit=forced_eos(config, generation, cfg.eos_id),
+            **generation_defaults(config, generation),
         ),
     )
 
@@ -103,47 +111,27 @@ def _language_codes(tokenizer_config: dict[str, Any], hf: HFTokenizer) -> list[s
     return codes
 
 
-def _same(config: dict[str, Any], first: str, second: str) -> Any:
-    if config.get(first) != config.get(second):
-        raise ImportRefused(
-            f"config.json: {first} {config.get(first)} differs from {second} {config.get(second)}; "
-            "the encoder and decoder must share it"
-        )
-    return config[first]
-
-
-def _required(config: dict[str, Any], key: str) -> Any:
-    if config.get(key) is None:
-        raise ImportRefused(f"config.json: {key} is missing")
-    return config[key]
-
-
 def _transformer_config(config: dict[str, Any], unk: int) -> TransformerConfig:
-    activation = str(config.get("activation_function", "relu"))
-    if activation not in _ACTIVATIONS:
-        raise ImportRefused(
-            f"config.json: activation_function {activation!r} is not supported (relu, gelu, swish, silu)"
-        )
-    pad = int(_required(config, "pad_token_id"))
+    pad = int(required(config, "pad_token_id"))
     try:
         return TransformerConfig(
-            vocab_size=int(_required(config, "vocab_size")),
-            d_model=int(_required(config, "d_model")),
-            n_heads=int(_same(config, "encoder_attention_heads", "decoder_attention_heads")),
-            n_encoder_layers=int(_required(config, "encoder_layers")),
-            n_decoder_layers=int(_required(config, "decoder_layers")),
-            d_ff=int(_same(config, "encoder_ffn_dim", "decoder_ffn_dim")),
-            activation=_ACTIVATIONS[activation],
+            vocab_size=int(required(config, "vocab_size")),
+            d_model=int(required(config, "d_model")),
+            n_heads=int(alike(config, "encoder_attention_heads", "decoder_attention_heads")),
+            n_encoder_layers=int(required(config, "encoder_layers")),
+            n_decoder_layers=int(required(config, "decoder_layers")),
+            d_ff=int(alike(config, "encoder_ffn_dim", "decoder_ffn_dim")),
+            activation=activation(config, "relu"),
             norm_placement="pre",
             scale_embeddings=bool(config.get("scale_embedding", False)),
             share_embeddings=True,
             tie_output_embeddings=bool(config.get("tie_word_embeddings", True)),
             final_logits_bias=False,
-            max_positions=int(_required(config, "max_position_embeddings")),
+            max_positions=int(required(config, "max_position_embeddings")),
             dropout=0.0,
             pad_id=pad,
-            bos_id=int(_required(config, "decoder_start_token_id")),  # the decoder's start token
-            eos_id=int(_required(config, "eos_token_id")),
+            bos_id=int(required(config, "decoder_start_token_id")),  # the decoder's start token
+            eos_id=int(required(config, "eos_token_id")),
             unk_id=unk,
             position_layout="fairseq",
             position_offset=pad + 1,

@@ -15,9 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from export.import_hf.checkpoint import ImportRefused, forced_eos, read_json
+from export.import_hf.checkpoint import (
+    ImportRefused,
+    activation,
+    alike,
+    forced_eos,
+    generation_defaults,
+    read_json,
+    required,
+)
 from export.import_hf.family import ImportPlan
-from export.model_config import Activation, TransformerConfig
+from export.model_config import TransformerConfig
 from service.modeldir.manifest import Decoding, Languages
 
 TOKENIZER_DESCRIPTOR = "sentencepiece.json"
@@ -25,22 +33,6 @@ _SPM_FILES = ("source.spm", "target.spm")
 _VOCAB = "vocab.json"
 _TARGET_VOCAB = "target_vocab.json"  # separate vocabularies: the target side's
 _TOKENIZER_CONFIG = "tokenizer_config.json"
-_ACTIVATIONS: dict[str, Activation] = {"swish": "swish", "silu": "swish", "gelu": "gelu", "relu": "relu"}
-
-
-def _same(config: dict[str, Any], first: str, second: str) -> Any:
-    if config.get(first) != config.get(second):
-        raise ImportRefused(
-            f"config.json: {first} {config.get(first)} differs from {second} {config.get(second)}; "
-            "the encoder and decoder must share it"
-        )
-    return config[first]
-
-
-def _required(config: dict[str, Any], key: str) -> Any:
-    if config.get(key) is None:
-        raise ImportRefused(f"config.json: {key} is missing")
-    return config[key]
 
 
 def transformer_config(config: dict[str, Any], vocabs: Vocabularies) -> TransformerConfig:
@@ -54,7 +46,7 @@ def transformer_config(config: dict[str, Any], vocabs: Vocabularies) -> Transfor
     """
     shared = shares_a_table(config)
     tied = bool(config.get("tie_word_embeddings", True))
-    vocab_size = int(_required(config, "vocab_size"))
+    vocab_size = int(required(config, "vocab_size"))
     decoder_vocab_size = int(config.get("decoder_vocab_size") or vocab_size)
     if shared:
         # Tied, the decoder's table is the shared one and decoder_vocab_size sizes nothing; untied,
@@ -79,31 +71,26 @@ def transformer_config(config: dict[str, Any], vocabs: Vocabularies) -> Transfor
     ):
         if max(vocab.values()) >= size:  # ids the embedding table has no row for
             raise ImportRefused(f"{name}: ids up to {max(vocab.values())} do not fit {key} {size}")
-    activation = str(config.get("activation_function", "swish"))
-    if activation not in _ACTIVATIONS:
-        raise ImportRefused(
-            f"config.json: activation_function {activation!r} is not supported (swish, silu, gelu, relu)"
-        )
-    pad = int(_required(config, "pad_token_id"))
+    pad = int(required(config, "pad_token_id"))
     try:
         return TransformerConfig(
             vocab_size=target_size,
-            d_model=int(_required(config, "d_model")),
-            n_heads=int(_same(config, "encoder_attention_heads", "decoder_attention_heads")),
-            n_encoder_layers=int(_required(config, "encoder_layers")),
-            n_decoder_layers=int(_required(config, "decoder_layers")),
-            d_ff=int(_same(config, "encoder_ffn_dim", "decoder_ffn_dim")),
-            activation=_ACTIVATIONS[activation],
+            d_model=int(required(config, "d_model")),
+            n_heads=int(alike(config, "encoder_attention_heads", "decoder_attention_heads")),
+            n_encoder_layers=int(required(config, "encoder_layers")),
+            n_decoder_layers=int(required(config, "decoder_layers")),
+            d_ff=int(alike(config, "encoder_ffn_dim", "decoder_ffn_dim")),
+            activation=activation(config, "swish"),
             norm_placement="post",
             scale_embeddings=bool(config.get("scale_embedding", False)),
             share_embeddings=shared and tied,
             tie_output_embeddings=tied,
             final_logits_bias=True,
-            max_positions=int(_required(config, "max_position_embeddings")),
+            max_positions=int(required(config, "max_position_embeddings")),
             dropout=0.0,
             pad_id=pad,
             bos_id=int(config.get("decoder_start_token_id", pad)),  # the decoder's start token
-            eos_id=int(_required(config, "eos_token_id")),
+            eos_id=int(required(config, "eos_token_id")),
             unk_id=int(vocabs.source["<unk>"]),
             position_layout="marian",
             source_vocab_size=None if source_size == target_size else source_size,
@@ -114,12 +101,18 @@ def transformer_config(config: dict[str, Any], vocabs: Vocabularies) -> Transfor
 
 def plan(src: Path, config: dict[str, Any], generation: dict[str, Any]) -> ImportPlan:
     """OPUS-MT never generates its pad token (its bad_words_ids), which is also its start token, as
-    this project's default; the decoding record says so and that it forces its end token."""
+    this project's default; the decoding record says so, whether it forces its end token, and its
+    generation defaults."""
     vocabs = read_vocabs(src)
     cfg = transformer_config(config, vocabs)
+    defaults = generation_defaults(config, generation)
     decoding = None
-    if forced_eos(config, generation, cfg.eos_id):
-        decoding = Decoding(never_ids=(cfg.pad_id, cfg.bos_id), forced_eos_at_limit=True)
+    if defaults or forced_eos(config, generation, cfg.eos_id):
+        decoding = Decoding(
+            never_ids=(cfg.pad_id, cfg.bos_id),
+            forced_eos_at_limit=forced_eos(config, generation, cfg.eos_id),
+            **defaults,
+        )
     return ImportPlan(
         cfg,
         _languages(src),

@@ -101,7 +101,9 @@ class Flag(NamedTuple):
 # Keyed by the field the flag sets (its dest), in --help order; default, type and range come from
 # the field. A field without a flag keeps its default.
 OPTION_FLAGS = {
-    "beam_size": Flag("--beam-size", "beam width (1: greedy; the limit: see info)", low=1),
+    "beam_size": Flag(
+        "--beam-size", "beam width (1: greedy; default: the model's, greedy unless it ships one)", low=1
+    ),
     "n_best": Flag("--n-best", "hypotheses per text, 'score<TAB>text' lines", low=1),
     "sample": Flag("--sample", "sample instead of searching"),
     "temperature": Flag("--temperature", "sampling temperature (%(default)s)"),

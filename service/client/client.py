@@ -245,7 +245,8 @@ class TranslateOptions:
     """How to translate: the options of a Translate or TranslateStream call, checked when made.
 
     Attributes:
-        beam_size: 1 (greedy, the default), the beam width of a beam search (at most the model's
+        beam_size: None (the default: the model's own, greedy unless an imported checkpoint ships
+            num_beams), 1 (greedy), the beam width of a beam search (at most the model's
             max_beam_size), or 0 for a beam search of the server's default width, 4.
         n_best: hypotheses per translation (more than 1 needs beam search).
         length_penalty: beam search ranking exponent alpha (None: the server's 1.0).
@@ -267,7 +268,7 @@ class TranslateOptions:
             length_penalty), or an integer outside its proto field's range (e.g. a negative one).
     """
 
-    beam_size: int = _unsigned(1)
+    beam_size: int | None = _unsigned(None)
     n_best: int = _unsigned(1)
     length_penalty: float | None = None
     sample: bool = False
@@ -298,8 +299,9 @@ class TranslateOptions:
 
     @property
     def _beam(self) -> bool:
-        # beam_size 0 is the proto's "default width", a beam search: only 1 means greedy.
-        return self.beam_size != 1 or self.length_penalty is not None
+        # beam_size 0 is the proto's "default width", a beam search: only 1 means greedy, None
+        # the model's default (no strategy sent).
+        return self.beam_size not in (None, 1) or self.length_penalty is not None
 
     def to_proto(self) -> pb.TranslateOptions:
         """The TranslateOptions message. Values are sent as given, meaning what the proto says:
@@ -322,8 +324,10 @@ class TranslateOptions:
                 pb.Sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed)
             )
         elif self._beam:
-            options.beam.CopyFrom(pb.BeamSearch(beam_size=self.beam_size, length_penalty=self.length_penalty))
-        else:
+            options.beam.CopyFrom(
+                pb.BeamSearch(beam_size=self.beam_size or 0, length_penalty=self.length_penalty)
+            )
+        elif self.beam_size == 1:
             options.greedy.SetInParent()
         return options
 

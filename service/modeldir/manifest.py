@@ -79,6 +79,10 @@ class Decoding:
     never_ids: tuple[int, ...]  # tokens never generated (the checkpoint's one-token bad words)
     multilingual: bool = False  # requests name a target language; its token is the first output
     forced_eos_at_limit: bool = False  # the end token is the last token the length limit allows
+    # The checkpoint's generation defaults: beams when a request names no strategy, and the most
+    # output tokens when it sets no limit (Transformers' num_beams, max_length - 1).
+    default_beam_size: int = 1
+    max_output_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -321,6 +325,10 @@ def _decoding(data: Mapping[str, Any]) -> Decoding | None:
         never_ids=tuple(never),
         multilingual=bool(record.get("multilingual", False)),
         forced_eos_at_limit=bool(record.get("forced_eos_at_limit", False)),
+        default_beam_size=int(record.get("default_beam_size", 1)),
+        max_output_tokens=None
+        if record.get("max_output_tokens") is None
+        else int(record["max_output_tokens"]),
     )
 
 

@@ -111,6 +111,8 @@ class RequestLimits:
     languages: Languages | None = None  # a bilingual model's pair, a multilingual one's default source
     never_ids: tuple[int, ...] | None = None  # tokens the model never generates; None: pad and start
     forced_eos_at_limit: bool = False  # the model's last token at the length limit is the end token
+    default_beam_size: int = 1  # beams for a request that names no strategy (and does not stream)
+    default_max_output_tokens: int | None = None  # caps the per-sentence default length limit
 
     # What a request can actually get, the tighter of the settings and the scheduler's share: what
     # GetModelInfo reports, so that a client that keeps within it is never refused for its size.
@@ -133,6 +135,13 @@ class RequestLimits:
     def effective_max_beam_size(self) -> int:
         share = self.scheduler
         return self.max_beam_size if share is None else min(self.max_beam_size, share.max_sequences)
+
+    @property
+    def default_output_cap(self) -> int:
+        """The most a request that sets no max_output_tokens gets per sentence (before its length
+        rule): effective_max_output_tokens, or the model's own default limit when lower."""
+        cap = self.default_max_output_tokens
+        return self.effective_max_output_tokens if cap is None else min(cap, self.effective_max_output_tokens)
 
     @property
     def effective_max_output_tokens(self) -> int:
@@ -189,7 +198,7 @@ def translate_jobs(
             raise InvalidRequestError(f"text {i} is empty")
     splits = [whole(t) if options.no_sentence_split else split_sentences(t, language) for t in texts]
     check_sentence_count(sum(len(s.sentences) for s in splits), limits)
-    beam_size, length_penalty = _beam(options, limits)
+    beam_size, length_penalty = _beam(options, limits, streaming)
     sampling = _sampling(options, limits) if options.WhichOneof("strategy") == "sampling" else None
     n_best = options.n_best or 1
     if n_best > beam_size:
@@ -221,9 +230,7 @@ def translate_jobs(
             where = sentence_name(f"text {i}", j, len(split.sentences))
             source = encode_sentence(tokenizer, sentence, limits, where, source_language)
             forced = prefix if j == 0 else ()  # a target prefix starts the text; a language, each sentence
-            max_out = requested_max or default_max_output_tokens(
-                len(source), limits.effective_max_output_tokens
-            )
+            max_out = requested_max or default_max_output_tokens(len(source), limits.default_output_cap)
             unit = "text" if len(split.sentences) == 1 else "sentence"
             imposed = len(start) + len(forced)
             _check_room(where, unit, max_out, len(source), imposed, options.stopping, beam_size, limits)
@@ -364,7 +371,7 @@ def _check_room(
         where = f"{name}: "
         named = (
             f"max_output_tokens {max_out} (not set: the default for this {unit}'s {source_len} source "
-            f"tokens, 2 × {source_len} + 10, at most {limit})"
+            f"tokens, 2 × {source_len} + 10, at most {limits.default_output_cap})"
         )
     if prefix_len >= max_out:
         problem = f"target_prefix is {prefix_len} tokens and {named} leaves no room after it"
@@ -415,13 +422,21 @@ def _shown(value: float) -> str:
     return f"{float(str(np.float32(value))):g}"
 
 
-def _beam(options: pb.TranslateOptions, limits: RequestLimits) -> tuple[int, float]:
-    """(beam size, length penalty) of the request; greedy and sampling are beam 1."""
-    if options.WhichOneof("strategy") != "beam":
+def _beam(options: pb.TranslateOptions, limits: RequestLimits, streaming: bool = False) -> tuple[int, float]:
+    """(beam size, length penalty) of the request; greedy and sampling are beam 1. A request that
+    names no strategy gets the model's default (an imported checkpoint's num_beams; streams: 1)."""
+    strategy = options.WhichOneof("strategy")
+    if strategy is None and limits.default_beam_size > 1 and not streaming:
+        beam_size, named = (
+            limits.default_beam_size,
+            f"beam_size {limits.default_beam_size} (the model's default)",
+        )
+    elif strategy != "beam":
         return 1, 1.0
+    else:
+        beam_size = options.beam.beam_size or DEFAULT_BEAM_SIZE
+        named = f"beam_size {beam_size}" + ("" if options.beam.beam_size else " (not set: the default)")
     beam = options.beam
-    beam_size = beam.beam_size or DEFAULT_BEAM_SIZE
-    named = f"beam_size {beam_size}" + ("" if beam.beam_size else " (not set: the default)")
     if beam_size > limits.max_beam_size:
         raise InvalidRequestError(f"{named} is over the limit of {limits.max_beam_size} (--max-beam-size)")
     share = limits.scheduler

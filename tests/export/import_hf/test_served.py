@@ -14,7 +14,7 @@ from transformers import M2M100ForConditionalGeneration, MarianMTModel, MarianTo
 
 from service.api.translator.v1 import translator_pb2 as pb
 from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
-from tests.export.import_hf.tiny_checkpoints import NLLB_LANGUAGES
+from tests.export.import_hf.tiny_checkpoints import GENERATION_BEAMS, NLLB_LANGUAGES
 from tests.service.server_fixture import ServerThread, loopback_config
 
 DEFAULT_MODEL = Path("models/en-fr-small")
@@ -89,6 +89,7 @@ def test_translations_equal_transformers(
     options = pb.TranslateOptions(
         model=model,
         beam=pb.BeamSearch(beam_size=beams) if beams > 1 else None,
+        greedy=pb.Greedy() if beams == 1 else None,
         stopping=pb.StoppingCriteria(max_output_tokens=MAX_NEW),
     )
     reply = stub.Translate(pb.TranslateRequest(texts=texts, options=options))
@@ -98,12 +99,27 @@ def test_translations_equal_transformers(
     assert default.translations[0].hypotheses[0].text == "J'aime les chats."
 
 
+def test_a_request_without_options_gets_the_checkpoint_generation_defaults(
+    stub: pb_grpc.TranslatorStub, hf: HF, tiny_corpus: dict[str, list[tuple[str, str]]]
+) -> None:
+    """No strategy and no length limit: Transformers' generate() as the checkpoint ships it (beam
+    4, max_length 16, the forced end token), not this server's greedy default."""
+    texts = [en for en, _ in tiny_corpus["test"][:16]]
+    reply = stub.Translate(pb.TranslateRequest(texts=texts, options=pb.TranslateOptions(model="tiny-marian")))
+    tokenizer, model = hf
+    with torch.no_grad():
+        out = model.generate(**tokenizer(texts, return_tensors="pt", padding=True))
+    assert model.generation_config.num_beams == GENERATION_BEAMS > 1
+    assert [t.text for t in reply.translations] == tokenizer.batch_decode(out, skip_special_tokens=True)
+
+
 def test_stream_and_n_best_work(stub: pb_grpc.TranslatorStub, tiny_corpus) -> None:
     text = tiny_corpus["test"][0][0]
     stopping = pb.StoppingCriteria(max_output_tokens=MAX_NEW)
-    unary = stub.Translate(
-        pb.TranslateRequest(texts=[text], options=pb.TranslateOptions(model="tiny-marian", stopping=stopping))
-    )
+    # a stream is greedy: the same as a greedy Translate (one without a strategy gets the
+    # checkpoint's beam search)
+    greedy = pb.TranslateOptions(model="tiny-marian", stopping=stopping, greedy=pb.Greedy())
+    unary = stub.Translate(pb.TranslateRequest(texts=[text], options=greedy))
     stream = stub.TranslateStream(
         pb.TranslateStreamRequest(
             text=text, options=pb.TranslateOptions(model="tiny-marian", stopping=stopping)

@@ -19,6 +19,7 @@ from export.corpus import CorpusConfig, generate_corpus
 
 CORPUS = CorpusConfig(seed=11, train_size=4000, valid_size=50, test_size=200, heldout_size=50)
 PIECES = 400  # per SentencePiece model
+GENERATION_BEAMS, GENERATION_MAX_LENGTH = 4, 16  # the tiny Marian's generation defaults
 EOS_BIAS = 4.0  # about one output in six ends before the tests' limit of 24 tokens
 
 
@@ -26,12 +27,12 @@ def corpus() -> dict[str, list[tuple[str, str]]]:
     return {name: [(p.en, p.fr) for p in pairs] for name, pairs in generate_corpus(CORPUS).items()}
 
 
-def _train_spm(texts: list[str], prefix: Path, pieces: int = PIECES) -> Path:
+def _train_spm(texts: list[str], prefix: Path, pieces: int = PIECES, model_type: str = "unigram") -> Path:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts),
         model_prefix=str(prefix),
         vocab_size=pieces,
-        model_type="unigram",
+        model_type=model_type,
         character_coverage=1.0,
         bos_id=-1,
         eos_id=-1,
@@ -124,7 +125,10 @@ def build_marian(
     with torch.no_grad():
         model.final_logits_bias.normal_(0.0, 0.5)
         model.final_logits_bias[0, settings["eos_token_id"]] += eos_bias
-    model.generation_config.bad_words_ids = [[vocab["<pad>"]]]  # as OPUS-MT checkpoints ship it
+    # as OPUS-MT checkpoints ship them (whose max_length is 512: here short, to be reached)
+    model.generation_config.bad_words_ids = [[vocab["<pad>"]]]
+    model.generation_config.num_beams = GENERATION_BEAMS
+    model.generation_config.max_length = GENERATION_MAX_LENGTH
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
@@ -168,18 +172,7 @@ def build_m2m100(out: Path, pairs: list[tuple[str, str]], seed: int = 0, **confi
     from transformers import M2M100Tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter([text for pair in pairs for text in pair]),
-        model_prefix=str(out / "spm"),
-        vocab_size=PIECES,
-        model_type="bpe",
-        character_coverage=1.0,
-        bos_id=-1,
-        eos_id=-1,
-        unk_id=0,
-        pad_id=-1,
-        minloglevel=2,
-    )
+    _train_spm([text for pair in pairs for text in pair], out / "spm", model_type="bpe")
     model = spm.SentencePieceProcessor(model_file=str(out / "spm.model"))
     vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
     for i in range(model.get_piece_size()):

@@ -482,3 +482,25 @@ def test_languages_of_a_multilingual_model(tokenizer: Tokenizer) -> None:
     (sentence,) = job.sentences
     assert sentence.options.forced_start == (1907,) and sentence.options.never_ids == ()
     assert sentence.source_ids[0] == 1900  # the source language's token first
+
+
+def test_a_model_default_beam_and_length_limit_apply_when_the_request_sets_none(tokenizer: Tokenizer) -> None:
+    limits = replace(LIMITS, default_beam_size=4, default_max_output_tokens=12)
+    seeds = itertools.count()
+
+    def job(streaming: bool = False, **options: object):
+        (text,) = translate_jobs(
+            ["I love cats."],
+            pb.TranslateOptions(**options),
+            tokenizer,
+            limits,
+            language="en",
+            streaming=streaming,
+            new_seed=lambda: next(seeds),
+        )
+        return text.sentences[0].options
+
+    assert (job().beam_size, job().max_output_tokens) == (4, 12)  # 2 × source + 10 capped at 12
+    assert job(streaming=True).beam_size == 1  # a stream decodes one hypothesis
+    assert job(greedy=pb.Greedy()).beam_size == 1
+    assert job(stopping=pb.StoppingCriteria(max_output_tokens=40)).max_output_tokens == 40
