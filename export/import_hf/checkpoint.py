@@ -119,3 +119,20 @@ def activation(config: dict[str, Any], default: str) -> Activation:
             f"config.json: activation_function {name!r} is not supported ({', '.join(_ACTIVATIONS)})"
         )
     return _ACTIVATIONS[name]
+
+
+def stack_settings(config: dict[str, Any], default_activation: str) -> dict[str, Any]:
+    """The TransformerConfig fields every BART-family config.json gives alike: widths, depths,
+    heads, activation, embedding scale, positions, eos (dropout off: the import is for inference)."""
+    return {
+        "d_model": int(required(config, "d_model")),
+        "n_heads": int(alike(config, "encoder_attention_heads", "decoder_attention_heads")),
+        "n_encoder_layers": int(required(config, "encoder_layers")),
+        "n_decoder_layers": int(required(config, "decoder_layers")),
+        "d_ff": int(alike(config, "encoder_ffn_dim", "decoder_ffn_dim")),
+        "activation": activation(config, default_activation),
+        "scale_embeddings": bool(config.get("scale_embedding", False)),
+        "max_positions": int(required(config, "max_position_embeddings")),
+        "dropout": 0.0,
+        "eos_id": int(required(config, "eos_token_id")),
+    }

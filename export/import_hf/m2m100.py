@@ -19,12 +19,11 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from export.import_hf.checkpoint import (
     ImportRefused,
-    activation,
-    alike,
     forced_eos,
     generation_defaults,
     read_json,
     required,
+    stack_settings,
 )
 from export.import_hf.family import ImportPlan
 from export.model_config import TransformerConfig
@@ -116,22 +115,13 @@ def _transformer_config(config: dict[str, Any], unk: int) -> TransformerConfig:
     try:
         return TransformerConfig(
             vocab_size=int(required(config, "vocab_size")),
-            d_model=int(required(config, "d_model")),
-            n_heads=int(alike(config, "encoder_attention_heads", "decoder_attention_heads")),
-            n_encoder_layers=int(required(config, "encoder_layers")),
-            n_decoder_layers=int(required(config, "decoder_layers")),
-            d_ff=int(alike(config, "encoder_ffn_dim", "decoder_ffn_dim")),
-            activation=activation(config, "relu"),
+            **stack_settings(config, "relu"),
             norm_placement="pre",
-            scale_embeddings=bool(config.get("scale_embedding", False)),
             share_embeddings=True,
             tie_output_embeddings=bool(config.get("tie_word_embeddings", True)),
             final_logits_bias=False,
-            max_positions=int(required(config, "max_position_embeddings")),
-            dropout=0.0,
             pad_id=pad,
             bos_id=int(required(config, "decoder_start_token_id")),  # the decoder's start token
-            eos_id=int(required(config, "eos_token_id")),
             unk_id=unk,
             position_layout="fairseq",
             position_offset=pad + 1,

@@ -17,12 +17,11 @@ from typing import Any
 
 from export.import_hf.checkpoint import (
     ImportRefused,
-    activation,
-    alike,
     forced_eos,
     generation_defaults,
     read_json,
     required,
+    stack_settings,
 )
 from export.import_hf.family import ImportPlan
 from export.model_config import TransformerConfig
@@ -75,22 +74,13 @@ def transformer_config(config: dict[str, Any], vocabs: Vocabularies) -> Transfor
     try:
         return TransformerConfig(
             vocab_size=target_size,
-            d_model=int(required(config, "d_model")),
-            n_heads=int(alike(config, "encoder_attention_heads", "decoder_attention_heads")),
-            n_encoder_layers=int(required(config, "encoder_layers")),
-            n_decoder_layers=int(required(config, "decoder_layers")),
-            d_ff=int(alike(config, "encoder_ffn_dim", "decoder_ffn_dim")),
-            activation=activation(config, "swish"),
+            **stack_settings(config, "swish"),
             norm_placement="post",
-            scale_embeddings=bool(config.get("scale_embedding", False)),
             share_embeddings=shared and tied,
             tie_output_embeddings=tied,
             final_logits_bias=True,
-            max_positions=int(required(config, "max_position_embeddings")),
-            dropout=0.0,
             pad_id=pad,
             bos_id=int(config.get("decoder_start_token_id", pad)),  # the decoder's start token
-            eos_id=int(required(config, "eos_token_id")),
             unk_id=int(vocabs.source["<unk>"]),
             position_layout="marian",
             source_vocab_size=None if source_size == target_size else source_size,
