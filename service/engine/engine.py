@@ -61,7 +61,8 @@ class ModelNotFoundError(KeyError):
         self.name, self.served = name, tuple(served)
 
     def __str__(self) -> str:
-        return f"unknown model {self.name!r}; this server has {', '.join(self.served)}"
+        shown = self.name if len(self.name) <= 100 else self.name[:100] + "…"  # never echo a whole input
+        return f"unknown model {shown!r}; this server has {', '.join(self.served)}"
 
 
 class ProviderUnavailableError(RuntimeError):

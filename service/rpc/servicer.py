@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -84,12 +85,26 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
 )
 
 
+# A status message travels in a trailer, percent-encoded (up to 3 bytes per UTF-8 byte), and a
+# client refuses trailers over its metadata limit (8 KiB by default) with RESOURCE_EXHAUSTED, a code
+# it may retry forever: no message may echo more than this of what a client sent.
+MAX_MESSAGE_BYTES = 2000
+
+
 def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code and client-facing message of an exception (INTERNAL hides the details)."""
+    """The status code and client-facing message of an exception (INTERNAL hides the details),
+    the message cut to MAX_MESSAGE_BYTES of UTF-8."""
     for kind, code in _CODES:
         if isinstance(error, kind):
-            return code, str(error)
+            return code, _bounded(str(error))
     return grpc.StatusCode.INTERNAL, "internal error while translating; see the server log"
+
+
+def _bounded(message: str) -> str:
+    data = message.encode("utf-8")
+    if len(data) <= MAX_MESSAGE_BYTES:
+        return message
+    return data[: MAX_MESSAGE_BYTES - 3].decode("utf-8", errors="ignore") + "…"
 
 
 @dataclass
@@ -116,11 +131,16 @@ class CallRecord:
 
 
 def _request_id(context: grpc.aio.ServicerContext) -> str:
-    """The caller's `x-request-id` (cut to 64 characters), else a fresh one."""
+    """The caller's `x-request-id` (cut to 64 characters) when it is one token of letters, digits
+    and `._:/+=-`, else a fresh one: an id with spaces or quotes would write fields of its own into
+    the text log line (`x status=OK rpc=Fake`)."""
     for key, value in context.invocation_metadata() or ():
-        if key == "x-request-id" and value:
-            return str(value)[:64]
+        if key == "x-request-id" and isinstance(value, str) and _REQUEST_ID.fullmatch(value[:64]):
+            return value[:64]
     return f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFFFF:08x}"
+
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]+")
 
 
 # Made-up request ids: random per process (replicas differ), then a counter; uuid4 per call cost

@@ -134,6 +134,28 @@ def test_the_request_id_comes_back_in_the_trailers(stub: pb_grpc.TranslatorStub)
     assert ("x-request-id", "bad-1") in failed.value.trailing_metadata()
 
 
+@pytest.mark.parametrize("sent", ["x status=OK rpc=Fake", 'a"b', "id,with;punctuation"])
+def test_a_request_id_that_could_forge_log_fields_is_replaced(
+    stub: pb_grpc.TranslatorStub, sent: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="service.rpc.servicer")
+    metadata = (("x-request-id", sent),)
+    _, call = stub.Translate.with_call(pb.TranslateRequest(texts=TEXTS[:1]), metadata=metadata, timeout=30)
+    returned = dict(call.trailing_metadata())["x-request-id"]
+    assert returned != sent and len(returned) == 16  # made up by the server
+    logged = [r.fields["request_id"] for r in caplog.records if hasattr(r, "fields")]
+    assert returned in logged and sent not in logged
+
+
+def test_messages_echo_a_bounded_part_of_what_was_sent(stub: pb_grpc.TranslatorStub) -> None:
+    """A 20,000-character model name is NOT_FOUND (not RESOURCE_EXHAUSTED for an oversize trailer),
+    its message naming a bounded part of it."""
+    with pytest.raises(grpc.RpcError) as err:
+        translate(stub, ["I love cats."], model="m" * 20_000)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "unknown model 'mmmm" in err.value.details() and len(err.value.details()) < 400
+
+
 def test_tokens_timings_prefix_and_seed_are_returned(stub: pb_grpc.TranslatorStub) -> None:
     (t,) = translate(
         stub, TEXTS[:1], target_prefix="Nous", return_tokens=True, return_timings=True
