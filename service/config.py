@@ -151,6 +151,13 @@ class _Setting:
     def default(self) -> Any:
         return getattr(getattr(Config(), self.section), self.field)
 
+    @property
+    def metavar(self) -> str:
+        """What --help shows as the value: the flag's last word (--max-wait-ms → MS, --port → PORT,
+        --grace-period-s → SECONDS)."""
+        word = self.flag.removeprefix("--").split("-")[-1]
+        return "SECONDS" if word == "s" else word.upper()
+
 
 def _int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
     def parse(text: str) -> int:
@@ -365,7 +372,13 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Conf
     """
     parser = _Parser(prog="python -m service", description="gRPC translation inference service")
     for s in SETTINGS:
-        parser.add_argument(s.flag, dest=s.env, default=None, metavar="VALUE", help=f"{s.meaning} [{s.env}]")
+        parser.add_argument(
+            s.flag,
+            dest=s.env,
+            default=None,
+            metavar=s.metavar,
+            help=f"{s.meaning} (default: {_show(s.default())}; env {s.env})".replace("%", "%%"),
+        )
     flags = vars(parser.parse_args(list(argv or [])))
     sections: dict[str, dict[str, Any]] = {f.name: {} for f in fields(Config)}
     for s in SETTINGS:

@@ -136,3 +136,13 @@ def test_auto_parallelism_shares_the_cores_out_between_instances() -> None:
     assert resolved("cpu", 2, workers=2) == (1, 1)
     assert resolved("cpu", 8, workers=2) == (MAX_AUTO_INSTANCES, 1)
     assert resolved("cpu", 2, workers=4) == (1, 1)  # never less than one core's worth
+
+
+def test_help_shows_each_flag_with_its_default_and_variable(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        parse_config(["--help"], {})
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for flag, env, default, _ in config_table():
+        assert f"(default: {default}; env {env})" in text, flag
+    assert "VALUE" not in text and "--grace-period-s SECONDS" in text and "--port PORT" in text
