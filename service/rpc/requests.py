@@ -19,7 +19,7 @@ from google.protobuf.message import DecodeError, Message
 
 from service.api.translator.v1 import translator_pb2 as pb
 from service.decoding import Sampling, SearchOptions, default_max_output_tokens
-from service.modeldir.manifest import Languages
+from service.modeldir.manifest import Decoding, Languages
 from service.modeldir.tokenizer import InputTooLongError, Tokenizer
 from service.rpc.sentences import Split, split_sentences, whole
 
@@ -109,10 +109,9 @@ class RequestLimits:
     vocab_size: int
     scheduler: SchedulerShare | None = None  # None: no scheduler bounds (the model's limits alone)
     languages: Languages | None = None  # a bilingual model's pair, a multilingual one's default source
-    never_ids: tuple[int, ...] | None = None  # tokens the model never generates; None: pad and start
-    forced_eos_at_limit: bool = False  # the model's last token at the length limit is the end token
-    default_beam_size: int = 1  # beams for a request that names no strategy (and does not stream)
-    default_max_output_tokens: int | None = None  # caps the per-sentence default length limit
+    # An imported checkpoint's decoding record (banned tokens, forced end token, default beams and
+    # length limit); None: this project's conventions (pad and start never generated, greedy).
+    decoding: Decoding | None = None
 
     # What a request can actually get, the tighter of the settings and the scheduler's share: what
     # GetModelInfo reports, so that a client that keeps within it is never refused for its size.
@@ -137,10 +136,15 @@ class RequestLimits:
         return self.max_beam_size if share is None else min(self.max_beam_size, share.max_sequences)
 
     @property
+    def default_beam_size(self) -> int:
+        """Beams for a request that names no strategy (and does not stream)."""
+        return 1 if self.decoding is None else self.decoding.default_beam_size
+
+    @property
     def default_output_cap(self) -> int:
         """The most a request that sets no max_output_tokens gets per sentence (before its length
         rule): effective_max_output_tokens, or the model's own default limit when lower."""
-        cap = self.default_max_output_tokens
+        cap = None if self.decoding is None else self.decoding.max_output_tokens
         return self.effective_max_output_tokens if cap is None else min(cap, self.effective_max_output_tokens)
 
     @property
@@ -241,11 +245,11 @@ def translate_jobs(
                     beam_size=beam_size,
                     length_penalty=length_penalty,
                     n_best=n_best,
-                    never_ids=(sp.pad, sp.bos) if limits.never_ids is None else limits.never_ids,
+                    never_ids=(sp.pad, sp.bos) if limits.decoding is None else limits.decoding.never_ids,
                     min_output_tokens=options.stopping.min_output_tokens,
                     forced_start=start,
                     forced_prefix=forced,
-                    forced_eos_at_limit=limits.forced_eos_at_limit,
+                    forced_eos_at_limit=limits.decoding is not None and limits.decoding.forced_eos_at_limit,
                     sampling=sampling,
                 )
             except ValueError as err:  # what _check_room does not foresee

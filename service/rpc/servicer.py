@@ -270,7 +270,6 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
         if cached is not None:  # fixed once attached; built once per model rather than per call
             return cached
         server, pool = self.config.server, self.scheduler
-        decoding = self.engine.graphs(info.name).manifest.decoding
         limits = self._request_limits[info.name] = RequestLimits(
             max_texts_per_request=server.max_texts_per_request,
             max_sentences_per_request=server.max_sentences_per_request,
@@ -279,10 +278,7 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
             max_output_tokens=info.limits.max_target_tokens,
             vocab_size=info.dims.vocab_size,
             languages=info.languages,
-            never_ids=info.dims.never_ids,
-            forced_eos_at_limit=info.dims.forced_eos_at_limit,
-            default_beam_size=decoding.default_beam_size if decoding else 1,
-            default_max_output_tokens=decoding.max_output_tokens if decoding else None,
+            decoding=self.engine.graphs(info.name).manifest.decoding,
             scheduler=SchedulerShare(
                 max_sequences=pool.share.max_sequences,
                 max_kv_cache_tokens=pool.share.max_kv_cache_tokens,

@@ -9,7 +9,7 @@ import pytest
 
 from export.translate import DEFAULT_MODEL_DIR
 from service.api.translator.v1 import translator_pb2 as pb
-from service.modeldir.manifest import Languages
+from service.modeldir.manifest import Decoding, Languages
 from service.modeldir.tokenizer import Tokenizer
 from service.rpc.requests import (
     InvalidRequestError,
@@ -475,7 +475,7 @@ def test_languages_of_a_multilingual_model(tokenizer: Tokenizer) -> None:
         ["I love cats."],
         pb.TranslateOptions(target_language="l07_Xxxx"),
         multi,
-        replace(limits, never_ids=()),
+        replace(limits, decoding=Decoding(never_ids=(), multilingual=True)),
         language="en",
         new_seed=int,
     )
@@ -485,7 +485,9 @@ def test_languages_of_a_multilingual_model(tokenizer: Tokenizer) -> None:
 
 
 def test_a_model_default_beam_and_length_limit_apply_when_the_request_sets_none(tokenizer: Tokenizer) -> None:
-    limits = replace(LIMITS, default_beam_size=4, default_max_output_tokens=12)
+    pad_and_start = (tokenizer.special.pad, tokenizer.special.bos)
+    decoding = Decoding(never_ids=pad_and_start, default_beam_size=4, max_output_tokens=12)
+    limits = replace(LIMITS, decoding=decoding)
     seeds = itertools.count()
 
     def job(streaming: bool = False, **options: object):
