@@ -40,6 +40,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import onnxruntime as ort
@@ -136,12 +137,36 @@ def _train_spm(texts: list[str], prefix: Path, pieces: int) -> Path:
     return model
 
 
+def marian_config(size: Size, pad_id: int) -> Any:
+    """The MarianConfig of a checkpoint of `size`, OPUS-MT's conventions: one shared vocabulary,
+    swish, scaled embeddings, decoding from the pad token, end token 0."""
+    from transformers import MarianConfig  # torch: see build_checkpoint
+
+    return MarianConfig(
+        vocab_size=size.vocab,
+        decoder_vocab_size=size.vocab,
+        d_model=size.d_model,
+        encoder_layers=size.layers,
+        decoder_layers=size.layers,
+        encoder_attention_heads=size.heads,
+        decoder_attention_heads=size.heads,
+        encoder_ffn_dim=size.ffn,
+        decoder_ffn_dim=size.ffn,
+        max_position_embeddings=512,
+        pad_token_id=pad_id,
+        eos_token_id=0,
+        decoder_start_token_id=pad_id,
+        activation_function="swish",
+        scale_embedding=True,
+    )
+
+
 def build_checkpoint(out: Path, size: Size, corpus_pairs: int, seed: int = 0) -> Vocabulary:
     """A MarianMT checkpoint of `size` in `out` (config.json, model.safetensors, tokenizer files)."""
     # Imported here: `sessions_apart`'s spawned process imports this module, and must not hold torch
     import sentencepiece as spm
     import torch
-    from transformers import MarianConfig, MarianMTModel, MarianTokenizer
+    from transformers import MarianMTModel, MarianTokenizer
 
     out.mkdir(parents=True, exist_ok=True)
     splits = CorpusConfig(
@@ -171,23 +196,7 @@ def build_checkpoint(out: Path, size: Size, corpus_pairs: int, seed: int = 0) ->
             source_lang="en",
             target_lang="fr",
         )
-    config = MarianConfig(
-        vocab_size=size.vocab,
-        decoder_vocab_size=size.vocab,
-        d_model=size.d_model,
-        encoder_layers=size.layers,
-        decoder_layers=size.layers,
-        encoder_attention_heads=size.heads,
-        decoder_attention_heads=size.heads,
-        encoder_ffn_dim=size.ffn,
-        decoder_ffn_dim=size.ffn,
-        max_position_embeddings=512,
-        pad_token_id=vocab["<pad>"],
-        eos_token_id=0,
-        decoder_start_token_id=vocab["<pad>"],
-        activation_function="swish",
-        scale_embedding=True,
-    )
+    config = marian_config(size, pad_id=vocab["<pad>"])
     torch.manual_seed(seed)
     model = MarianMTModel(config).eval()
     model.generation_config.bad_words_ids = [[vocab["<pad>"]]]  # as OPUS-MT checkpoints ship it

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.import_hf import MODEL_NAME, Size, main
+from bench.import_hf import MODEL_NAME, Size, main, marian_config
 
 TINY = ["--d-model", "32", "--layers", "1", "--heads", "2", "--ffn", "64", "--vocab", "1000"]
 
@@ -36,21 +36,10 @@ def test_the_import_benchmark_writes_its_page(tmp_path: Path) -> None:
 
 
 def test_the_parameter_count_is_the_checkpoints() -> None:
-    from transformers import MarianConfig, MarianMTModel
+    from transformers import MarianMTModel
 
     size = Size(d_model=32, layers=2, heads=2, ffn=64, vocab=500)
-    config = MarianConfig(
-        vocab_size=size.vocab,
-        d_model=size.d_model,
-        encoder_layers=size.layers,
-        decoder_layers=size.layers,
-        encoder_attention_heads=size.heads,
-        decoder_attention_heads=size.heads,
-        encoder_ffn_dim=size.ffn,
-        decoder_ffn_dim=size.ffn,
-        pad_token_id=499,
-        decoder_start_token_id=499,
-    )
+    config = marian_config(size, pad_id=499)
     model = MarianMTModel(config)
     # the sinusoids are computed, never stored; the final logits bias is a buffer
     learned = sum(p.numel() for n, p in model.named_parameters() if "embed_positions" not in n)
