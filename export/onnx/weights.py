@@ -84,6 +84,16 @@ class SafetensorsIndex:
             key = _content_key(dtype, tensor.shape, raw[tensor.offset : tensor.offset + tensor.length])
             self._by_content.setdefault(key, name)
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every tensor, by name, as numpy arrays (read from the file; no safetensors package)."""
+        raw = self.path.read_bytes()
+        return {
+            name: np.frombuffer(raw, t.dtype, count=t.length // t.dtype.itemsize, offset=t.offset).reshape(
+                t.shape
+            )
+            for name, t in self.tensors.items()
+        }
+
     def find(self, array: np.ndarray) -> StoredTensor | None:
         """The stored tensor with exactly this dtype, shape and content, if any."""
         name = self._by_content.get(_array_key(array))

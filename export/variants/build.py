@@ -49,6 +49,7 @@ from export.variants.checks import (
     require_finite,
     require_fp32_parity,
 )
+from export.variants.fused_step import build_fused_step
 from service.engine.graphs import OnnxGraphs
 from service.modeldir.manifest import (
     MANIFEST_FILE,
@@ -128,11 +129,22 @@ def build_int8(source: Source, split: Split, options: BuildOptions) -> Manifest:
         "int8",
         variant="int8",
         transform=vg.quantize_int8,
+        step=lambda: vg.quantize_weight_blocks(build_fused_step(source.model_dir, source.manifest)),
         specs=source.manifest.graphs,
-        tool="onnxruntime.quantization.quantize_dynamic, then export.variants.graphs.quantize_rows_apart",
+        tool=(
+            "encoder, attention: onnxruntime.quantization.quantize_dynamic, then "
+            "export.variants.graphs.quantize_rows_apart; decoder_step: export.variants.fused_step, "
+            "then export.variants.graphs.quantize_weight_blocks"
+        ),
         options={
             **{k: getattr(v, "name", v) for k, v in vg.INT8_OPTIONS.items()},  # QuantType → its name
             "activations": "per row (last axis), symmetric: scale max|x|/127, uint8 zero point 128",
+            "decoder_step": {
+                "op": "MatMulNBits",
+                "bits": 8,
+                "block_size": vg.WEIGHT_BLOCK,
+                "accuracy_level": vg.NBITS_ACCURACY_LEVEL,
+            },
         },
     )
     with _no_manifest_on_failure(out):
@@ -181,8 +193,12 @@ def build_optimized(source: Source, split: Split, options: BuildOptions) -> Mani
         "optimized",
         variant="fp32",  # numerically: the same float types, the same results within 1e-4
         transform=vg.optimize,
+        step=lambda: vg.optimize(build_fused_step(source.model_dir, source.manifest)),
         specs=source.manifest.graphs,
-        tool="onnxruntime SessionOptions.optimized_model_filepath",
+        tool=(
+            "onnxruntime SessionOptions.optimized_model_filepath; decoder_step: "
+            "export.variants.fused_step first"
+        ),
         options={
             "graph_optimization_level": "ORT_ENABLE_EXTENDED",
             "execution_provider": vg.OPTIMIZED_PROVIDER,
@@ -206,12 +222,14 @@ def _write_variant(
     *,
     variant: Variant,
     transform: Callable[[onnx.ModelProto], onnx.ModelProto],
+    step: Callable[[], onnx.ModelProto] | None = None,
     specs: Mapping[str, GraphSpec],
     tool: str,
     options: dict[str, Any],
 ) -> tuple[Path, Manifest]:
     """Transform every fp32 graph into `model_dir/name/` (replacing what was there), copy the
-    tokenizer and write the manifest, with no quality and no checks yet."""
+    tokenizer and write the manifest, with no quality and no checks yet. `step`, when given,
+    makes the decoder step instead (`export.variants.fused_step`: rebuilt, not transformed)."""
     out = source.model_dir / name
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
@@ -219,7 +237,7 @@ def _write_variant(
     for graph, spec in source.manifest.graphs.items():
         prepared = vg.prepare(source.model_dir / spec.file)
         before = vg.op_counts(prepared)  # first: a transform may edit its input in place
-        model = transform(prepared)
+        model = step() if step is not None and graph == "decoder_step" else transform(prepared)
         changes[graph] = {
             **vg.op_changes(before, vg.op_counts(model)),
             "initializers": vg.initializer_types(model),

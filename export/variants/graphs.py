@@ -120,6 +120,71 @@ def quantize_rows_apart(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+# int8 for the decoder step: onnxruntime's MatMulNBits, 8-bit weights in blocks of WEIGHT_BLOCK
+# along K (one scale per block and output column), accuracy_level 4 = int8 products with each
+# activation row quantized per block by the kernel itself. One node per MatMul where the
+# DynamicQuantizeLinear path needs ten, and each row's result is its own: a sentence decodes the
+# same alone and in any batch. It wins at the decoder step's small row counts and loses at the
+# encoder's many tokens (docs/variants.md), so only the step uses it.
+WEIGHT_BLOCK = 32
+NBITS_ACCURACY_LEVEL = 4
+
+
+def quantize_weight_blocks(model: onnx.ModelProto, block: int = WEIGHT_BLOCK) -> onnx.ModelProto:
+    """Every MatMul whose second input is an fp32 initializer W (K, N) → MatMulNBits (bits 8):
+    per output column and block of `block` rows of W, scale = max |w| / 127 and
+    q = round(w / scale) + 128 (uint8, the kernel's default zero point 128); K padded with zeros
+    to whole blocks. W itself is dropped when nothing else reads it."""
+    weights = {t.name: t for t in model.graph.initializer}
+    readers = Counter(name for node in model.graph.node for name in node.input)
+    nodes, dropped, added = [], set(), []
+    for node in model.graph.node:
+        w = weights.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        if w is None or w.data_type != TensorProto.FLOAT or len(w.dims) != 2:
+            nodes.append(node)
+            continue
+        matrix = numpy_helper.to_array(w).astype(np.float32)
+        k, n = matrix.shape
+        blocks = -(-k // block)
+        padded = np.zeros((blocks * block, n), np.float32)
+        padded[:k] = matrix
+        columns = padded.T.reshape(n, blocks, block)  # (N, blocks, block): column n's blocks in order
+        scale = np.abs(columns).max(axis=-1) / 127
+        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)  # an all-zero block: any scale
+        q = (np.clip(np.round(columns / scale[..., None]), -127, 127) + 128).astype(np.uint8)
+        base = f"{node.input[1]}/q8b{block}"
+        added += [
+            numpy_helper.from_array(q, f"{base}/weights"),
+            numpy_helper.from_array(scale, f"{base}/scales"),
+        ]
+        nodes.append(
+            helper.make_node(
+                "MatMulNBits",
+                [node.input[0], f"{base}/weights", f"{base}/scales"],
+                list(node.output),
+                domain="com.microsoft",
+                K=k,
+                N=n,
+                bits=8,
+                block_size=block,
+                accuracy_level=NBITS_ACCURACY_LEVEL,
+            )
+        )
+        readers[w.name] -= 1
+        if readers[w.name] == 0:
+            dropped.add(w.name)
+    if not added:
+        return model
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    kept = [t for t in model.graph.initializer if t.name not in dropped]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend([*kept, *added])
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return model
+
+
 def convert_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     """float16 weights and activations, except the blocked ops and the float32 outputs."""
     converted: onnx.ModelProto = convert_float_to_float16(

@@ -1,0 +1,109 @@
+"""The decoder-step graph alone, traced against fused, fp32 and int8: `python -m bench.step_graphs`.
+
+`make bench-step` runs it. Four graphs of one model directory, each one onnxruntime session on one
+intra-op thread, run on the same random inputs (the contract's example inputs: a cache of
+--cache-len slots, the last row's part-masked, a source of --src-len tokens):
+
+- traced fp32: the exported decoder_step.onnx (onnxruntime's ALL optimisations at load);
+- traced int8: the same, dynamically quantized with each activation row on its own (what the int8
+  variant's decoder step was before the fused one);
+- fused fp32: `export.variants.fused_step` (what the optimized variant's step is made from);
+- fused int8: that, with 8-bit weight blocks (`quantize_weight_blocks`; the int8 variant's step).
+
+Per batch size the graphs take turns for --repeats rounds; each run is timed by the CPU time of the
+calling thread (onnxruntime runs a one-thread session on it), which a shared machine disturbs less
+than wall time; the median counts. Prints a markdown table. A measurement, not a test.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from bench.cli import benchmark_parser
+from export.model_config import TransformerConfig
+from export.onnx.contract import example_inputs
+from export.variants import graphs as vg
+from export.variants.fused_step import build_fused_step
+from service.modeldir.manifest import load_manifest
+
+
+def graphs(model_dir: Path) -> dict[str, onnx.ModelProto]:
+    manifest = load_manifest(model_dir)
+    traced = vg.prepare(model_dir / manifest.graphs["decoder_step"].file)
+    return {
+        "traced fp32": onnx.load(str(model_dir / manifest.graphs["decoder_step"].file)),
+        "traced int8": vg.quantize_int8(traced),
+        "fused fp32": build_fused_step(model_dir, manifest),
+        "fused int8": vg.quantize_weight_blocks(build_fused_step(model_dir, manifest)),
+    }
+
+
+def session(model: onnx.ModelProto, model_dir: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    if any(t.external_data for t in model.graph.initializer):  # the traced graph reads model.safetensors
+        return ort.InferenceSession(
+            str(model_dir / "decoder_step.onnx"), options, providers=["CPUExecutionProvider"]
+        )
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def measure(
+    model_dir: Path, batches: Sequence[int], cache_len: int, src_len: int, repeats: int
+) -> dict[int, dict[str, float]]:
+    """Batch → graph → median milliseconds of one step."""
+    manifest = load_manifest(model_dir)
+    cfg = TransformerConfig.from_dict(dict(manifest.architecture))
+    sessions = {name: session(model, model_dir) for name, model in graphs(model_dir).items()}
+    results = {}
+    for batch in batches:
+        sizes = {"batch": batch, "src_len": src_len, "tgt_len": 1, "cache_len": cache_len}
+        feeds = example_inputs(cfg, manifest.graphs["decoder_step"], sizes)
+        times: dict[str, list[float]] = {name: [] for name in sessions}
+        for _ in range(repeats):
+            for name, s in sessions.items():
+                start = time.thread_time()
+                s.run(None, feeds)
+                times[name].append(time.thread_time() - start)
+        results[batch] = {name: 1000 * float(statistics.median(t)) for name, t in times.items()}
+    return results
+
+
+def table(results: dict[int, dict[str, float]]) -> str:
+    names = list(next(iter(results.values())))
+    lines = ["| batch | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
+    for batch, row in results.items():
+        base = row["traced int8"]
+        cells = [f"{ms:.3f} ms ({ms / base:.2f}×)" for ms in row.values()]
+        lines.append(f"| {batch} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = benchmark_parser("bench.step_graphs", __doc__, corpus=False)
+    parser.add_argument("--batches", default="1,8,32,64")
+    parser.add_argument("--cache-len", type=int, default=15)
+    parser.add_argument("--src-len", type=int, default=14)
+    parser.add_argument("--repeats", type=int, default=200)
+    args = parser.parse_args(argv)
+    np.random.seed(0)
+    batches = [int(b) for b in args.batches.split(",")]
+    results = measure(args.model_dir, batches, args.cache_len, args.src_len, args.repeats)
+    print(
+        f"decoder step of {args.model_dir}, cache {args.cache_len} slots, source {args.src_len} tokens, "
+        f"1 thread, median CPU ms of {args.repeats} (ratio to traced int8):"
+    )
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
