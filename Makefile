@@ -13,7 +13,7 @@ CORPUS_DIR ?= data/corpus
 SEED ?= 1234
 
 .PHONY: setup lock proto corpus train eval translate export variants verify bench-kv bench-calls bench-gc \
-	bench-import bench run \
+	bench-import bench-peers bench-step bench run \
 	test test-full lint clean compose-up compose-down import-hf
 
 setup: $(SETUP_DONE)
@@ -117,6 +117,17 @@ bench-gc: $(SETUP_DONE)
 # $(MODEL_DIR): import time, model-directory size (fp32, int8), the server's resident memory (≈2 min).
 bench-import: $(SETUP_DONE) $(CORPUS_DIR)/test.tsv
 	$(PY) -m bench.import_hf --model-dir $(MODEL_DIR) --corpus $(CORPUS_DIR)/test.tsv --out docs/import-benchmark.md
+
+# The decoder-step graph alone, traced against fused (export.variants.fused_step), fp32 and int8, at
+# batch 1/8/32/64: a markdown table on stdout (≈1 min). The figures are in docs/variants.md.
+bench-step: $(SETUP_DONE)
+	$(PY) -m bench.step_graphs --model-dir $(MODEL_DIR) $(ARGS)
+
+# This engine against CTranslate2 and Transformers on the same weights (the default model and a random
+# transformer-base-sized Marian), greedy and beam 4 at batch 1/8/32/64, memory and the service over gRPC
+# → docs/peers.md, docs/peers.png, bench/results/peers-<machine>.json (≈40 min on 2 cores).
+bench-peers: $(SETUP_DONE) $(CORPUS_DIR)/test.tsv
+	$(PY) -m bench.peers --model-dir $(MODEL_DIR) --corpus $(CORPUS_DIR)/test.tsv --out docs/peers.md $(ARGS)
 
 # The service benchmark (a measurement, not a test; ≈9 min on 2 cores): the in-process gRPC server under
 # closed- and open-loop load (continuous, collect-then-run, batch 1), the engine alone at batch 1/8/32/64

@@ -161,8 +161,11 @@ def marian_config(size: Size, pad_id: int) -> Any:
     )
 
 
-def build_checkpoint(out: Path, size: Size, corpus_pairs: int, seed: int = 0) -> Vocabulary:
-    """A MarianMT checkpoint of `size` in `out` (config.json, model.safetensors, tokenizer files)."""
+def build_checkpoint(
+    out: Path, size: Size, corpus_pairs: int, seed: int = 0, forced_eos: bool = True
+) -> Vocabulary:
+    """A MarianMT checkpoint of `size` in `out` (config.json, model.safetensors, tokenizer files);
+    without `forced_eos`, no end token is imposed at the length limit (Marian's default imposes it)."""
     # Imported here: `sessions_apart`'s spawned process imports this module, and must not hold torch
     import sentencepiece as spm
     import torch
@@ -198,6 +201,8 @@ def build_checkpoint(out: Path, size: Size, corpus_pairs: int, seed: int = 0) ->
         )
     config = marian_config(size, pad_id=vocab["<pad>"])
     torch.manual_seed(seed)
+    if not forced_eos:
+        config.forced_eos_token_id = None
     model = MarianMTModel(config).eval()
     model.generation_config.bad_words_ids = [[vocab["<pad>"]]]  # as OPUS-MT checkpoints ship it
     model.save_pretrained(out)

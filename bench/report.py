@@ -22,7 +22,7 @@ from bench.variants import DESCRIPTIONS, LABELS
 from service.config import usable_cores
 from service.engine.graphs import ModelDims
 
-INTERPRETATION_BEGIN = "<!-- interpretation: written by hand, kept when bench.kv_cache rewrites this page -->"
+INTERPRETATION_BEGIN = "<!-- interpretation: written by hand, kept when its benchmark rewrites this page -->"
 INTERPRETATION_END = "<!-- end of interpretation -->"
 _NO_INTERPRETATION = "_Not written yet: put it between these two comments; regenerating the page keeps it._"
 _VECTOR_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
