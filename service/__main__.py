@@ -24,7 +24,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if config.server.workers > 1:
             return run_workers(config)
         asyncio.run(serve(config))
-    except ListenError as err:
+    except (ListenError, ConfigError) as err:  # a port, or the TLS or token files
         print(f"python -m service: {err}", file=sys.stderr)
         return 1
     return 0

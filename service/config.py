@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, NoReturn, cast, get_args
 
@@ -74,11 +74,27 @@ class ServerConfig:
     host: str = "[::]"  # address to listen on; [::] is every interface
     port: int = 50051  # gRPC port; 0 picks a free one
     metrics_port: int = 9090  # Prometheus /metrics port; 0 picks a free one
+    metrics_host: str | None = None  # address of the metrics port; None: the same as host
     grace_period_s: float = 10.0  # on shutdown, how long in-flight requests may finish
     max_message_bytes: int = 4 * 1024 * 1024  # largest request or response message
-    # Close client connections after this long (a GOAWAY; calls in flight finish), so that clients
-    # balancing over DNS (a headless Kubernetes Service) find new replicas; 0: never.
-    max_connection_age_s: float = 0.0
+    # HTTP/2 connection limits (docs/security.md, "Connections"). Calls one connection may have open
+    # at once (SETTINGS_MAX_CONCURRENT_STREAMS; 0: unlimited): a gRPC client queues calls beyond it.
+    max_concurrent_streams: int = 128
+    max_connections: int = 1024  # client connections open at once; more are closed at accept; 0: unlimited
+    max_connection_idle_s: float = 300.0  # close a connection with no call open for this long; 0: never
+    # Close client connections after this long (a GOAWAY; calls in flight get
+    # max_connection_age_grace_s, then the connection is cut), so that clients balancing over DNS (a
+    # headless Kubernetes Service) find new replicas, and a call whose request never completes (a
+    # half-open stream) is dropped at the latest age + grace after its connection opened; 0: never.
+    max_connection_age_s: float = 1800.0
+    max_connection_age_grace_s: float = 30.0
+    # Ping a connection silent for this long, and close it when the answer takes more than
+    # keepalive_timeout_s: the calls of a vanished client are dropped within their sum.
+    keepalive_time_s: float = 60.0
+    keepalive_timeout_s: float = 20.0
+    # Clients may ping at most this often (also without calls); more often, twice, and the server
+    # closes the connection (GOAWAY ENHANCE_YOUR_CALM, "too_many_pings").
+    min_client_ping_interval_s: float = 10.0
     max_texts_per_request: int = 64  # texts in one Translate request at most
     # sentences in one request at most, over all its texts: each is a request to the scheduler
     max_sentences_per_request: int = 256
@@ -92,11 +108,37 @@ class ServerConfig:
     workers: int = 1
 
 
+# What a request may reach without a bearer token when tokens are set: the standard health and
+# reflection services (a Kubernetes gRPC probe sends no metadata).
+PUBLIC_SERVICES = (
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1alpha.ServerReflection",
+    "grpc.reflection.v1.ServerReflection",
+)
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """TLS on the gRPC port and bearer tokens (service/rpc/tls.py, service/rpc/auth.py, docs/security.md)."""
+
+    # Serve TLS with this certificate (PEM, the chain after it) and key, both or neither; None:
+    # plaintext. The files are read again when they change (or on SIGHUP), for new connections.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # mutual TLS: require client certificates signed by this CA
+    # Bearer tokens, one per line (# comments), any of which a call must send as
+    # `authorization: Bearer <token>`; with auth_tokens: either kind passes. None and (): no auth.
+    auth_tokens_file: Path | None = None
+    auth_tokens: tuple[str, ...] = field(default=(), repr=False)  # environment only, never printed
+    auth_exempt_services: tuple[str, ...] = PUBLIC_SERVICES  # served without a token
+
+
 @dataclass(frozen=True)
 class Config:
     engine: EngineConfig = EngineConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     server: ServerConfig = ServerConfig()
+    security: SecurityConfig = SecurityConfig()
 
 
 MAX_AUTO_INSTANCES = 4  # each instance gets a share of --max-sequences: keep the shares useful
@@ -143,6 +185,9 @@ class _Setting:
     flag: str  # e.g. "--model-dirs"
     meaning: str  # for --help and docs/configuration.md
     parse: Callable[[str], Any]  # text → value; raises ValueError with what is allowed
+    # a secret: its environment variable only (a flag's value is in every user's `ps`), and a
+    # refused value is not repeated in the error
+    env_only: bool = False
 
     @property
     def env(self) -> str:
@@ -207,6 +252,36 @@ def _paths(text: str) -> tuple[Path, ...]:
 
 def _optional_name(text: str) -> str | None:
     return text.strip() or None
+
+
+def _optional_path(text: str) -> Path | None:
+    return Path(text.strip()) if text.strip() else None
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(n.strip() for n in text.split(",") if n.strip())
+
+
+MIN_TOKEN_LENGTH = 16
+
+
+def _tokens(text: str) -> tuple[str, ...]:
+    """Comma-separated bearer tokens: each printable ASCII without spaces, ≥ MIN_TOKEN_LENGTH long."""
+    tokens = _names(text)
+    if not tokens:
+        raise ValueError("expected one or more tokens, comma-separated")
+    check_tokens(tokens)
+    return tokens
+
+
+def check_tokens(tokens: Sequence[str]) -> None:
+    """Raises ValueError, never naming the token, unless every token is printable ASCII without
+    spaces (what an HTTP/2 header value holds) and at least MIN_TOKEN_LENGTH characters long."""
+    for i, token in enumerate(tokens, 1):
+        if not (token.isascii() and token.isprintable() and " " not in token):
+            raise ValueError(f"token {i}: expected printable ASCII characters without spaces")
+        if len(token) < MIN_TOKEN_LENGTH:
+            raise ValueError(f"token {i}: expected at least {MIN_TOKEN_LENGTH} characters")
 
 
 def _text(text: str) -> str:
@@ -298,6 +373,13 @@ SETTINGS = (
     _Setting("server", "metrics_port", "--metrics-port", "Prometheus /metrics port (0: any free)", _PORT),
     _Setting(
         "server",
+        "metrics_host",
+        "--metrics-host",
+        "address of the metrics port (none: --host)",
+        _optional_name,
+    ),
+    _Setting(
+        "server",
         "grace_period_s",
         "--grace-period-s",
         "seconds in-flight requests get on shutdown",
@@ -312,9 +394,58 @@ SETTINGS = (
     ),
     _Setting(
         "server",
+        "max_concurrent_streams",
+        "--max-concurrent-streams",
+        "calls open at once on one connection (0: unlimited)",
+        _int_at_least(0),
+    ),
+    _Setting(
+        "server",
+        "max_connections",
+        "--max-connections",
+        "client connections open at once (0: unlimited)",
+        _int_at_least(0),
+    ),
+    _Setting(
+        "server",
+        "max_connection_idle_s",
+        "--max-connection-idle-s",
+        "close a connection without calls after this long (0: never)",
+        _float_at_least(0.0),
+    ),
+    _Setting(
+        "server",
         "max_connection_age_s",
         "--max-connection-age-s",
         "close client connections after this long (0: never)",
+        _float_at_least(0.0),
+    ),
+    _Setting(
+        "server",
+        "max_connection_age_grace_s",
+        "--max-connection-age-grace-s",
+        "then the seconds its calls get before the connection is cut",
+        _float_at_least(0.0),
+    ),
+    _Setting(
+        "server",
+        "keepalive_time_s",
+        "--keepalive-time-s",
+        "ping a silent connection after this long (0: never)",
+        _float_at_least(0.0),
+    ),
+    _Setting(
+        "server",
+        "keepalive_timeout_s",
+        "--keepalive-timeout-s",
+        "close it when the ping's answer takes longer",
+        _float_at_least(0.0),
+    ),
+    _Setting(
+        "server",
+        "min_client_ping_interval_s",
+        "--min-client-ping-interval-s",
+        "least seconds between a client's pings",
         _float_at_least(0.0),
     ),
     _Setting(
@@ -345,6 +476,30 @@ SETTINGS = (
         "server processes sharing the port, cores and limits split between them",
         _int_at_least(1, 64),
     ),
+    _Setting(
+        "security", "tls_cert", "--tls-cert", "TLS certificate chain, PEM (none: plaintext)", _optional_path
+    ),
+    _Setting("security", "tls_key", "--tls-key", "TLS private key, PEM", _optional_path),
+    _Setting(
+        "security",
+        "tls_client_ca",
+        "--tls-client-ca",
+        "mutual TLS: CA of the client certificates",
+        _optional_path,
+    ),
+    _Setting(
+        "security", "auth_tokens_file", "--auth-tokens-file", "bearer tokens, one per line", _optional_path
+    ),
+    _Setting(
+        "security", "auth_tokens", "--auth-tokens", "bearer tokens, comma-separated", _tokens, env_only=True
+    ),
+    _Setting(
+        "security",
+        "auth_exempt_services",
+        "--auth-exempt-services",
+        "services served without a token, comma-separated",
+        _names,
+    ),
 )
 
 
@@ -370,8 +525,20 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Conf
         ConfigError: an unknown flag, or a value that is not allowed (the message names the flag
             or variable, the value and what is allowed).
     """
-    parser = _Parser(prog="python -m service", description="gRPC translation inference service")
+    secrets = [s for s in SETTINGS if s.env_only]
+    epilog = "environment only (a flag's value is visible to every user): " + "; ".join(
+        f"{s.meaning} (default: {_show(s.default())}; env {s.env})" for s in secrets
+    )
+    # no abbreviated flags: `--auth-tokens SECRET` would be taken for --auth-tokens-file otherwise
+    parser = _Parser(
+        prog="python -m service",
+        description="gRPC translation inference service",
+        epilog=epilog,
+        allow_abbrev=False,
+    )
     for s in SETTINGS:
+        if s.env_only:
+            continue
         parser.add_argument(
             s.flag,
             dest=s.env,
@@ -382,7 +549,7 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Conf
     flags = vars(parser.parse_args(list(argv or [])))
     sections: dict[str, dict[str, Any]] = {f.name: {} for f in fields(Config)}
     for s in SETTINGS:
-        if flags[s.env] is not None:
+        if flags.get(s.env) is not None:
             text, where = flags[s.env], s.flag
         elif s.env in environ:
             text, where = environ[s.env], s.env
@@ -391,19 +558,19 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Conf
         try:
             sections[s.section][s.field] = s.parse(text)
         except ValueError as err:
-            raise ConfigError(f"{where}={text!r}: {err}") from None
+            raise ConfigError(f"{where}={'…' if s.env_only else repr(text)}: {err}") from None
     default = Config()
     return Config(**{name: replace(getattr(default, name), **values) for name, values in sections.items()})
 
 
 def config_table() -> list[tuple[str, str, str, str]]:
     """(flag, environment variable, default, meaning) of every setting, for docs/configuration.md."""
-    return [(s.flag, s.env, _show(s.default()), s.meaning) for s in SETTINGS]
+    return [("(env only)" if s.env_only else s.flag, s.env, _show(s.default()), s.meaning) for s in SETTINGS]
 
 
 def _show(value: Any) -> str:
-    if value is None:
+    if value is None or value == ():
         return "(none)"
     if isinstance(value, tuple):
-        return ",".join(str(v) for v in value)
+        return ", ".join(str(v) for v in value)
     return str(value)

@@ -30,8 +30,10 @@ from service.api.translator.v1 import translator_pb2 as pb
 from service.config import Config, ServerConfig, resolve_parallelism, usable_cores
 from service.engine.engine import CUDA, Engine, ModelInfo, choose_device
 from service.metrics import Metrics, MetricsServer, ServedModel, register_process_metrics, serve_metrics
+from service.rpc.auth import TokenAuth, load_tokens
 from service.rpc.requests import request_decoder
 from service.rpc.servicer import TranslatorServicer
+from service.rpc.tls import ServerCertificates
 from service.scheduler.pool import SchedulerPool
 
 log = logging.getLogger(__name__)
@@ -99,12 +101,13 @@ class ListenError(OSError):
 
 
 def listen_for_metrics(registry: CollectorRegistry, server: ServerConfig) -> MetricsServer:
-    """`registry` served on the metrics port (service.metrics.serve_metrics)."""
-    host = server.host.strip("[]")
+    """`registry` served on the metrics port (service.metrics.serve_metrics), on --metrics-host
+    (default: --host)."""
+    host = server.metrics_host or server.host
     try:
-        return serve_metrics(registry, host, server.metrics_port)
+        return serve_metrics(registry, host.strip("[]"), server.metrics_port)
     except OSError as err:
-        address = f"{server.host}:{server.metrics_port}"
+        address = f"{host}:{server.metrics_port}"
         raise ListenError(f"cannot serve metrics on {address}: {err.strerror}") from err
 
 
@@ -169,6 +172,7 @@ class RunningServer:
     scheduler: SchedulerPool
     engine: Engine
     metrics: Metrics
+    certificates: ServerCertificates | None = None  # None: plaintext
 
     @property
     def metrics_port(self) -> int | None:
@@ -203,6 +207,12 @@ async def start_server(
     Returns:
         The running server with its bound ports.
     """
+    # the TLS files and tokens checked before anything listens (ConfigError: one clear line)
+    certificates = ServerCertificates.load(config.security)
+    tokens = load_tokens(config.security)
+    if tokens and certificates is None:
+        log.warning("bearer tokens over plaintext gRPC: terminate TLS in front (docs/security.md)")
+    interceptors = [TokenAuth(tokens, config.security.auth_exempt_services)] if tokens else []
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     metrics_server = None
@@ -217,14 +227,17 @@ async def start_server(
     # Listen first, NOT_SERVING, so that health checks and early calls get an answer (UNAVAILABLE,
     # "starting") rather than a refused connection while the model loads and warms up.
     servicer = TranslatorServicer(config, metrics)
-    server = grpc.aio.server(options=_channel_options(config.server))
+    server = grpc.aio.server(interceptors=interceptors, options=_channel_options(config.server))
     add_translator(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"{config.server.host}:{config.server.port}"
     try:
-        port = server.add_insecure_port(address)
+        if certificates is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, certificates.credentials())
     except RuntimeError as err:  # grpc's "Failed to bind": the reason is only in its debug log
         if metrics_server is not None:
             metrics_server.close()
@@ -270,7 +283,16 @@ async def start_server(
             model,
         )
     return RunningServer(
-        config, server, port, metrics_server, health_servicer, servicer, scheduler, engine, metrics
+        config,
+        server,
+        port,
+        metrics_server,
+        health_servicer,
+        servicer,
+        scheduler,
+        engine,
+        metrics,
+        certificates,
     )
 
 
@@ -295,6 +317,8 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if running.certificates is not None:  # SIGHUP: re-read the TLS files at the next handshake
+        loop.add_signal_handler(signal.SIGHUP, running.certificates.reload)
 
     async def watch() -> None:
         while not orphaned():
@@ -307,7 +331,7 @@ async def serve(
         await stop.wait()
     finally:
         watcher.cancel()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         await running.stop()
 
@@ -318,8 +342,37 @@ def _channel_options(server: ServerConfig) -> list[tuple[str, int]]:
     # Workers share one port, and the kernel spreads connections over them; a lone server refuses a
     # port that another one holds, rather than silently splitting its connections with it.
     options.append(("grpc.so_reuseport", 1 if server.workers > 1 else 0))
-    if server.max_connection_age_s > 0:
-        # then calls still in flight get the drain grace period before the connection closes
-        age_ms, grace_ms = int(server.max_connection_age_s * 1000), int(server.grace_period_s * 1000)
-        options += [("grpc.max_connection_age_ms", age_ms), ("grpc.max_connection_age_grace_ms", grace_ms)]
+    return options + connection_limits(server)
+
+
+def connection_limits(server: ServerConfig) -> list[tuple[str, int]]:
+    """The HTTP/2 limits of ServerConfig as grpc core's channel arguments (docs/security.md).
+
+    A call whose request never completes (HEADERS and no message, or a message cut short) holds
+    its stream and never reaches a handler: no deadline of ours applies to it. The stream limit
+    bounds how many one connection holds, the age and its grace how long, keepalive how long after
+    the client vanished; idle connections (no call) close on their own.
+    """
+
+    def ms(seconds: float) -> int:
+        return int(seconds * 1000)
+
+    options = [
+        ("grpc.max_connection_age_grace_ms", ms(server.max_connection_age_grace_s)),
+        ("grpc.keepalive_timeout_ms", ms(server.keepalive_timeout_s)),
+        ("grpc.http2.min_ping_interval_without_data_ms", ms(server.min_client_ping_interval_s)),
+        # a client's pings without calls are allowed (at that interval), and the server's own go
+        # out without calls too, so that an idle connection to a vanished client is found dead
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_ping_strikes", 2),
+    ]
+    for name, value in (
+        ("grpc.max_concurrent_streams", server.max_concurrent_streams),
+        ("grpc.max_allowed_incoming_connections", server.max_connections),
+        ("grpc.max_connection_idle_ms", ms(server.max_connection_idle_s)),
+        ("grpc.max_connection_age_ms", ms(server.max_connection_age_s)),
+        ("grpc.keepalive_time_ms", ms(server.keepalive_time_s)),
+    ):
+        if value > 0:  # 0: the setting is off (grpc core's own default: unlimited, never)
+            options.append((name, value))
     return options

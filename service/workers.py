@@ -18,6 +18,7 @@ This process is the supervisor. It
 - on SIGTERM or SIGINT, passes it on to every worker, which drains as a lone server would
   (health NOT_SERVING, new calls UNAVAILABLE, in-flight calls finish within the grace period),
   and exits 0 once all have exited 0;
+- with TLS on, passes SIGHUP on as well: each worker re-reads its certificate files;
 - if a worker dies on its own, stops the others the same way and exits 1: the process manager
   (Docker's restart policy, Kubernetes) restarts the whole server, which is simpler to reason
   about than a server quietly running on fewer workers.
@@ -101,6 +102,8 @@ class _Supervisor:
 
     def run(self) -> int:
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        if self.config.security.tls_cert is not None:  # SIGHUP: each worker re-reads the TLS files
+            previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._pass_on)
         try:
             self._spawn()
             code = self._supervise()
@@ -111,6 +114,11 @@ class _Supervisor:
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.stop_requested.set()
+
+    def _pass_on(self, signum: int, frame: FrameType | None) -> None:
+        for worker in self.workers:
+            if worker.process.pid is not None and worker.process.is_alive():
+                os.kill(worker.process.pid, signum)
 
     def _spawn(self) -> None:
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited threads

@@ -13,6 +13,9 @@ LENGTH, for any of its sentences) is printed all the same, with a note on stderr
 number. --stream sends the decoding options as given: the server refuses beam search and
 --n-best > 1 for streams, and that error is shown.
 
+TLS: --tls (the system's CAs) or --tls-ca FILE; mutual TLS adds --tls-cert and --tls-key. A bearer
+token comes from --token or, kept out of `ps`, the environment variable TRANSLATOR_TOKEN.
+
 Errors print "error: STATUS: message" on stderr and exit 1; usage errors (an option out of range
 included) exit 2.
 """
@@ -20,8 +23,9 @@ included) exit 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, NamedTuple, get_args, get_type_hints
@@ -38,6 +42,7 @@ from service.client.client import (
 
 DEFAULT_ADDRESS = "localhost:50051"
 PROG = "python -m service.client"
+TOKEN_ENV = "TRANSLATOR_TOKEN"
 
 
 def int_range(low: int, high: int | None = None) -> Callable[[str], int]:
@@ -417,6 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="translator gRPC client")
     parser.add_argument("--address", default=DEFAULT_ADDRESS, help="server host:port (%(default)s)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per call (%(default)s)")
+    parser.add_argument("--tls", action="store_true", help="speak TLS, trusting the system's CAs")
+    parser.add_argument("--tls-ca", metavar="FILE", help="speak TLS, trusting this CA (PEM)")
+    parser.add_argument("--tls-cert", metavar="FILE", help="mutual TLS: this client's certificate (PEM)")
+    parser.add_argument("--tls-key", metavar="FILE", help="mutual TLS: this client's private key (PEM)")
+    parser.add_argument("--token", help=f"bearer token sent with every call (default: env {TOKEN_ENV})")
     commands = parser.add_subparsers(dest="command", required=True)
 
     t = commands.add_parser("translate", help="translate texts (arguments, or one per line on stdin)")
@@ -467,17 +477,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """The CLI; `environ` (default: the process's) gives TRANSLATOR_TOKEN when --token is not set."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    token = args.token or (os.environ if environ is None else environ).get(TOKEN_ENV) or None
+    tls = {"tls": args.tls, "tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key}
     try:
-        with TranslatorClient(args.address, timeout=args.timeout) as client:
+        with TranslatorClient(args.address, timeout=args.timeout, token=token, **tls) as client:
             args.run(client, args)
     except TranslatorError as err:
         print(f"error: {err.code}: {err.message}", file=sys.stderr)
         return 1
     except (ValueError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # a --tls- file
+        print(f"error: {err.filename}: {err.strerror}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

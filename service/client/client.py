@@ -11,6 +11,9 @@
         stream.result                                     # the final Translation
 
 Every gRPC error is re-raised as `TranslatorError` (status code name + the server's message).
+
+    TranslatorClient("translator.example:443", tls=True, token=token)      # TLS, the system's CAs
+    TranslatorClient(address, tls_ca="ca.crt", tls_cert="me.crt", tls_key="me.key")   # mutual TLS
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -371,13 +375,40 @@ class TranslatorClient:
     Args:
         address: "host:port" of the server.
         timeout: the deadline of every call in seconds (None: no deadline).
+        tls: speak TLS, verifying the server against the system's CAs (implied by the tls_ options).
+        tls_ca: PEM file of the CA that signed the server's certificate (instead of the system's).
+        tls_cert, tls_key: PEM files of this client's certificate and key, for mutual TLS.
+        token: a bearer token sent with every call (`authorization: Bearer <token>`); over plaintext
+            anyone on the path reads it: use it with TLS (this client's, or a proxy's in front).
+
+    Raises:
+        ValueError: only one of tls_cert and tls_key.
+        OSError: a tls_ file cannot be read.
     """
 
-    def __init__(self, address: str = "localhost:50051", *, timeout: float | None = 30.0) -> None:
+    def __init__(
+        self,
+        address: str = "localhost:50051",
+        *,
+        timeout: float | None = 30.0,
+        tls: bool = False,
+        tls_ca: str | Path | None = None,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
+        token: str | None = None,
+    ) -> None:
         self.address, self.timeout = address, timeout
-        self._channel = grpc.insecure_channel(
-            address, options=[("grpc.enable_retries", 1), ("grpc.service_config", SERVICE_CONFIG)]
-        )
+        options = [("grpc.enable_retries", 1), ("grpc.service_config", SERVICE_CONFIG)]
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: a client certificate needs its key")
+        if tls or tls_ca is not None or tls_cert is not None:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_read(tls_ca), private_key=_read(tls_key), certificate_chain=_read(tls_cert)
+            )
+            self._channel = grpc.secure_channel(address, credentials, options=options)
+        else:
+            self._channel = grpc.insecure_channel(address, options=options)
+        self._metadata = () if token is None else (("authorization", f"Bearer {token}"),)
         self._stub = pb_grpc.TranslatorStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -419,7 +450,8 @@ class TranslatorClient:
             `result` attribute holds the final Translation.
         """
         request = pb.TranslateStreamRequest(text=text, options=_message(options, overrides))
-        return TranslationStream(self._stub.TranslateStream(request, timeout=self.timeout))
+        call = self._stub.TranslateStream(request, timeout=self.timeout, metadata=self._metadata)
+        return TranslationStream(call)
 
     def attend(
         self,
@@ -524,6 +556,10 @@ class TranslatorClient:
 
     def _call(self, method: Any, request: Any) -> Any:
         try:
-            return method(request, timeout=self.timeout)
+            return method(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as err:
             raise TranslatorError.from_rpc_error(err) from None
+
+
+def _read(path: str | Path | None) -> bytes | None:
+    return None if path is None else Path(path).read_bytes()

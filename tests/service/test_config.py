@@ -146,3 +146,29 @@ def test_help_shows_each_flag_with_its_default_and_variable(capsys: pytest.Captu
     for flag, env, default, _ in config_table():
         assert f"(default: {default}; env {env})" in text, flag
     assert "VALUE" not in text and "--grace-period-s SECONDS" in text and "--port PORT" in text
+
+
+def test_tokens_are_set_by_the_environment_only_and_never_echoed() -> None:
+    secret = "s3cret-token-0123456789"
+    config = parse_config([], {"TRANSLATOR_AUTH_TOKENS": f"{secret}, other-token-0123456789"})
+    assert config.security.auth_tokens == (secret, "other-token-0123456789")
+    assert secret not in repr(config)
+    with pytest.raises(ConfigError, match="--auth-tokens"):  # no such flag: its value would be in `ps`
+        parse_config(["--auth-tokens", secret], {})
+    with pytest.raises(ConfigError) as err:
+        parse_config([], {"TRANSLATOR_AUTH_TOKENS": "tooshort"})
+    assert "TRANSLATOR_AUTH_TOKENS" in str(err.value) and "at least 16" in str(err.value)
+    assert "tooshort" not in str(err.value)
+
+
+def test_security_and_connection_settings_parse() -> None:
+    argv = ["--tls-cert", "a.crt", "--tls-key", "a.key", "--metrics-host", "127.0.0.1"]
+    environ = {
+        "TRANSLATOR_AUTH_EXEMPT_SERVICES": "grpc.health.v1.Health",
+        "TRANSLATOR_MAX_CONCURRENT_STREAMS": "0",
+    }
+    config = parse_config(argv, environ)
+    assert (config.security.tls_cert, config.security.tls_key) == (Path("a.crt"), Path("a.key"))
+    assert config.security.tls_client_ca is None and config.server.metrics_host == "127.0.0.1"
+    assert config.security.auth_exempt_services == ("grpc.health.v1.Health",)
+    assert config.server.max_concurrent_streams == 0 and parse_config([], {}).server.metrics_host is None

@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from prometheus_client import CollectorRegistry
 
 from service.api.translator.v1 import translator_pb2 as pb
 from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
@@ -37,7 +38,7 @@ from service.engine.engine import Engine
 from service.engine.reference_decoder import translate_texts
 from service.modeldir.tokenizer import Tokenizer
 from service.rpc.responses import text_delta
-from service.server import setup_logging
+from service.server import listen_for_metrics, setup_logging
 from tests.service.server_fixture import ServerThread, loopback_config, paced_steps, wait_until
 
 SERVICE = "translator.v1.Translator"
@@ -838,3 +839,16 @@ def test_the_request_log_line_carries_the_fields(log_format: str) -> None:
         assert json.loads(line) | fields == json.loads(line) and json.loads(line)["message"] == "Translate OK"
     else:
         assert line.endswith("Translate OK request_id=abc rpc=Translate status=OK input_tokens=7")
+
+
+def test_the_metrics_port_binds_its_own_address() -> None:
+    """--metrics-host: /metrics on 127.0.0.2 while gRPC would be on 127.0.0.1 (both loopback)."""
+    server = ServerConfig(host="127.0.0.1", metrics_host="127.0.0.2", metrics_port=0)
+    endpoint = listen_for_metrics(CollectorRegistry(), server)
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.2:{endpoint.port}/metrics", timeout=10) as reply:
+            assert reply.status == 200
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", endpoint.port), timeout=10).close()
+    finally:
+        endpoint.close()

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,8 @@ import pytest
 
 from service.client import TranslateOptions, TranslatorClient, TranslatorError
 from service.client.cli import _options, build_parser, display_token
+from service.config import SecurityConfig
+from tests.service.certs import Pki, write_pki
 from tests.service.server_fixture import ServerThread, loopback_config
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -32,9 +35,15 @@ def client(server: ServerThread) -> Iterator[TranslatorClient]:
         yield client
 
 
-def cli(server: ServerThread, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+def cli(
+    server: ServerThread, *args: str, stdin: str = "", env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "service.client", "--address", server.target, *args]
-    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    env = (
+        {k: v for k, v in os.environ.items() if k != "TRANSLATOR_TOKEN"}
+        | {"PYTHONPATH": str(ROOT)}
+        | (env or {})
+    )
     return subprocess.run(command, input=stdin, capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
 
 
@@ -393,3 +402,57 @@ def test_cli_blank_texts_give_blank_lines_as_arguments_stdin_and_streams(server:
         assert (run.returncode, run.stdout) == expected, (mode, run.stderr)
         run = cli(server, "translate", *mode, stdin=f"\n{CATS}\n  \n")
         assert (run.returncode, run.stdout) == expected, (mode, run.stderr)
+
+
+# --- TLS and tokens ---------------------------------------------------------------------------------
+
+TOKEN = "client-test-token-0123456789"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return write_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def secure(server: ServerThread, pki: Pki) -> Iterator[ServerThread]:
+    """Mutual TLS and a bearer token, on the engine of `server`."""
+    security = SecurityConfig(
+        tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca, auth_tokens=(TOKEN,)
+    )
+    with ServerThread(replace(loopback_config(), security=security), server.running.engine) as running:
+        yield running
+
+
+def test_the_client_speaks_mutual_tls_and_sends_its_token(secure: ServerThread, pki: Pki) -> None:
+    tls = {"tls_ca": pki.ca, "tls_cert": pki.client_cert, "tls_key": pki.client_key}
+    with TranslatorClient(secure.target, timeout=30, token=TOKEN, **tls) as client:
+        assert client.translate([CATS])[0].text == "J'aime les chats."
+        assert "".join(client.translate_stream(CATS)) == "J'aime les chats."
+        assert client.model_info()[0].name == "en-fr-small"
+    with TranslatorClient(secure.target, timeout=30, **tls) as anonymous:
+        assert anonymous.health() == "SERVING"  # health needs no token
+        with pytest.raises(TranslatorError) as err:
+            anonymous.translate([CATS])
+        assert err.value.code == "UNAUTHENTICATED"
+        with pytest.raises(TranslatorError) as err:
+            list(anonymous.translate_stream(CATS))
+        assert err.value.code == "UNAUTHENTICATED"
+    with pytest.raises(ValueError, match="tls_cert and tls_key go together"):
+        TranslatorClient(secure.target, tls_cert=pki.client_cert)
+
+
+def test_cli_tls_flags_and_token_from_flag_or_environment(secure: ServerThread, pki: Pki) -> None:
+    tls = ["--tls-ca", str(pki.ca), "--tls-cert", str(pki.client_cert), "--tls-key", str(pki.client_key)]
+    by_env = cli(secure, *tls, "translate", CATS, env={"TRANSLATOR_TOKEN": TOKEN})
+    assert (by_env.returncode, by_env.stdout) == (0, "J'aime les chats.\n"), by_env.stderr
+    by_flag = cli(secure, *tls, "--token", TOKEN, "translate", "--stream", CATS)
+    assert (by_flag.returncode, by_flag.stdout) == (0, "J'aime les chats.\n"), by_flag.stderr
+    missing = cli(secure, *tls, "translate", CATS)
+    assert missing.returncode == 1 and missing.stderr.startswith(
+        "error: UNAUTHENTICATED: missing bearer token"
+    )
+    plaintext = cli(secure, "--token", TOKEN, "translate", CATS)
+    assert plaintext.returncode == 1 and plaintext.stderr.startswith("error: UNAVAILABLE")
+    unreadable = cli(secure, "--tls-ca", str(pki.ca.parent / "missing.crt"), "health")
+    assert unreadable.returncode == 1 and "missing.crt: No such file" in unreadable.stderr
