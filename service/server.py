@@ -11,6 +11,7 @@ UNAVAILABLE), in-flight calls get the grace period to finish, and it returns.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import gc
 import json
 import logging
@@ -55,7 +56,13 @@ class _TextFormatter(logging.Formatter):
 
 
 class _JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, the worker and the structured fields."""
+    """One JSON object per line: time, level, logger, message, the worker and the structured fields.
+    The time is RFC 3339 in UTC to the millisecond (`2026-12-03T08:17:32.793Z`), as log pipelines
+    (Loki, Elasticsearch, Cloud Logging, Vector) parse it without a configured format or zone."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        moment = datetime.datetime.fromtimestamp(record.created, tz=datetime.UTC)
+        return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {

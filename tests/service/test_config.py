@@ -12,6 +12,7 @@ from service.config import (
     Config,
     ConfigError,
     EngineConfig,
+    NamedModelDir,
     SchedulerConfig,
     ServerConfig,
     config_table,
@@ -87,6 +88,16 @@ def test_bad_values_are_refused_naming_the_setting_and_the_choices(
     with pytest.raises(ConfigError) as err:
         parse_config(argv, environ)
     assert named in str(err.value) and allowed in str(err.value)
+
+
+def test_model_dirs_name_a_served_model_or_keep_the_manifests_name() -> None:
+    config = parse_config(["--model-dirs", "models/a, v1=models/b ,v-2.x=/srv/m=odd"], {})
+    assert config.engine.model_dirs == (
+        Path("models/a"),
+        NamedModelDir("v1", Path("models/b")),
+        NamedModelDir("v-2.x", Path("/srv/m=odd")),  # split at the first "="
+    )
+    assert [str(d) for d in config.engine.model_dirs] == ["models/a", "v1=models/b", "v-2.x=/srv/m=odd"]
 
 
 def test_unknown_flag_is_a_config_error() -> None:
