@@ -104,6 +104,13 @@ class ServerConfig:
     # one process's calls/s reach a ceiling whatever its cores (docs/call-cost.md). The cores and the
     # scheduler limits are split evenly between the workers. A connection stays on one worker.
     workers: int = 1
+    # With --workers > 1: a worker that dies after serving is restarted alone (the others keep
+    # serving); more than this many restarts within WORKER_RESTART_WINDOW_S stop the server, exit 1
+    # (service/workers.py). 0: any worker's death stops the server.
+    worker_restarts: int = 5
+
+
+WORKER_RESTART_WINDOW_S = 600.0  # the window --worker-restarts counts over
 
 
 @dataclass(frozen=True)
@@ -383,6 +390,14 @@ SETTINGS = (
         "--workers",
         "server processes sharing the port, cores and limits split between them",
         _int_at_least(1, 64),
+    ),
+    _Setting(
+        "server",
+        "worker_restarts",
+        "--worker-restarts",
+        f"with --workers > 1: dead workers restarted within {WORKER_RESTART_WINDOW_S:.0f} s before "
+        "the server exits 1 (0: the first death stops it)",
+        _int_at_least(0),
     ),
 )
 

@@ -80,6 +80,11 @@ def test_a_flag_wins_over_its_environment_variable() -> None:
         (["--scheduler", "eager"], {}, "--scheduler='eager'", "continuous, collect"),
         (["--log-format", "xml"], {}, "--log-format='xml'", "text, json"),
         ([], {"TRANSLATOR_MODEL_DIRS": " , "}, "TRANSLATOR_MODEL_DIRS", "model directories"),
+        (["--model-dirs", "=models/a"], {}, "--model-dirs='=models/a'", "expected NAME=PATH"),
+        (["--model-dirs", "v1="], {}, "--model-dirs='v1='", "expected NAME=PATH"),
+        (["--model-dirs", "a b=models/a"], {}, "'a b=models/a'", "letters, digits"),
+        (["--model-dirs", f"{'x' * 65}=models/a"], {}, "--model-dirs=", "at most 64"),
+        (["--worker-restarts", "-1"], {}, "--worker-restarts='-1'", "≥ 0"),
     ],
 )
 def test_bad_values_are_refused_naming_the_setting_and_the_choices(
