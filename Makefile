@@ -140,10 +140,12 @@ bench: $(SETUP_DONE) $(CORPUS_DIR)/test.tsv
 run: $(SETUP_DONE)
 	$(PY) -m service $(ARGS)
 
-# docker compose (deploy/docker-compose.yml): the replicas behind nginx on localhost:50051, Prometheus on
-# :9090, Grafana on :3000 (admin / admin). `make compose-up PROFILE=gpu`: the GPU image. Scale with
-# `docker compose -f deploy/docker-compose.yml --profile cpu up -d --scale translator=4`.
+# docker compose v2 (deploy/docker-compose.yml): the replicas behind nginx on localhost:50061, Prometheus
+# on 127.0.0.1:9190, Grafana on 127.0.0.1:3000 (admin / the password in deploy/.env, copied from
+# deploy/.env.example), ports apart from `make run`'s. `make compose-up PROFILE=gpu`: the GPU image.
+# Scale with `docker compose -f deploy/docker-compose.yml --profile cpu up -d --scale translator=4`.
 compose-up:
+	@test -f deploy/.env || { echo "deploy/.env is missing: cp deploy/.env.example deploy/.env, then set GRAFANA_ADMIN_PASSWORD in it" >&2; exit 1; }
 	docker compose -f deploy/docker-compose.yml --profile $(or $(PROFILE),cpu) up -d --build
 
 compose-down:

@@ -8,8 +8,11 @@ import sys
 from collections.abc import Sequence
 
 from service.config import ConfigError, parse_config
-from service.server import ListenError, serve, setup_logging
-from service.workers import run_workers
+from service.server import STARTUP_ERRORS, serve, setup_logging
+from service.workers import WorkerStartupError, run_workers
+
+# A setup that cannot be served (server.STARTUP_ERRORS, or a worker's): one line, exit 1, no traceback.
+_STARTUP_ERRORS: tuple[type[Exception], ...] = (*STARTUP_ERRORS, WorkerStartupError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -24,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if config.server.workers > 1:
             return run_workers(config)
         asyncio.run(serve(config))
-    except (ListenError, ConfigError) as err:  # a port, or the TLS or token files
+    except _STARTUP_ERRORS as err:
         print(f"python -m service: {err}", file=sys.stderr)
         return 1
     return 0

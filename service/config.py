@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -30,10 +31,23 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class NamedModelDir:
+    """`--model-dirs name=path`: a model directory served under a name of the operator's choosing
+    instead of its manifest's (two versions of one model side by side, each under its own name)."""
+
+    name: str  # what requests ask for
+    path: Path
+
+    def __str__(self) -> str:
+        return f"{self.name}={self.path}"
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """What the engine loads and how onnxruntime runs it (service/engine/engine.py)."""
 
-    model_dirs: tuple[Path, ...] = (Path("models/en-fr-small"),)  # model directories, each served by its name
+    # model directories: a bare path is served by its manifest's name, a NamedModelDir by its own
+    model_dirs: tuple[Path | NamedModelDir, ...] = (Path("models/en-fr-small"),)
     default_model: str | None = None  # the model a request without a name gets; None: the first directory's
     provider: Provider = "auto"  # auto: CUDA when onnxruntime has it, else CPU
     variant: VariantChoice = "auto"  # auto: int8 on CPU, fp16 on CUDA, when built; else fp32
@@ -106,6 +120,13 @@ class ServerConfig:
     # one process's calls/s reach a ceiling whatever its cores (docs/call-cost.md). The cores and the
     # scheduler limits are split evenly between the workers. A connection stays on one worker.
     workers: int = 1
+    # With --workers > 1: a worker that dies after serving is restarted alone (the others keep
+    # serving); more than this many restarts within WORKER_RESTART_WINDOW_S stop the server, exit 1
+    # (service/workers.py). 0: any worker's death stops the server.
+    worker_restarts: int = 5
+
+
+WORKER_RESTART_WINDOW_S = 600.0  # the window --worker-restarts counts over
 
 
 # What a request may reach without a bearer token when tokens are set: the standard health and
@@ -243,11 +264,30 @@ def _choice(kind: Any, *, upper: bool = False) -> Callable[[str], str]:
     return parse
 
 
-def _paths(text: str) -> tuple[Path, ...]:
-    paths = tuple(Path(p.strip()) for p in text.split(",") if p.strip())
-    if not paths:
-        raise ValueError("expected one or more model directories, comma-separated")
-    return paths
+# What a served model's name may be: it travels in requests, responses, logs and metric labels.
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _model_dirs(text: str) -> tuple[Path | NamedModelDir, ...]:
+    """`path` or `name=path`, comma-separated (a path with "=" in it needs a name in front)."""
+    dirs: list[Path | NamedModelDir] = []
+    for entry in (e.strip() for e in text.split(",")):
+        if not entry:
+            continue
+        name, equals, path = entry.partition("=")
+        if not equals:
+            dirs.append(Path(entry))
+            continue
+        name, path = name.strip(), path.strip()
+        if not _MODEL_NAME.fullmatch(name) or not path:
+            raise ValueError(
+                f"{entry!r}: expected NAME=PATH, NAME of letters, digits, '.', '_' or '-' "
+                "(at most 64, starting with a letter or digit)"
+            )
+        dirs.append(NamedModelDir(name, Path(path)))
+    if not dirs:
+        raise ValueError("expected one or more model directories (PATH or NAME=PATH), comma-separated")
+    return tuple(dirs)
 
 
 def _optional_name(text: str) -> str | None:
@@ -293,7 +333,13 @@ def _text(text: str) -> str:
 _PORT = _int_at_least(0, 65535)
 
 SETTINGS = (
-    _Setting("engine", "model_dirs", "--model-dirs", "model directories to serve, comma-separated", _paths),
+    _Setting(
+        "engine",
+        "model_dirs",
+        "--model-dirs",
+        "model directories to serve, comma-separated; NAME=PATH serves one as NAME, not its manifest name",
+        _model_dirs,
+    ),
     _Setting("engine", "default_model", "--default-model", "model for requests naming none", _optional_name),
     _Setting("engine", "provider", "--provider", "execution provider: auto, cpu or cuda", _choice(Provider)),
     _Setting(
@@ -475,6 +521,14 @@ SETTINGS = (
         "--workers",
         "server processes sharing the port, cores and limits split between them",
         _int_at_least(1, 64),
+    ),
+    _Setting(
+        "server",
+        "worker_restarts",
+        "--worker-restarts",
+        f"with --workers > 1: dead workers restarted within {WORKER_RESTART_WINDOW_S:.0f} s before "
+        "the server exits 1 (0: the first death stops it)",
+        _int_at_least(0),
     ),
     _Setting(
         "security", "tls_cert", "--tls-cert", "TLS certificate chain, PEM (none: plaintext)", _optional_path

@@ -11,6 +11,7 @@ UNAVAILABLE), in-flight calls get the grace period to finish, and it returns.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import gc
 import json
 import logging
@@ -27,9 +28,17 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from service.api.translator.v1 import translator_pb2 as pb
-from service.config import Config, ServerConfig, resolve_parallelism, usable_cores
-from service.engine.engine import CUDA, Engine, ModelInfo, choose_device
+from service.config import Config, ConfigError, ServerConfig, resolve_parallelism, usable_cores
+from service.engine.engine import (
+    CUDA,
+    Engine,
+    ModelInfo,
+    ModelSetError,
+    ProviderUnavailableError,
+    choose_device,
+)
 from service.metrics import Metrics, MetricsServer, ServedModel, register_process_metrics, serve_metrics
+from service.modeldir.manifest import ModelDirectoryError
 from service.rpc.auth import TokenAuth, load_tokens
 from service.rpc.requests import request_decoder
 from service.rpc.servicer import TranslatorServicer
@@ -57,7 +66,13 @@ class _TextFormatter(logging.Formatter):
 
 
 class _JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, the worker and the structured fields."""
+    """One JSON object per line: time, level, logger, message, the worker and the structured fields.
+    The time is RFC 3339 in UTC to the millisecond (`2026-12-03T08:17:32.793Z`), as log pipelines
+    (Loki, Elasticsearch, Cloud Logging, Vector) parse it without a configured format or zone."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        moment = datetime.datetime.fromtimestamp(record.created, tz=datetime.UTC)
+        return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -98,6 +113,17 @@ def setup_logging(config: ServerConfig, *, worker: int | None = None) -> None:
 
 class ListenError(OSError):
     """A port cannot be bound (gRPC or metrics); the message names the address."""
+
+
+# What starting a server raises for a setup it cannot serve, as opposed to a bug: the entry point
+# (service/__main__.py, service/workers.py) prints the message as one line and exits 1.
+STARTUP_ERRORS: tuple[type[Exception], ...] = (
+    ConfigError,  # the TLS or token files
+    ListenError,
+    ModelDirectoryError,
+    ModelSetError,
+    ProviderUnavailableError,
+)
 
 
 def listen_for_metrics(registry: CollectorRegistry, server: ServerConfig) -> MetricsServer:
@@ -195,7 +221,7 @@ class RunningServer:
 
 
 async def start_server(
-    config: Config, *, engine: Engine | None = None, worker: int | None = None
+    config: Config, *, engine: Engine | None = None, worker: int | None = None, listen_when_warm: bool = False
 ) -> RunningServer:
     """Start listening (health NOT_SERVING), load and warm the engine up, then report SERVING.
 
@@ -204,6 +230,8 @@ async def start_server(
         worker: this process's index among `config.server.workers` worker processes
             (service/workers.py): then it serves no /metrics of its own (its supervisor serves
             every worker's) and takes its share of the scheduler limits; None: a lone server.
+        listen_when_warm: load and warm the engine up before listening, not after (a restarted
+            worker: its siblings serve meanwhile, so no client of the shared port sees it warming up).
     Returns:
         The running server with its bound ports.
     """
@@ -224,6 +252,10 @@ async def start_server(
     else:  # already loaded, its threads set
         device = "cuda" if engine.model().provider == CUDA else "cpu"
     config = resolve_parallelism(config, device, usable_cores())
+    if listen_when_warm and engine is None:
+        assert worker is not None, "only a worker has siblings serving while it loads"
+        engine = await asyncio.to_thread(Engine, config.engine, metrics)
+        await asyncio.to_thread(engine.warm_up)
     # Listen first, NOT_SERVING, so that health checks and early calls get an answer (UNAVAILABLE,
     # "starting") rather than a refused connection while the model loads and warms up.
     servicer = TranslatorServicer(config, metrics)
@@ -302,6 +334,7 @@ async def serve(
     worker: int | None = None,
     started: Callable[[RunningServer], None] = lambda _: None,
     orphaned: Callable[[], bool] = lambda: False,
+    listen_when_warm: bool = False,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then stop gracefully (see `RunningServer.stop`) and return.
 
@@ -310,8 +343,9 @@ async def serve(
         started: called once the server is SERVING.
         orphaned: polled every half second; True stops the server as a signal would (a worker
             whose supervisor is gone).
+        listen_when_warm: see `start_server`.
     """
-    running = await start_server(config, worker=worker)
+    running = await start_server(config, worker=worker, listen_when_warm=listen_when_warm)
     started(running)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnxruntime as ort
 
-from service.config import EngineConfig
+from service.config import EngineConfig, NamedModelDir
 from service.engine.graphs import Attention, ModelDims, OnnxGraphs, encode_sources, pad_ids
 from service.engine.kv_cache import KV, BatchCache
 from service.modeldir.manifest import (
@@ -69,11 +69,15 @@ class ProviderUnavailableError(RuntimeError):
     """The config forces an execution provider that this onnxruntime build does not have."""
 
 
+class ModelSetError(ValueError):
+    """The configured set of models cannot be served: none, two under one name, an unknown default."""
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What is being served under one name (for GetModelInfo, metrics and limit checks)."""
 
-    name: str  # from the manifest; what requests ask for
+    name: str  # what requests ask for: the manifest's name, or the one --model-dirs NAME=PATH gives
     version: str  # semantic version from the manifest
     variant: str  # fp32, int8, fp16 or optimized: which directory was loaded
     provider: str  # the onnxruntime execution provider running it, e.g. CPUExecutionProvider
@@ -142,33 +146,35 @@ class Engine:
     Raises:
         ModelDirectoryError: a directory (or forced variant) missing, stale or not what its manifest says.
         ProviderUnavailableError: cuda forced without it.
-        ValueError: no directories, two with the same model name, or an unknown default model.
+        ModelSetError: no directories, two served under one name, or an unknown default model.
     """
 
     def __init__(self, config: EngineConfig, metrics: Metrics | None = None) -> None:
         if not config.model_dirs:
-            raise ValueError("no model directories to serve (--model-dirs / TRANSLATOR_MODEL_DIRS)")
+            raise ModelSetError("no model directories to serve (--model-dirs / TRANSLATOR_MODEL_DIRS)")
         self.config = config
         self.metrics = metrics
         self.device = choose_device(config.provider, ort.get_available_providers())
         self._runners: dict[str, _Runner] = {}
         infos: dict[str, ModelInfo] = {}
-        for model_dir in config.model_dirs:
-            runner = self._load(Path(model_dir))
+        for source in config.model_dirs:
+            named = source if isinstance(source, NamedModelDir) else None
+            model_dir = Path(source.path if isinstance(source, NamedModelDir) else source)
+            if named and named.name in infos:  # refused before loading the directory a second time
+                raise _served_twice(named.name, model_dir, infos[named.name].directory)
+            runner = self._load(model_dir, named.name if named else None)
             name = runner.info.name
             if name in infos:
-                raise ValueError(
-                    f"{model_dir}: model name {name!r} is already served from {infos[name].directory}"
-                )
+                raise _served_twice(name, model_dir, infos[name].directory)
             self._runners[name], infos[name] = runner, runner.info
         self.models: Mapping[str, ModelInfo] = infos
         self.default_model = config.default_model or next(iter(infos))
         if self.default_model not in infos:
-            raise ValueError(
+            raise ModelSetError(
                 f"default model {config.default_model!r} (--default-model) is not among {', '.join(infos)}"
             )
 
-    def _load(self, model_dir: Path) -> _Runner:
+    def _load(self, model_dir: Path, name: str | None) -> _Runner:
         variant, directory = choose_variant(model_dir, self.device, self.config.variant)
         providers = [CUDA, CPU] if self.device == "cuda" else [CPU]
         threads = self.config.intra_op_threads or None
@@ -176,7 +182,7 @@ class Engine:
         manifest = graphs.manifest
         kv_cache = self._kv_cache_location(graphs)
         info = ModelInfo(
-            name=manifest.name,
+            name=name or manifest.name,
             version=manifest.version,
             variant=variant,
             provider=graphs.decoder_step.get_providers()[0],
@@ -281,6 +287,13 @@ class Engine:
             for _ in range(steps):
                 tokens = np.argmax(self.step(name, tokens, cache), axis=-1).astype(np.int64)
             self.attention(name, [[dims.bos_id, dims.eos_id]], [[dims.bos_id]])
+
+
+def _served_twice(name: str, model_dir: Path, first: Path) -> ModelSetError:
+    return ModelSetError(
+        f"{model_dir}: model name {name!r} is already served from {first}; "
+        "serve it under another name with --model-dirs NAME=PATH"
+    )
 
 
 # --- the device KV cache's check --------------------------------------------------------------------

@@ -1,15 +1,20 @@
 """Static checks of deploy/docker-compose.yml and Grafana's provisioning and dashboard (no Docker here).
 
 The compose file parses, every file and directory it refers to exists, its ports and names agree
-with the rendered nginx / Prometheus configuration (deploy/render.py), images are pinned; Grafana's
-provisioning files parse and agree with the compose mounts; the dashboard is valid JSON whose every
-panel has a query (tests/deploy/test_topology.py runs those queries against a real Prometheus).
+with the rendered nginx / Prometheus configuration (deploy/render.py), images are pinned; its
+security rules hold (secrets only from the git-ignored deploy/.env, whose committed template names
+every variable; Prometheus's lifecycle API off; every container limited; the unauthenticated
+monitoring published on loopback; host ports apart from `make run`'s); Grafana's provisioning files
+parse and agree with the compose mounts; the dashboard is valid JSON whose every panel has a query
+(tests/deploy/test_topology.py runs those queries, and Prometheus with the compose flags, for real).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +22,22 @@ import pytest
 import yaml
 
 from deploy import render
-from tests.deploy.tools import DEPLOY
+from service.config import ServerConfig
+from tests.deploy.tools import DEPLOY, REPO
 
 COMPOSE = DEPLOY / "docker-compose.yml"
 GRAFANA = DEPLOY / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "translator.json"
 REPLICA_SERVICES = ("translator", "translator-gpu")
+ENV_EXAMPLE = DEPLOY / ".env.example"  # committed; deploy/.env, its filled-in copy, is git-ignored
+# ${NAME}, ${NAME:-default}, ${NAME-default}, ${NAME:?error}, ${NAME?error}: compose's interpolation
+_VARIABLE = re.compile(r"\$\{(\w+)(?:(:?[-?])([^}]*))?\}")
+# Flags that would open Prometheus's unauthenticated write/stop endpoints to whoever reaches it.
+UNSAFE_PROMETHEUS_FLAGS = (
+    "--web.enable-lifecycle",
+    "--web.enable-admin-api",
+    "--web.enable-remote-write-receiver",
+)
 
 
 @pytest.fixture(scope="module")
@@ -104,11 +119,101 @@ def test_replicas_profiles_and_gpu_reservation(compose: dict[str, Any]) -> None:
     assert cpu["build"]["dockerfile"].endswith("Dockerfile.cpu")
     assert gpu["build"]["dockerfile"].endswith("Dockerfile.gpu")
     assert cpu["deploy"]["replicas"] >= 2
-    assert "resources" not in cpu["deploy"]
+    assert "reservations" not in cpu["deploy"]["resources"]
     (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     # No fixed host ports on replicas: they could not be scaled.
     assert "ports" not in cpu and "ports" not in gpu
+
+
+def interpolated(text: str, environ: dict[str, str]) -> str:
+    """`text` with compose's ${...} variables replaced as compose would, given `environ`; an unset
+    required variable (`:?`) raises ValueError."""
+
+    def value(match: re.Match[str]) -> str:
+        name, operator, argument = match.group(1), match.group(2) or "", match.group(3) or ""
+        current = environ.get(name)
+        if operator.endswith("?") and not current:
+            raise ValueError(f"{name}: {argument}")
+        if operator.endswith("-") and not current:
+            return argument
+        return current or ""
+
+    return _VARIABLE.sub(value, text)
+
+
+def env_example() -> dict[str, str]:
+    lines = [
+        line for line in ENV_EXAMPLE.read_text().splitlines() if line.strip() and not line.startswith("#")
+    ]
+    return dict(line.split("=", 1) for line in lines)
+
+
+def host_ports(service: dict[str, Any], environ: dict[str, str]) -> list[tuple[str, int]]:
+    """(host address, host port) of each published port, with the variables of `environ`."""
+    published = []
+    for entry in service.get("ports", []):
+        parts = interpolated(entry, environ).split(":")
+        address = parts[0] if len(parts) == 3 else "0.0.0.0"
+        published.append((address, int(parts[-2])))
+    return published
+
+
+def prometheus_flags() -> list[str]:
+    """The compose file's Prometheus flags but its paths (tests/deploy/test_topology.py runs them)."""
+    command = yaml.safe_load(COMPOSE.read_text())["services"]["prometheus"]["command"]
+    paths = ("--config.file=", "--storage.tsdb.path=")
+    return [flag for flag in command if not flag.startswith(paths)]
+
+
+def test_secrets_come_from_the_uncommitted_env_file(compose: dict[str, Any]) -> None:
+    text = COMPOSE.read_text()
+    used = {m.group(1) for m in _VARIABLE.finditer(text)}
+    example = env_example()
+    assert used == set(example), "deploy/.env.example names exactly the variables the compose file uses"
+    grafana = compose["services"]["grafana"]["environment"]
+    password = grafana["GF_SECURITY_ADMIN_PASSWORD"]
+    assert re.fullmatch(r"\$\{GRAFANA_ADMIN_PASSWORD:\?[^}]+\}", password), "required, no default"
+    assert example["GRAFANA_ADMIN_PASSWORD"] == "", "the template holds no password"
+    with pytest.raises(ValueError, match=r"deploy/\.env"):
+        interpolated(password, {})  # compose refuses to start, saying where to set it
+    assert "admin/admin" not in text and "/ admin)" not in text
+    if shutil.which("git") and (REPO / ".git").exists():
+        ignored = subprocess.run(["git", "check-ignore", "-q", "deploy/.env"], cwd=REPO, check=False)
+        assert ignored.returncode == 0, "deploy/.env must be git-ignored"
+        tracked = subprocess.run(["git", "ls-files", "deploy/.env"], cwd=REPO, capture_output=True, text=True)
+        assert tracked.stdout == "", "deploy/.env is committed"
+
+
+def test_prometheus_lifecycle_and_admin_apis_are_off(compose: dict[str, Any]) -> None:
+    command = compose["services"]["prometheus"]["command"]
+    for flag in UNSAFE_PROMETHEUS_FLAGS:
+        assert not any(c.startswith(flag) for c in command), f"{flag}: unauthenticated"
+
+
+def test_every_container_is_limited(compose: dict[str, Any]) -> None:
+    for name, service in compose["services"].items():
+        limits = service.get("deploy", {}).get("resources", {}).get("limits", {})
+        assert {"cpus", "memory", "pids"} <= set(limits), f"{name}: limits {limits}"
+        assert float(limits["cpus"]) > 0 and re.fullmatch(r"\d+[kmg]", str(limits["memory"])), name
+        assert "no-new-privileges:true" in service.get("security_opt", []), name
+    # The replicas' auto settings would count the host's cores, not the limit: set to match it.
+    cpu = compose["services"]["translator"]
+    environment = cpu["environment"]
+    assert int(environment["TRANSLATOR_INSTANCES"]) == float(cpu["deploy"]["resources"]["limits"]["cpus"])
+
+
+def test_published_ports_avoid_make_run_and_keep_monitoring_local(compose: dict[str, Any]) -> None:
+    services, defaults = compose["services"], env_example()
+    run_ports = {ServerConfig().port, ServerConfig().metrics_port}  # `make run`'s
+    for environ in ({}, defaults):  # compose's defaults, and the template's: the same ports
+        published = {name: host_ports(s, environ) for name, s in services.items()}
+        ports = [port for ps in published.values() for _, port in ps]
+        assert not run_ports & set(ports), published
+        assert len(ports) == len(set(ports))
+        for name in ("prometheus", "grafana"):  # no authentication on Prometheus; Grafana's login page
+            assert [address for address, _ in published[name]] == ["127.0.0.1"], name
+        assert published["nginx"] == [("0.0.0.0", 50061)]
 
 
 def test_compose_agrees_with_the_rendered_configuration(compose: dict[str, Any]) -> None:

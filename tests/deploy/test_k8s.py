@@ -346,6 +346,44 @@ def test_metrics_are_scraped_once(directory: str) -> None:
         assert {e["port"] for e in monitor["spec"]["endpoints"]} <= ports
 
 
+SCRAPER_LABELS = {"app.kubernetes.io/name": "prometheus"}  # the Prometheus Operator's and Helm's pods
+CLIENT_LABELS = {"translator/access": "grpc"}  # the balancer and in-cluster clients, labelled by the user
+
+
+@pytest.mark.parametrize("directory", BUILDS)
+def test_the_network_policy_admits_only_the_balancer_and_the_scraper(directory: str) -> None:
+    docs = build(directory)
+    pod_labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    ports = {p["name"]: p["containerPort"] for p in container(docs)["ports"]}
+    policy = one(docs, "NetworkPolicy")["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert policy["podSelector"]["matchLabels"], "an empty selector would be every pod of the namespace"
+    assert "Ingress" in policy["policyTypes"]
+    admitted: dict[str, dict[str, str]] = {}
+    for rule in policy["ingress"]:
+        # A rule without `from` or `ports` admits every peer or every port: none here.
+        assert rule.get("from") and rule.get("ports"), rule
+        (peer,) = rule["from"]
+        assert "ipBlock" not in peer and peer["podSelector"]["matchLabels"], "pods chosen by label"
+        for port in rule["ports"]:
+            assert port["port"] in ports, f"{port['port']} is not a named container port"
+            admitted[port["port"]] = peer["podSelector"]["matchLabels"]
+    assert admitted == {"grpc": CLIENT_LABELS, "metrics": SCRAPER_LABELS}
+
+
+@pytest.mark.parametrize("directory", BUILDS)
+def test_the_metrics_port_is_on_no_client_service(directory: str) -> None:
+    services = {s["metadata"]["name"]: s for s in every(build(directory), "Service")}
+    exposed = {name: {p["targetPort"] for p in s["spec"]["ports"]} for name, s in services.items()}
+    assert exposed == {
+        "translator": {"grpc"},
+        "translator-headless": {"grpc"},
+        "translator-metrics": {"metrics"},
+    }
+    assert services["translator-metrics"]["metadata"]["labels"]["translator/metrics"] == "true"
+    assert services["translator-metrics"]["spec"]["clusterIP"] == "None", "no virtual IP to call"
+
+
 # --- GPU, custom metric --------------------------------------------------------------------------
 
 

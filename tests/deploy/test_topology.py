@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -37,6 +38,7 @@ import yaml
 
 from deploy.render import local_nginx, local_prometheus, render_nginx, render_prometheus
 from service.client import TranslatorClient, TranslatorError
+from tests.deploy.test_compose import prometheus_flags
 from tests.deploy.tools import DEPLOY, REPO, free_port, require_binary
 
 REPLICAS = 3
@@ -223,6 +225,7 @@ def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
         )
         prom_argv = [prometheus, f"--config.file={prom_conf}", f"--storage.tsdb.path={prom_dir / 'data'}"]
         prom_argv += [f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"]
+        prom_argv += prometheus_flags()  # the compose file's other flags: run as compose runs it
         processes.append(_start("prometheus", prom_argv, prom_dir / "prometheus.log"))
 
         def balancer_up() -> bool | None:
@@ -410,3 +413,14 @@ def test_prometheus_loaded_and_evaluates_the_alert_rules(topology: Topology) -> 
     with contextlib.suppress(TimeoutError):
         wait_for("TranslatorReplicaDown for the killed replica", replica_down, 30)
     assert replica_down() == killed, topology.api("alerts")
+
+
+def test_prometheus_refuses_its_lifecycle_api(topology: Topology) -> None:
+    """Run with the compose file's flags, Prometheus answers POST /-/quit with 403 and stays up
+    (with --web.enable-lifecycle anyone reaching its port could stop it). Last: it would end it."""
+    for path in ("/-/quit", "/-/reload"):
+        request = urllib.request.Request(f"{topology.prometheus}{path}", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=5)
+        assert refused.value.code == 403, path
+    assert http_get(f"{topology.prometheus}/-/ready").startswith(b"Prometheus")

@@ -12,6 +12,7 @@ from service.config import (
     Config,
     ConfigError,
     EngineConfig,
+    NamedModelDir,
     SchedulerConfig,
     ServerConfig,
     config_table,
@@ -79,6 +80,11 @@ def test_a_flag_wins_over_its_environment_variable() -> None:
         (["--scheduler", "eager"], {}, "--scheduler='eager'", "continuous, collect"),
         (["--log-format", "xml"], {}, "--log-format='xml'", "text, json"),
         ([], {"TRANSLATOR_MODEL_DIRS": " , "}, "TRANSLATOR_MODEL_DIRS", "model directories"),
+        (["--model-dirs", "=models/a"], {}, "--model-dirs='=models/a'", "expected NAME=PATH"),
+        (["--model-dirs", "v1="], {}, "--model-dirs='v1='", "expected NAME=PATH"),
+        (["--model-dirs", "a b=models/a"], {}, "'a b=models/a'", "letters, digits"),
+        (["--model-dirs", f"{'x' * 65}=models/a"], {}, "--model-dirs=", "at most 64"),
+        (["--worker-restarts", "-1"], {}, "--worker-restarts='-1'", "≥ 0"),
     ],
 )
 def test_bad_values_are_refused_naming_the_setting_and_the_choices(
@@ -87,6 +93,16 @@ def test_bad_values_are_refused_naming_the_setting_and_the_choices(
     with pytest.raises(ConfigError) as err:
         parse_config(argv, environ)
     assert named in str(err.value) and allowed in str(err.value)
+
+
+def test_model_dirs_name_a_served_model_or_keep_the_manifests_name() -> None:
+    config = parse_config(["--model-dirs", "models/a, v1=models/b ,v-2.x=/srv/m=odd"], {})
+    assert config.engine.model_dirs == (
+        Path("models/a"),
+        NamedModelDir("v1", Path("models/b")),
+        NamedModelDir("v-2.x", Path("/srv/m=odd")),  # split at the first "="
+    )
+    assert [str(d) for d in config.engine.model_dirs] == ["models/a", "v1=models/b", "v-2.x=/srv/m=odd"]
 
 
 def test_unknown_flag_is_a_config_error() -> None:

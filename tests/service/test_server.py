@@ -33,7 +33,7 @@ from prometheus_client import CollectorRegistry
 
 from service.api.translator.v1 import translator_pb2 as pb
 from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
-from service.config import EngineConfig, ServerConfig
+from service.config import EngineConfig, NamedModelDir, ServerConfig
 from service.engine.engine import Engine
 from service.engine.reference_decoder import translate_texts
 from service.modeldir.tokenizer import Tokenizer
@@ -44,6 +44,7 @@ from tests.service.server_fixture import ServerThread, loopback_config, paced_st
 SERVICE = "translator.v1.Translator"
 TEXTS = ["I love cats.", "The old man gives the red book to the child.", "We see a small dog."]
 ROOT = Path(__file__).resolve().parents[2]
+MODEL_DIR = ROOT / "models" / "en-fr-small"
 
 
 @pytest.fixture(scope="module")
@@ -837,6 +838,8 @@ def test_the_request_log_line_carries_the_fields(log_format: str) -> None:
     line = handler.format(record)
     if log_format == "json":
         assert json.loads(line) | fields == json.loads(line) and json.loads(line)["message"] == "Translate OK"
+        record.created = 1796285852.793  # RFC 3339, UTC, milliseconds: what log pipelines parse
+        assert json.loads(handler.format(record))["time"] == "2026-12-03T08:17:32.793Z"
     else:
         assert line.endswith("Translate OK request_id=abc rpc=Translate status=OK input_tokens=7")
 
@@ -852,3 +855,24 @@ def test_the_metrics_port_binds_its_own_address() -> None:
             socket.create_connection(("127.0.0.1", endpoint.port), timeout=10).close()
     finally:
         endpoint.close()
+
+
+def test_one_model_directory_served_under_two_names() -> None:
+    """`--model-dirs v2=DIR,v1=DIR`: two versions of a model side by side, each asked for by name."""
+    base = loopback_config()
+    named = (NamedModelDir("en-fr-v2", MODEL_DIR), NamedModelDir("en-fr-v1", MODEL_DIR))
+    config = replace(base, engine=replace(base.engine, model_dirs=named, intra_op_threads=1))
+    with ServerThread(config) as server, grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.TranslatorStub(channel)
+        info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
+        assert sorted(m.name for m in info.models) == ["en-fr-v1", "en-fr-v2"]
+        assert info.default_model == "en-fr-v2"
+        texts = {}
+        for name in ("en-fr-v1", "en-fr-v2", ""):
+            request = pb.TranslateRequest(texts=[TEXTS[0]], options=pb.TranslateOptions(model=name))
+            response = stub.Translate(request, timeout=30)
+            texts[response.model] = response.translations[0].text
+        assert set(texts) == {"en-fr-v1", "en-fr-v2"} and len(set(texts.values())) == 1
+        request = pb.TranslateRequest(texts=[TEXTS[0]], options=pb.TranslateOptions(model="en-fr-small"))
+        code, message = status_of(lambda: stub.Translate(request, timeout=30))
+        assert code == grpc.StatusCode.NOT_FOUND and "this server has en-fr-v2, en-fr-v1" in message

@@ -1,5 +1,6 @@
 """`python -m service --workers 2`: real worker processes sharing one port, metrics added up by the
-supervisor, SIGTERM drained by every worker, a dead worker taking the server down with it."""
+supervisor, SIGTERM drained by every worker, a killed worker restarted under load with no call lost,
+a crash loop stopping the server, start-up errors printed as one line."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -23,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.api.translator.v1 import translator_pb2 as pb
 from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
+from service.client.client import SERVICE_CONFIG
 from service.config import SchedulerConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,15 +67,25 @@ class Supervisor:
     def workers(self) -> list[int]:
         """The worker processes' pids (not multiprocessing's resource tracker, also a child)."""
         children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text()
-        pids = [int(pid) for pid in children.split()]
-        return [pid for pid in pids if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        return [int(pid) for pid in children.split() if b"spawn_main" in _cmdline(int(pid))]
+
+
+def _cmdline(pid: int) -> bytes:
+    """A process's command line; empty once it has exited (a zombie's, or one already reaped)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return b""
 
 
 @pytest.fixture
-def supervisor(tmp_path: Path) -> Iterator[Supervisor]:
+def supervisor(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Supervisor]:
+    """`python -m service --workers 2` on loopback, SERVING; more flags by indirect parametrization."""
     log = tmp_path / "server.log"
     argv = [sys.executable, "-m", "service", "--workers", "2", "--host", "127.0.0.1", "--port", "0"]
     argv += ["--metrics-port", "0", "--grace-period-s", "20", "--log-format", "json"]
+    argv += getattr(request, "param", [])
+    spawned: set[int] = set()
     with log.open("wb") as out:
         process = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))
     try:
@@ -84,15 +97,17 @@ def supervisor(tmp_path: Path) -> Iterator[Supervisor]:
 
         port, metrics_port = wait_for("both workers to serve", serving)
         running = Supervisor(process, log, port, metrics_port)
-        workers = running.workers()
-        assert len(workers) == 2
+        spawned.update(running.workers())
+        assert len(spawned) == 2
         yield running
+        if process.poll() is None:
+            spawned.update(running.workers())  # restarted ones too
     finally:
         if process.poll() is None:
             process.kill()
         process.wait()
     # however the supervisor ended, its workers end too (a killed one's: when they notice)
-    wait_for("the workers to exit", lambda: not any(alive(pid) for pid in workers) or None, 60)
+    wait_for("the workers to exit", lambda: not any(alive(pid) for pid in spawned) or None, 60)
 
 
 def alive(pid: int) -> bool:
@@ -159,21 +174,107 @@ def test_sigterm_drains_every_worker_and_exits_zero(supervisor: Supervisor) -> N
     assert sorted(int(str(line["worker"])) for line in drained) == [0, 1]
 
 
-def test_a_worker_that_dies_stops_the_server(supervisor: Supervisor) -> None:
-    first, second = supervisor.workers()
-    os.kill(first, signal.SIGKILL)
-    assert supervisor.process.wait(timeout=60) == 1
-    assert not alive(second)
+def retrying_channel(port: int) -> grpc.Channel:
+    """A connection of its own with the client library's service config (retries UNAVAILABLE)."""
+    options = [("grpc.use_local_subchannel_pool", 1), ("grpc.enable_retries", 1)]
+    options.append(("grpc.service_config", SERVICE_CONFIG))
+    return grpc.insecure_channel(f"127.0.0.1:{port}", options=options)
+
+
+def restarted_worker(supervisor: Supervisor, victim: int, survivor: int) -> int:
+    """The pid of the worker the supervisor spawned in place of `victim` (not serving yet, maybe)."""
+
+    def spawned() -> int | None:
+        return next((p for p in supervisor.workers() if p not in (victim, survivor)), None)
+
+    return wait_for("the restarted worker", spawned)
+
+
+def test_a_killed_worker_is_restarted_under_load_and_no_call_is_lost(supervisor: Supervisor) -> None:
+    """kill -9 one worker while clients keep calls in flight on both: the supervisor restarts it,
+    the other one serves on, the retry policy carries every call (0 lost), counters never go back."""
+    clients, stop = 4, threading.Event()
+    ok, failed = [0] * clients, [[] for _ in range(clients)]  # type: list[int], list[list[str]]
+    # ~30-token outputs: calls are in flight most of the time, on every client's connection.
+    stopping = pb.StoppingCriteria(min_output_tokens=30)
+    request = pb.TranslateRequest(texts=[TEXT], options=pb.TranslateOptions(stopping=stopping))
+
+    def client(i: int) -> None:
+        while not stop.is_set():  # a fresh connection per call: calls spread over both workers
+            with retrying_channel(supervisor.port) as channel:
+                try:
+                    pb_grpc.TranslatorStub(channel).Translate(request, timeout=60)
+                    ok[i] += 1
+                except grpc.RpcError as err:
+                    failed[i].append(f"{err.code()}: {err.details()}")
+
+    def served_by(worker: int) -> int:
+        lines = supervisor.lines()
+        return sum(1 for line in lines if line.get("message") == "Translate OK" and line["worker"] == worker)
+
+    def restart_line() -> re.Match[str] | None:
+        messages = (str(line.get("message")) for line in supervisor.lines())
+        return next(
+            filter(None, (re.match(r"worker (\d) \(pid \d+\) restarted and serving", m) for m in messages)),
+            None,
+        )
+
+    def in_flight() -> bool | None:
+        return supervisor.metrics()["translator_sequences_in_flight{}"] > 0 or None
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_for("both workers to serve calls", lambda: (served_by(0) > 0 and served_by(1) > 0) or None)
+        wait_for("calls in flight", in_flight)
+        before = supervisor.metrics()['translator_requests_total{code="OK",rpc="Translate"}']
+        victim, survivor = supervisor.workers()
+        os.kill(victim, signal.SIGKILL)
+        restarted_worker(supervisor, victim, survivor)
+        index = int(wait_for("the restarted worker to serve", restart_line).group(1))
+        served_before = served_by(index)
+        wait_for("calls on the restarted worker", lambda: served_by(index) > served_before or None)
+        assert alive(survivor)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(120)
+    assert [f for f in failed if f] == []  # 0 lost
+    assert supervisor.process.poll() is None
+    metrics = supervisor.metrics()
+    counted = metrics['translator_requests_total{code="OK",rpc="Translate"}']
+    # The dead worker's counts stay in the sum. A call answered just as the worker died, whose
+    # answer never reached its client, is retried and counted twice: at most one per client.
+    assert counted >= before
+    assert sum(ok) <= counted <= sum(ok) + clients
+    assert metrics["translator_sequences_in_flight{}"] == 0  # the dead worker's gauges left the sum
     messages = [str(line.get("message")) for line in supervisor.lines()]
-    assert any("exited with code -9" in m for m in messages)
-    assert any("draining for up to" in m for m in messages)  # the other one stopped gracefully
+    assert any(
+        re.match(rf"worker {index} \(pid {victim}\) exited with code -9: restarting it", m) for m in messages
+    )
 
 
-def test_workers_of_a_killed_supervisor_stop_on_their_own(supervisor: Supervisor) -> None:
-    workers = supervisor.workers()
-    supervisor.process.kill()
-    supervisor.process.wait()
-    wait_for("the orphaned workers to exit", lambda: not any(alive(pid) for pid in workers) or None, 30)
+def test_json_log_lines_carry_an_rfc_3339_utc_time(supervisor: Supervisor) -> None:
+    lines = supervisor.lines()
+    assert {line.get("worker") for line in lines} >= {None, 0, 1}  # the supervisor's and the workers'
+    for line in lines:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", str(line["time"])), line
+
+
+@pytest.mark.parametrize("supervisor", [["--worker-restarts", "1"]], indirect=True)
+def test_a_crash_loop_stops_the_server(supervisor: Supervisor) -> None:
+    victim, survivor = supervisor.workers()
+    os.kill(victim, signal.SIGKILL)  # restart 1 of 1
+    os.kill(restarted_worker(supervisor, victim, survivor), signal.SIGKILL)  # one death too many
+    assert supervisor.process.wait(timeout=90) == 1
+    assert not alive(survivor)
+    messages = [str(line.get("message")) for line in supervisor.lines()]
+    assert any("exited with code -9: restarting it (restart 1 of 1 allowed" in m for m in messages)
+    assert any(
+        "after 1 restarts within 600 s (--worker-restarts 1): stopping the server" in m for m in messages
+    )
+    assert any("draining for up to" in m for m in messages)  # the survivor stopped gracefully
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -193,3 +294,50 @@ def test_a_port_in_use_is_a_clear_error(workers: int) -> None:
             assert re.fullmatch(
                 rf"python -m service: cannot (listen|serve metrics) on 127.0.0.1:{port}: .+", last
             )
+
+
+def tampered_model(tmp_path: Path) -> Path:
+    """The committed model's fp32 directory (files linked) with one byte added to its tokenizer."""
+    source, out = ROOT / "models" / "en-fr-small", tmp_path / "tampered"
+    out.mkdir()
+    for file in [*json.loads((source / "manifest.json").read_text())["files"], "manifest.json"]:
+        (out / file).symlink_to(source / file)
+    (out / "tokenizer.json").unlink()
+    (out / "tokenizer.json").write_bytes((source / "tokenizer.json").read_bytes() + b" ")
+    return out
+
+
+STARTUP_ERRORS = {
+    "missing manifest": (
+        lambda tmp: ["--model-dirs", str(tmp / "nowhere")],
+        r"nowhere/manifest.json: missing",
+    ),
+    "checksum mismatch": (
+        lambda tmp: ["--model-dirs", str(tampered_model(tmp))],
+        r"tampered/tokenizer.json: checksum mismatch",
+    ),
+    "duplicate name": (
+        lambda tmp: ["--model-dirs", "models/en-fr-small,models/en-fr-small"],
+        r"model name 'en-fr-small' is already served .*NAME=PATH",
+    ),
+    "unknown default": (
+        lambda tmp: ["--default-model", "nope"],
+        r"default model 'nope' .* not among en-fr-small",
+    ),
+    "cuda without CUDA": (lambda tmp: ["--provider", "cuda"], r"provider 'cuda' was asked for .*only .*CPU"),
+}
+
+
+@pytest.mark.parametrize(
+    ("problem", "workers"),
+    [(p, 1) for p in STARTUP_ERRORS] + [("missing manifest", 2), ("duplicate name", 2)],
+)
+def test_a_startup_error_is_one_line_and_exit_1(problem: str, workers: int, tmp_path: Path) -> None:
+    flags, expected = STARTUP_ERRORS[problem]
+    argv = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"]
+    argv += ["--workers", str(workers), *flags(tmp_path)]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    (line,) = [line for line in done.stderr.splitlines() if line.startswith("python -m service:")]
+    assert re.search(expected, line), line

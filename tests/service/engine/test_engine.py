@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from service.config import EngineConfig
+from service.config import EngineConfig, NamedModelDir
 from service.engine.engine import (
     CPU,
     CUDA,
     Engine,
     ModelNotFoundError,
+    ModelSetError,
     ProviderUnavailableError,
     choose_device,
     choose_variant,
@@ -137,10 +138,30 @@ def test_several_models_by_name(renamed_copy: Callable[[str], Path]) -> None:
 
 
 def test_the_same_name_twice_or_an_unknown_default_is_refused(renamed_copy: Callable[[str], Path]) -> None:
-    with pytest.raises(ValueError, match="already served"):
+    with pytest.raises(ModelSetError, match=r"already served.*--model-dirs NAME=PATH"):
         _engine(model_dirs=(MODEL_DIR, MODEL_DIR), variant="fp32")
-    with pytest.raises(ValueError, match="default model 'nope'"):
+    with pytest.raises(ModelSetError, match="'v1' is already served"):
+        _engine(model_dirs=(NamedModelDir("v1", MODEL_DIR), NamedModelDir("v1", MODEL_DIR)), variant="fp32")
+    with pytest.raises(
+        ModelSetError, match="'en-fr-small' is already served"
+    ):  # a name may clash with a manifest's
+        _engine(model_dirs=(MODEL_DIR, NamedModelDir("en-fr-small", MODEL_DIR)), variant="fp32")
+    with pytest.raises(ModelSetError, match="default model 'nope'"):
         _engine(variant="fp32", default_model="nope")
+
+
+def test_one_directory_served_under_two_names() -> None:
+    engine = _engine(
+        model_dirs=(NamedModelDir("en-fr-v2", MODEL_DIR), NamedModelDir("en-fr-v1", MODEL_DIR)),
+        variant="fp32",
+    )
+    assert list(engine.models) == ["en-fr-v2", "en-fr-v1"] and engine.default_model == "en-fr-v2"
+    manifest = load_manifest(MODEL_DIR)
+    for name in engine.models:
+        info = engine.model(name)
+        assert (info.name, info.version, info.directory) == (name, manifest.version, MODEL_DIR)
+    with pytest.raises(ModelNotFoundError):
+        engine.model(manifest.name)  # served under the given names only
 
 
 def test_unknown_model_is_model_not_found(fp32_engine: Engine) -> None:
