@@ -30,6 +30,7 @@ from service.api.translator.v1 import translator_pb2 as pb
 from service.config import Config, ServerConfig, resolve_parallelism, usable_cores
 from service.engine.engine import CUDA, Engine, ModelInfo, choose_device
 from service.metrics import Metrics, MetricsServer, ServedModel, register_process_metrics, serve_metrics
+from service.rpc.interceptor import CallCounter
 from service.rpc.requests import request_decoder
 from service.rpc.servicer import TranslatorServicer
 from service.scheduler.pool import SchedulerPool
@@ -217,7 +218,9 @@ async def start_server(
     # Listen first, NOT_SERVING, so that health checks and early calls get an answer (UNAVAILABLE,
     # "starting") rather than a refused connection while the model loads and warms up.
     servicer = TranslatorServicer(config, metrics)
-    server = grpc.aio.server(options=_channel_options(config.server))
+    # The call counter first (outermost), so that it sees every call any other interceptor refuses.
+    counter = CallCounter(metrics, SERVICE)
+    server = grpc.aio.server(interceptors=[counter], options=_channel_options(config.server))
     add_translator(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
