@@ -40,6 +40,7 @@ from service.engine.engine import (
 from service.metrics import Metrics, MetricsServer, ServedModel, register_process_metrics, serve_metrics
 from service.modeldir.manifest import ModelDirectoryError
 from service.rpc.auth import TokenAuth, load_tokens
+from service.rpc.interceptor import CallCounter
 from service.rpc.requests import request_decoder
 from service.rpc.servicer import TranslatorServicer
 from service.rpc.tls import ServerCertificates
@@ -259,7 +260,10 @@ async def start_server(
     # Listen first, NOT_SERVING, so that health checks and early calls get an answer (UNAVAILABLE,
     # "starting") rather than a refused connection while the model loads and warms up.
     servicer = TranslatorServicer(config, metrics)
-    server = grpc.aio.server(interceptors=interceptors, options=_channel_options(config.server))
+    # The call counter first (outermost), so that it sees every call any other interceptor refuses
+    # (a missing or wrong token counts as UNAUTHENTICATED).
+    counter = CallCounter(metrics, SERVICE)
+    server = grpc.aio.server(interceptors=[counter, *interceptors], options=_channel_options(config.server))
     add_translator(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

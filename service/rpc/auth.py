@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import grpc
@@ -115,6 +115,11 @@ def _refusing(handler: grpc.RpcMethodHandler, reason: str) -> grpc.RpcMethodHand
     async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
 
+    async def refuse_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        # a response stream's handler is an async generator (what an interceptor wrapping it iterates)
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
+        yield  # never reached: abort raises
+
     kinds = {
         (False, False): grpc.unary_unary_rpc_method_handler,
         (False, True): grpc.unary_stream_rpc_method_handler,
@@ -125,7 +130,7 @@ def _refusing(handler: grpc.RpcMethodHandler, reason: str) -> grpc.RpcMethodHand
         (bool(handler.request_streaming), bool(handler.response_streaming))
     ]
     return make(
-        refuse,
+        refuse_stream if handler.response_streaming else refuse,
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )

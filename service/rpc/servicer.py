@@ -4,8 +4,8 @@ Each RPC validates its request (`service.rpc.requests` for Translate/TranslateSt
 submits one scheduler `Request` per sentence of each text with the call's deadline, all at once so
 that they decode as rows of the same batch, awaits the outcomes and builds the response (a text's
 sentences joined again, `service.rpc.responses`).
-`_handled` is the one place where exceptions become gRPC statuses; it also counts every call in
-the metrics and writes one structured log line per call.
+`_handled` is the one place where exceptions become gRPC statuses; it also writes one structured
+log line per call. The calls are counted where gRPC sees them, in `service.rpc.interceptor`.
 """
 
 from __future__ import annotations
@@ -229,7 +229,7 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
 
     @contextlib.asynccontextmanager
     async def _handled(self, rpc: str, context: grpc.aio.ServicerContext) -> AsyncIterator[CallRecord]:
-        """Run one call: map its exception to a status, count it, log it once."""
+        """Run one call: map its exception to a status, log it once."""
         call = CallRecord(rpc, _request_id(context))
         # The id the log line carries goes back to the caller (for a bug report) whatever the outcome.
         trailer = (("x-request-id", call.request_id),)
@@ -240,10 +240,9 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
                 self.metrics.request_rejected("draining")
                 raise NotReadyError(_STOPPING)
             yield call
-        except GeneratorExit:  # a stream closed early by its client
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except asyncio.CancelledError:  # the client went away or the call's deadline passed
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away or its deadline passed
+            # (GeneratorExit: a stream closed as its call ended). The time remaining is the client's
+            # (service.rpc.interceptor): none left, it was the deadline, as the call is counted.
             remaining = context.time_remaining()
             expired = remaining is not None and remaining <= 0
             code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
@@ -253,7 +252,6 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("request %s (%s) failed", call.request_id, rpc)
         finally:
-            self.metrics.request_finished(rpc, code, time.monotonic() - call.start)
             fields = call.fields(code)
             log.info("%s %s", rpc, code.name, extra={"fields": fields})
         if code != grpc.StatusCode.OK:
@@ -326,7 +324,7 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
     ) -> Iterator[list[Handle]]:
         """Every sentence submitted at once, so that they decode side by side; any still running
         when the block ends (one failed, the call was cancelled) is cancelled."""
-        remaining = context.time_remaining()
+        remaining = context.time_remaining()  # the client's (service.rpc.interceptor)
         deadline = None if remaining is None else time.monotonic() + remaining
         handles: list[Handle] = []
         try:

@@ -64,6 +64,24 @@ class ServerThread:
     def target(self) -> str:
         return f"127.0.0.1:{self.running.port}"
 
+    @contextlib.contextmanager
+    def loop_held(self) -> Iterator[None]:
+        """While in the block, the server's event loop is stopped in a callback: gRPC still takes
+        calls in (its own threads), but none reaches the Python server until the block ends, as
+        when an overloaded server's loop falls behind."""
+        held, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            held.set()
+            release.wait(60)
+
+        self._loop.call_soon_threadsafe(hold)
+        assert held.wait(30), "the server's event loop did not run the hold"
+        try:
+            yield
+        finally:
+            release.set()
+
 
 def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
     """Poll `condition` until it holds or `timeout` seconds have passed; its last value."""
@@ -94,3 +112,24 @@ def paced_steps(engine: Any) -> Iterator[None]:
             yield
         finally:
             done.set()
+
+
+@contextlib.contextmanager
+def held_step(engine: Any) -> Iterator[threading.Event]:
+    """While in the block, the first decoder step of `engine` waits until the block ends: the
+    running batch and the queue stay as they are (nothing joins, nothing is swept). Yields the
+    event set once the decode thread is in that step."""
+    step, held_up, release = engine.step, threading.Event(), threading.Event()
+
+    def held(*args: Any, **kwargs: Any) -> Any:
+        if not held_up.is_set():
+            held_up.set()
+            release.wait(60)
+        return step(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine, "step", held)
+        try:
+            yield held_up
+        finally:
+            release.set()
