@@ -88,6 +88,11 @@ class ServerConfig:
     # Close client connections after this long (a GOAWAY; calls in flight finish), so that clients
     # balancing over DNS (a headless Kubernetes Service) find new replicas; 0: never.
     max_connection_age_s: float = 0.0
+    # RPCs in progress at once per server process, beyond which gRPC itself refuses new ones
+    # (RESOURCE_EXHAUSTED "Concurrent RPC limit exceeded!") before the servicer sees them, so
+    # uncounted by the servicer's metrics but at a fraction of its per-call CPU: a bound for when
+    # the event loop, not the engine, is what overload saturates (docs/reliability.md). 0: none.
+    max_concurrent_rpcs: int = 0
     max_texts_per_request: int = 64  # texts in one Translate request at most
     # sentences in one request at most, over all its texts: each is a request to the scheduler
     max_sentences_per_request: int = 256
@@ -340,6 +345,13 @@ SETTINGS = (
         "--max-connection-age-s",
         "close client connections after this long (0: never)",
         _float_at_least(0.0),
+    ),
+    _Setting(
+        "server",
+        "max_concurrent_rpcs",
+        "--max-concurrent-rpcs",
+        "RPCs in progress per process before gRPC refuses new ones, uncounted (0: no bound)",
+        _int_at_least(0),
     ),
     _Setting(
         "server",

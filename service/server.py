@@ -217,7 +217,8 @@ async def start_server(
     # Listen first, NOT_SERVING, so that health checks and early calls get an answer (UNAVAILABLE,
     # "starting") rather than a refused connection while the model loads and warms up.
     servicer = TranslatorServicer(config, metrics)
-    server = grpc.aio.server(options=_channel_options(config.server))
+    bound = config.server.max_concurrent_rpcs or None  # refused by gRPC itself beyond it
+    server = grpc.aio.server(options=_channel_options(config.server), maximum_concurrent_rpcs=bound)
     add_translator(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
