@@ -13,7 +13,7 @@ CORPUS_DIR ?= data/corpus
 SEED ?= 1234
 
 .PHONY: setup lock proto corpus train eval translate export variants verify bench-kv bench-calls bench-gc \
-	bench-import bench run \
+	bench-import bench-overload bench run \
 	test test-full lint clean compose-up compose-down import-hf
 
 setup: $(SETUP_DONE)
@@ -117,6 +117,13 @@ bench-gc: $(SETUP_DONE)
 # $(MODEL_DIR): import time, model-directory size (fp32, int8), the server's resident memory (≈2 min).
 bench-import: $(SETUP_DONE) $(CORPUS_DIR)/test.tsv
 	$(PY) -m bench.import_hf --model-dir $(MODEL_DIR) --corpus $(CORPUS_DIR)/test.tsv --out docs/import-benchmark.md
+
+# Overload (a measurement, not a test; ≈4 min on 2 cores): `python -m service` at 0.5×–4× its measured
+# capacity, every call with a 2 s deadline, before and after deadline-aware admission, and with gRPC's
+# concurrency bound: goodput, refusals, expiries, refusal latency → the ## Overload section of
+# docs/reliability.md.
+bench-overload: $(SETUP_DONE) $(CORPUS_DIR)/test.tsv
+	$(PY) -m bench.overload --model-dir $(MODEL_DIR) --corpus $(CORPUS_DIR)/test.tsv --out docs/reliability.md
 
 # The service benchmark (a measurement, not a test; ≈9 min on 2 cores): the in-process gRPC server under
 # closed- and open-loop load (continuous, collect-then-run, batch 1), the engine alone at batch 1/8/32/64
