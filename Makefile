@@ -13,7 +13,7 @@ CORPUS_DIR ?= data/corpus
 SEED ?= 1234
 
 .PHONY: setup lock proto corpus train eval translate export variants verify bench-kv bench-calls bench-gc \
-	bench-import bench-peers bench-step bench run \
+	bench-import bench-peers bench-step bench-overload bench run \
 	test test-full lint clean compose-up compose-down import-hf
 
 setup: $(SETUP_DONE)
@@ -128,6 +128,13 @@ bench-step: $(SETUP_DONE)
 # → docs/peers.md, docs/peers.png, bench/results/peers-<machine>.json (≈40 min on 2 cores).
 bench-peers: $(SETUP_DONE) $(CORPUS_DIR)/test.tsv
 	$(PY) -m bench.peers --model-dir $(MODEL_DIR) --corpus $(CORPUS_DIR)/test.tsv --out docs/peers.md $(ARGS)
+
+# Overload (a measurement, not a test; ≈4 min on 2 cores): `python -m service` at 0.5×–4× its measured
+# capacity, every call with a 2 s deadline, before and after deadline-aware admission, and with gRPC's
+# concurrency bound: goodput, refusals, expiries, refusal latency → the ## Overload section of
+# docs/reliability.md.
+bench-overload: $(SETUP_DONE) $(CORPUS_DIR)/test.tsv
+	$(PY) -m bench.overload --model-dir $(MODEL_DIR) --corpus $(CORPUS_DIR)/test.tsv --out docs/reliability.md
 
 # The service benchmark (a measurement, not a test; ≈9 min on 2 cores): the in-process gRPC server under
 # closed- and open-loop load (continuous, collect-then-run, batch 1), the engine alone at batch 1/8/32/64

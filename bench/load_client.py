@@ -208,6 +208,17 @@ async def open_loop(
 ) -> PhaseResult:
     """Poisson arrivals at `rate` per second for `duration_s`; stragglers get `drain_s` more. Request i
     goes on channel i: the arrivals are not tied to clients."""
+    samples, elapsed, unfinished = await open_loop_samples(
+        caller, rate, duration_s, seed=seed, drain_s=drain_s
+    )
+    return summarize(mode, "open", samples, elapsed, offered_rate=rate, unfinished=unfinished)
+
+
+async def open_loop_samples(
+    caller: Caller, rate: float, duration_s: float, *, seed: int = 0, drain_s: float = 30.0
+) -> tuple[list[Sample], float, int]:
+    """`open_loop`'s requests: (every sample, seconds from the start to the last one's end, requests
+    still running when the drain time ran out)."""
     if rate <= 0:
         raise ValueError(f"the arrival rate must be positive, not {rate}")
     rng = random.Random(seed)
@@ -237,8 +248,7 @@ async def open_loop(
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-    elapsed = time.perf_counter() - start
-    return summarize(mode, "open", samples, elapsed, offered_rate=rate, unfinished=unfinished)
+    return samples, time.perf_counter() - start, unfinished
 
 
 def summarize(

@@ -20,6 +20,7 @@ Provider = Literal["auto", "cpu", "cuda"]
 VariantChoice = Literal["auto", "fp32", "int8", "fp16", "optimized"]
 KVCacheChoice = Literal["auto", "host", "device"]
 SchedulerMode = Literal["continuous", "collect"]
+Admission = Literal["wait", "count"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 LogFormat = Literal["text", "json"]
 
@@ -66,7 +67,15 @@ class SchedulerConfig:
     mode: SchedulerMode = "continuous"  # continuous: iteration-level batching; collect: batch, then decode
     max_sequences: int = 64  # decoder rows in flight at most (a beam of K counts K)
     max_kv_cache_tokens: int = 65536  # self-attention cache slots over all rows in flight
-    max_queue_size: int = 256  # waiting requests beyond which new ones fail fast (RESOURCE_EXHAUSTED)
+    # Sentences waiting, beyond which new ones fail fast (RESOURCE_EXHAUSTED). Each sentence of each
+    # text is one scheduler request, so a call of 64 one-sentence texts takes 64 places. A backstop
+    # on memory: the queue is bounded in time first (admission, max_queue_wait_s).
+    max_queue_size: int = 4096
+    # wait: refuse at once (RESOURCE_EXHAUSTED) a request whose expected wait in the queue, from the
+    # measured decode time and the live queue ahead of it, is longer than its deadline leaves or than
+    # max_queue_wait_s (service/scheduler/admission.py); count: max_queue_size alone
+    admission: Admission = "wait"
+    max_queue_wait_s: float = 5.0  # admission wait: the longest expected queue wait accepted; 0: no bound
     max_batch_size: int = 32  # collect mode: sentences per batch at most
     max_wait_ms: float = 5.0  # collect mode: how long the first request waits for others to join
     # continuous mode: newcomers join a running batch in groups, not one by one at every step (each
@@ -109,6 +118,12 @@ class ServerConfig:
     # Clients may ping at most this often (also without calls); more often, twice, and the server
     # closes the connection (GOAWAY ENHANCE_YOUR_CALM, "too_many_pings").
     min_client_ping_interval_s: float = 10.0
+    # RPCs in progress at once per server process, beyond which gRPC itself refuses new ones
+    # (RESOURCE_EXHAUSTED "Concurrent RPC limit exceeded!") before the servicer sees them, at a
+    # fraction of its per-call CPU (the call counter, service/rpc/interceptor.py, still counts
+    # them): a bound for when the event loop, not the engine, is what overload saturates
+    # (docs/reliability.md). 0: none.
+    max_concurrent_rpcs: int = 0
     max_texts_per_request: int = 64  # texts in one Translate request at most
     # sentences in one request at most, over all its texts: each is a request to the scheduler
     max_sentences_per_request: int = 256
@@ -376,8 +391,23 @@ SETTINGS = (
         "scheduler",
         "max_queue_size",
         "--max-queue-size",
-        "waiting requests before refusing",
+        "sentences waiting before refusing (each sentence of each text takes a place)",
         _int_at_least(1),
+    ),
+    _Setting(
+        "scheduler",
+        "admission",
+        "--admission",
+        "wait: refuse when the expected queue wait exceeds the deadline's time left or "
+        "--max-queue-wait-s; count: --max-queue-size alone",
+        _choice(Admission),
+    ),
+    _Setting(
+        "scheduler",
+        "max_queue_wait_s",
+        "--max-queue-wait-s",
+        "admission wait: longest expected queue wait accepted, seconds (0: no bound)",
+        _float_at_least(0.0),
     ),
     _Setting(
         "scheduler",
@@ -493,6 +523,13 @@ SETTINGS = (
         "--min-client-ping-interval-s",
         "least seconds between a client's pings",
         _float_at_least(0.0),
+    ),
+    _Setting(
+        "server",
+        "max_concurrent_rpcs",
+        "--max-concurrent-rpcs",
+        "RPCs in progress per process before gRPC refuses new ones (0: no bound)",
+        _int_at_least(0),
     ),
     _Setting(
         "server",

@@ -54,8 +54,8 @@ EXPECTED_CODES = (
     grpc.StatusCode.INTERNAL,
 )
 # Why a request was turned away before it was queued (its status is RESOURCE_EXHAUSTED for
-# queue_full, UNAVAILABLE for the other two).
-REJECT_REASONS = ("queue_full", "draining", "not_ready")
+# queue_full and expected_wait, UNAVAILABLE for the other two).
+REJECT_REASONS = ("queue_full", "expected_wait", "draining", "not_ready")
 # Why a request left the scheduler (the queue or the running batch); one count per request, whatever
 # its number of beams.
 FINISH_REASONS = ("end_of_sequence", "length", "cancelled", "deadline", "error")

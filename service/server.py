@@ -261,9 +261,14 @@ async def start_server(
     # "starting") rather than a refused connection while the model loads and warms up.
     servicer = TranslatorServicer(config, metrics)
     # The call counter first (outermost), so that it sees every call any other interceptor refuses
-    # (a missing or wrong token counts as UNAUTHENTICATED).
+    # (a missing or wrong token counts as UNAUTHENTICATED), and those gRPC's concurrency bound refuses.
     counter = CallCounter(metrics, SERVICE)
-    server = grpc.aio.server(interceptors=[counter, *interceptors], options=_channel_options(config.server))
+    bound = config.server.max_concurrent_rpcs or None  # refused by gRPC itself beyond it
+    server = grpc.aio.server(
+        interceptors=[counter, *interceptors],
+        options=_channel_options(config.server),
+        maximum_concurrent_rpcs=bound,
+    )
     add_translator(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

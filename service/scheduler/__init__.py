@@ -1,8 +1,9 @@
 """The scheduler layer: the queue and continuous batching between the servicer and the engine.
 
-No grpc and no onnxruntime here. `scheduler` owns the decode thread and admission, `batch` the
-running batch and its step, `handle` the submitter's side, `types` the contracts with the layers
-around it, `pool` the instances of one process. The names below are what the other layers use.
+No grpc and no onnxruntime here. `scheduler` owns the decode thread, `queue` its live waiting
+requests, `admission` the expected wait that refuses what cannot wait in time, `batch` the running
+batch and its step, `handle` the submitter's side, `types` the contracts with the layers around it,
+`pool` the instances of one process. The names below are what the other layers use.
 """
 
 from service.decoding import Hypothesis
@@ -14,6 +15,7 @@ from service.scheduler.types import (
     FinishReason,
     Generation,
     QueueFullError,
+    QueueTooSlowError,
     Request,
     RequestCancelledError,
     RequestTooLargeError,
@@ -31,6 +33,7 @@ __all__ = [
     "Handle",
     "Hypothesis",
     "QueueFullError",
+    "QueueTooSlowError",
     "Request",
     "RequestCancelledError",
     "RequestTooLargeError",

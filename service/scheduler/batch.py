@@ -42,8 +42,8 @@ Emit = Callable[[Sequence[int]], None]  # tokens newly chosen for a streaming re
 class Ticket:
     """A submitted request on its way through the scheduler (mutable; the decode thread's view).
 
-    `cancelled_at` is the only field another thread writes (one assignment, under the scheduler's
-    lock; the decode thread reads it without).
+    `cancelled_at` and `queued` are the only fields another thread writes (under the scheduler's
+    lock; the decode thread reads `cancelled_at` without).
     """
 
     def __init__(self, request: Request, emit: Emit, settle: Callable[[Outcome], None], now: float) -> None:
@@ -52,6 +52,7 @@ class Ticket:
         self.settle = settle  # called exactly once, from the decode thread, with the outcome
         self.submitted_at = now
         self.cancelled_at: float | None = None  # when the submitter cancelled it (the scheduler's clock)
+        self.queued = False  # in the scheduler's queue of live waiting requests
         self.admitted_at: float | None = None
         self.first_token_at: float | None = None
         self.emitted = 0  # tokens already emitted to the stream

@@ -27,7 +27,13 @@ from typing import TYPE_CHECKING
 from service.config import SchedulerConfig
 from service.scheduler.handle import Handle
 from service.scheduler.scheduler import Scheduler, SchedulerStats
-from service.scheduler.types import QueueFullError, Request, RequestTooLargeError, StepEngine
+from service.scheduler.types import (
+    QueueFullError,
+    QueueTooSlowError,
+    Request,
+    RequestTooLargeError,
+    StepEngine,
+)
 
 if TYPE_CHECKING:
     from service.metrics import Metrics
@@ -62,7 +68,7 @@ class SchedulerPool:
             raise ValueError(
                 f"instances {config.instances}: resolve the auto setting first (config.resolve_parallelism)"
             )
-        self.config, self._workers = config, workers
+        self.config, self._workers, self._metrics = config, workers, metrics
         self.share = instance_config(config, workers)  # what each instance holds
         self.instances = [
             Scheduler(engine, self.share, metrics, clock=clock, instance=i) for i in range(config.instances)
@@ -80,25 +86,32 @@ class SchedulerPool:
         named as configured for the server rather than as one instance's share.
 
         Least loaded counts requests outstanding, queued or decoding, so an instance whose rows a
-        beam search holds can have a full queue while another's has room: the request is refused
-        (RESOURCE_EXHAUSTED, counted once) only when every instance's queue is full.
+        beam search holds can have a full queue, or a longer expected wait, while another's has
+        room: the request is refused (RESOURCE_EXHAUSTED, counted once) only when every instance
+        refuses it, with the shortest wait expected, if any instance refused it for time.
         """
         with self._lock:
             order = sorted(range(len(self.instances)), key=self._outstanding.__getitem__)
-        for attempt, index in enumerate(order):
-            last = attempt == len(order) - 1
+        refusals: list[QueueFullError] = []
+        for index in order:
             try:
-                return self._submit_to(index, request, count_queue_full=last)
-            except QueueFullError:
-                if last:
-                    raise QueueFullError(self.config.max_queue_size) from None
-        raise AssertionError("unreachable: a pool has at least one instance")
+                return self._submit_to(index, request)
+            except QueueFullError as refusal:
+                refusals.append(refusal)
+        slow = [r for r in refusals if isinstance(r, QueueTooSlowError)]
+        error = (
+            min(slow, key=lambda r: r.expected_wait_s) if slow else QueueFullError(self.config.max_queue_size)
+        )
+        if self._metrics is not None:
+            self._metrics.request_rejected(error.reason)
+        raise error from None
 
-    def _submit_to(self, index: int, request: Request, *, count_queue_full: bool) -> Handle:
+    def _submit_to(self, index: int, request: Request) -> Handle:
         with self._lock:
             self._outstanding[index] += 1
         try:
-            handle = self.instances[index].submit(request, count_queue_full=count_queue_full)
+            # counted once by submit, when every instance has refused it
+            handle = self.instances[index].submit(request, count_queue_full=False)
         except RequestTooLargeError as err:
             self._ended(index)
             if not self.split:

@@ -24,6 +24,12 @@ is strictly FIFO: the first request that does not fit waits, and the ones behind
 (no overtaking, no starvation). A request that cannot fit an empty scheduler is refused at submit
 (RequestTooLargeError). The cross-attention K/V (rows × source tokens) is not counted.
 
+Admission to the queue: it holds live requests only (one cancelled while waiting leaves it at
+once, its outcome settled by the decode thread; one past its deadline leaves at the next sweep, or
+at once when the queue is full), at most max_queue_size of them, and a request that would wait
+longer than its deadline leaves or max_queue_wait_s is refused at once (QueueTooSlowError;
+`service.scheduler.admission` estimates the wait).
+
 Collect mode (the baseline the benchmark compares): wait until max_batch_size requests of one
 model are queued or max_wait_ms has passed since the oldest, then decode that group to completion
 with nothing joining (finished rows still leave); cancellation and deadlines are checked between
@@ -42,14 +48,15 @@ import dataclasses
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from service.config import SchedulerConfig
+from service.scheduler.admission import Admission
 from service.scheduler.batch import Retired, RunningBatch, Ticket
 from service.scheduler.handle import Handle, Outbox
+from service.scheduler.queue import WaitingQueue
 from service.scheduler.types import (
     Generation,
     QueueFullError,
@@ -102,7 +109,9 @@ class Scheduler:
         self.engine, self.config, self.metrics, self.clock = engine, config, metrics, clock
         self.instance = instance
         self._cond = threading.Condition()
-        self._waiting: deque[Ticket] = deque()  # guarded by _cond
+        self._waiting = WaitingQueue()  # live requests only; guarded by _cond
+        self._reserved_rows = 0  # rows reserved in the running batches; guarded by _cond
+        self._admission = Admission(config)  # guarded by _cond
         self._closed = False  # no new requests (draining or stopped); guarded by _cond
         self._stopping = False  # the thread should fail what is left and exit; guarded by _cond
         self._batches: dict[str, RunningBatch] = {}  # the decode thread's
@@ -125,11 +134,14 @@ class Scheduler:
 
     def submit(self, request: Request, *, count_queue_full: bool = True) -> Handle:
         """Queue a request; call from a coroutine (the handle belongs to the running event loop).
-        `count_queue_full` False: a full queue is not counted as a rejection (the caller tries
-        another instance's queue first, and counts the request's refusal itself if every one is full).
+        `count_queue_full` False: a refusal (full queue, expected wait) is not counted as a
+        rejection (the caller tries another instance first, and counts the request's refusal itself
+        if every one refuses it).
 
         Raises:
-            QueueFullError: max_queue_size requests are already waiting.
+            QueueFullError: max_queue_size requests are already waiting; as QueueTooSlowError, the
+                wait it can expect is longer than its deadline leaves or max_queue_wait_s
+                (service.scheduler.admission).
             SchedulerClosedError: draining or stopped.
             RequestTooLargeError: it could never fit max_sequences / max_kv_cache_tokens.
             ValueError: a model the engine does not serve.
@@ -144,10 +156,11 @@ class Scheduler:
             if self._closed:
                 self._reject("draining")
                 raise SchedulerClosedError("the server is shutting down and takes no new requests")
-            if len(self._waiting) >= self.config.max_queue_size:
+            refusal = self._refusal(request, ticket.submitted_at)
+            if refusal is not None:
                 if count_queue_full:
-                    self._reject("queue_full")
-                raise QueueFullError(self.config.max_queue_size)
+                    self._reject(refusal.reason)
+                raise refusal
             self._waiting.append(ticket)
             self._accepted += 1
             # Published under the lock, as every change of the queue is: published after it, this
@@ -193,7 +206,22 @@ class Scheduler:
         with self._cond:
             if ticket.cancelled_at is None:  # a call cancels its texts again as it ends: the first counts
                 ticket.cancelled_at = self.clock()
+            if self._waiting.leave(
+                ticket, ticket.cancelled_at
+            ):  # its place is free now, not at the next sweep
+                self._publish_queue()
             self._cond.notify_all()
+
+    def _refusal(self, request: Request, now: float) -> QueueFullError | None:
+        """Under the lock: why `request` cannot be queued now, or None."""
+        full = self.config.max_queue_size
+        if len(self._waiting) >= full and self._waiting.drop_expired(now):  # they no longer count
+            self._publish_queue()
+        if len(self._waiting) >= full:
+            return QueueFullError(full)
+        return self._admission.refusal(
+            request, now=now, ahead=self._waiting.rows, reserved=self._reserved_rows
+        )
 
     def _check_fits(self, request: Request) -> None:
         rows, slots = request.options.beam_size, request.options.max_output_tokens
@@ -227,7 +255,12 @@ class Scheduler:
     def _run_continuous(self) -> None:
         while True:
             with self._cond:
-                while not self._stopping and not self._waiting and not any(self._batches.values()):
+                while (
+                    not self._stopping
+                    and not self._waiting
+                    and not self._waiting.left
+                    and not any(self._batches.values())
+                ):
                     self._cond.wait()
                 if self._stopping:
                     return
@@ -277,9 +310,9 @@ class Scheduler:
             if not self._waiting:
                 self._cond.wait()
                 continue
-            model = self._waiting[0].request.model
+            model = self._waiting.first().request.model
             same = [t for t in self._waiting if t.request.model == model]
-            wait = self._waiting[0].submitted_at + self.config.max_wait_ms / 1000 - self.clock()
+            wait = self._waiting.first().submitted_at + self.config.max_wait_ms / 1000 - self.clock()
             if len(same) < self.config.max_batch_size and wait > 0 and not self._closed:
                 self._cond.wait(min(wait, self._next_deadline_in()))
                 continue
@@ -294,8 +327,8 @@ class Scheduler:
                     break
                 group.append(t)
                 rows, slots = new_rows, new_slots
-            for t in group:
-                self._waiting.remove(t)
+            self._waiting.remove(group)
+            self._reserved_rows += rows
             self._publish_queue()
             return group
 
@@ -304,17 +337,11 @@ class Scheduler:
         return max(0.0, min(deadlines) - self.clock()) if deadlines else 3600.0
 
     def _sweep_queue(self) -> list[Retired]:
-        """Under the lock: take the cancelled and past-deadline requests out of the queue."""
-        now = self.clock()
-        gone: list[Retired] = []
-        for t in list(self._waiting):
-            leaving = t.leaving(now)
-            if leaving is not None:
-                gone.append(leaving)
-                self._waiting.remove(t)
-        if gone:
+        """Under the lock: the requests that left the queue cancelled (`_cancel` took them out) or
+        past their deadline (taken out now), to be settled."""
+        if self._waiting.drop_expired(self.clock()):
             self._publish_queue()
-        return gone
+        return self._waiting.take_left()
 
     def _next_model(self) -> str | None:
         """The next model with running rows or waiting requests, round-robin."""
@@ -363,9 +390,9 @@ class Scheduler:
                     break
                 taken.append(t)
                 rows, kv, model_rows, model_slots = rows + t.rows, new_kv, new_model_rows, new_slots
-            for t in taken:
-                self._waiting.remove(t)
             if taken:
+                self._waiting.remove(taken)
+                self._reserved_rows += sum(t.rows for t in taken)  # before the next submit's estimate
                 self._publish_queue()
         return taken
 
@@ -401,6 +428,8 @@ class Scheduler:
             self._observe_end(r)
             with self._cond:
                 self._outcomes += 1  # before the handle can see its outcome
+                if isinstance(r.outcome, Generation) and r.outcome.steps:
+                    self._admission.observe(r.outcome.timings.decode_s)
             r.ticket.settle(r.outcome)
         if retired:  # before the handles hear of it: a caller that has its outcome finds it gone
             self._publish()  # from the stats and the gauges (in flight, KV cache used)
@@ -427,8 +456,9 @@ class Scheduler:
     def _fail_all(self, error: SchedulerError) -> None:
         with self._cond:
             waiting = list(self._waiting)
-            self._waiting.clear()
-        retired = [Retired(t, error, "error") for t in waiting]
+            self._waiting.remove(waiting)
+            left = self._waiting.take_left()
+        retired = left + [Retired(t, error, "error") for t in waiting]
         for batch in self._batches.values():
             retired += [Retired(e.ticket, error, "error") for e in batch.entries]
             batch.entries = []
@@ -448,6 +478,7 @@ class Scheduler:
         kv = sum(b.kv_tokens for b in batches)
         with self._cond:
             self._stats = SchedulerStats(len(self._waiting), in_flight, rows, kv, self._steps, self._outcomes)
+            self._reserved_rows = sum(b.reserved_rows for b in batches)
         if self.metrics is not None:
             self.metrics.set_in_flight(in_flight, instance=self.instance)
             self.metrics.set_kv_cache(kv, self.config.max_kv_cache_tokens, instance=self.instance)

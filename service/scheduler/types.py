@@ -70,9 +70,40 @@ class SchedulerError(Exception):
 class QueueFullError(SchedulerError):
     """The waiting queue is full; the request was not accepted (RESOURCE_EXHAUSTED)."""
 
+    reason = "queue_full"  # of translator_requests_rejected_total
+
     def __init__(self, limit: int) -> None:
         super().__init__(f"the request queue is full ({limit} waiting, --max-queue-size); retry later")
         self.limit = limit
+
+
+class QueueTooSlowError(QueueFullError):
+    """The queue is full in time: the wait a new request can expect is longer than its deadline
+    leaves, or than --max-queue-wait-s (service/scheduler/admission.py); refused at once
+    (RESOURCE_EXHAUSTED) rather than left to expire in the queue."""
+
+    reason = "expected_wait"
+
+    def __init__(
+        self,
+        expected_wait_s: float,
+        decode_s: float,
+        *,
+        time_left_s: float | None = None,
+        max_wait_s: float | None = None,
+    ) -> None:
+        wait = f"the server is overloaded: this request would wait about {expected_wait_s:.2f} s in the queue"
+        if time_left_s is not None:
+            left = max(0.0, time_left_s)
+            why = (
+                f"{wait} and decode for about {decode_s:.2f} s, but its deadline leaves {left:.2f} s; "
+                "refused now rather than left to expire: retry later, elsewhere or with a longer deadline"
+            )
+        else:
+            why = f"{wait}, over the {max_wait_s:g} s allowed (--max-queue-wait-s); retry later or elsewhere"
+        SchedulerError.__init__(self, why)
+        self.limit = 0  # no count bound was reached
+        self.expected_wait_s, self.time_left_s = expected_wait_s, time_left_s
 
 
 class RequestTooLargeError(SchedulerError, ValueError):

@@ -31,7 +31,7 @@ def test_the_limits_are_split_between_the_instances() -> None:
         1,
         21,
         300,
-        86,
+        1366,  # the default 4096, rounded up
     )
     # worker processes split the server's limits before their instances do
     each = instance_config(SchedulerConfig(instances=2, max_sequences=64, max_queue_size=9), workers=2)

@@ -74,6 +74,7 @@ class StepHold:
         self._changed = threading.Condition()
         self._limit: int | None = None
         self._taken: Counter[str] = Counter()  # steps begun, by decode thread
+        self._held = 0  # decode threads waiting in a held step now
 
     def after(self, steps: int | None) -> None:
         with self._changed:
@@ -87,9 +88,20 @@ class StepHold:
         """The decode thread's side, at the start of each step."""
         thread = threading.current_thread().name
         with self._changed:
-            if not self._changed.wait_for(lambda: self._free(thread), timeout=self.TIMEOUT_S):
-                raise RuntimeError(f"a decoder step held for {self.TIMEOUT_S:.0f} s")
+            self._held += 1
+            self._changed.notify_all()
+            try:
+                if not self._changed.wait_for(lambda: self._free(thread), timeout=self.TIMEOUT_S):
+                    raise RuntimeError(f"a decoder step held for {self.TIMEOUT_S:.0f} s")
+            finally:
+                self._held -= 1
+                self._changed.notify_all()
             self._taken[thread] += 1
+
+    def wait_held(self, threads: int = 1, timeout: float = TIMEOUT_S) -> bool:
+        """Until `threads` decode threads wait in a held step (they sweep and admit nothing meanwhile)."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self._held >= threads and self._limit is not None, timeout)
 
     def _free(self, thread: str) -> bool:
         return self._limit is None or self._taken[thread] < self._limit
@@ -325,6 +337,62 @@ def test_queue_full_fails_fast_and_names_the_limit() -> None:
             metrics.registry.get_sample_value("translator_requests_rejected_total", {"reason": "queue_full"})
             == 1
         )
+        scheduler.stop()
+
+    run(main)
+
+
+def _value(metrics: Metrics, name: str, **labels: str) -> float:
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def test_a_cancelled_waiting_request_frees_its_place_and_the_gauge_at_once() -> None:
+    """Not started, so no decode thread sweeps the queue: the places come back at the cancel
+    itself, for admission and for the queue-depth gauge; the outcomes follow once it runs."""
+
+    async def main() -> None:
+        metrics = Metrics(CollectorRegistry())
+        scheduler = Scheduler(FakeEngine(), config(max_queue_size=3), metrics)
+        cancelled = [scheduler.submit(Request("fake", (4, 2), options())) for _ in range(3)]
+        with pytest.raises(QueueFullError):
+            scheduler.submit(Request("fake", (4, 2), options()))
+        assert _value(metrics, "translator_queue_depth") == 3
+        for handle in cancelled:
+            handle.cancel()
+            handle.cancel()  # a call cancels its texts again as it ends: nothing more happens
+        assert scheduler.stats().queued == 0 and _value(metrics, "translator_queue_depth") == 0
+        admitted = [scheduler.submit(Request("fake", tuple(s), options())) for s in FAKE_SOURCES[:3]]
+        assert scheduler.stats().queued == 3 and _value(metrics, "translator_queue_depth") == 3
+        scheduler.start()
+        for handle in cancelled:
+            with pytest.raises(RequestCancelledError):
+                await handle.result()
+        for source, handle in zip(FAKE_SOURCES, admitted, strict=False):
+            assert_same((await handle.result()).hypotheses, fake_alone(source, options()))
+        assert scheduler.stats().outcomes == 6
+        assert _value(metrics, "translator_sequences_finished_total", reason="cancelled") == 3
+        assert _value(metrics, "translator_requests_rejected_total", reason="queue_full") == 1
+        scheduler.stop()
+
+    run(main)
+
+
+def test_an_expired_waiting_request_gives_its_place_to_a_newcomer_when_the_queue_is_full() -> None:
+    async def main() -> None:
+        now = [100.0]
+        scheduler = Scheduler(FakeEngine(), config(max_queue_size=2), clock=lambda: now[0])
+        expiring = scheduler.submit(Request("fake", (4, 2), options(), deadline=101.0))
+        waiting = scheduler.submit(Request("fake", (5, 2), options(), deadline=200.0))
+        with pytest.raises(QueueFullError):
+            scheduler.submit(Request("fake", (6, 2), options()))
+        now[0] = 101.0  # the first one's deadline: it no longer counts
+        newcomer = scheduler.submit(Request("fake", (6, 2), options()))
+        assert scheduler.stats().queued == 2
+        scheduler.start()
+        with pytest.raises(DeadlineExceededError, match="in the queue"):
+            await expiring.result()
+        for handle in (waiting, newcomer):
+            assert isinstance(await handle.result(), Generation)
         scheduler.stop()
 
     run(main)
