@@ -260,23 +260,27 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
                 self.metrics.request_rejected("draining")
                 raise NotReadyError(_STOPPING)
             yield call
-        except GeneratorExit:  # a stream closed early by its client
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except asyncio.CancelledError:  # the client went away or the call's deadline passed
-            remaining = context.time_remaining()
-            expired = remaining is not None and remaining <= 0
-            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+        except (GeneratorExit, asyncio.CancelledError):  # the client went away or the deadline passed
+            code = (
+                grpc.StatusCode.DEADLINE_EXCEEDED if _deadline_passed(context) else grpc.StatusCode.CANCELLED
+            )
             raise
         except Exception as error:
             code, message = status_of(error)
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("request %s (%s) failed", call.request_id, rpc)
+            elif _deadline_passed(context):  # gRPC ends the call itself: what the client gets
+                code = grpc.StatusCode.DEADLINE_EXCEEDED
         finally:
             self.metrics.request_finished(rpc, code, time.monotonic() - call.start)
             fields = call.fields(code)
             log.info("%s %s", rpc, code.name, extra={"fields": fields})
         if code != grpc.StatusCode.OK:
+            if context.done() or _deadline_passed(context):
+                # gRPC has ended the call or is ending it (DEADLINE_EXCEEDED): a status sent now
+                # fails in its core and is logged as an ERROR with a traceback. End as gRPC's own
+                # cancellation does, quietly; the log line above has the outcome.
+                raise asyncio.CancelledError
             await context.abort(code, message, trailer)
 
     def _model(self, name: str) -> tuple[str, ModelInfo]:
