@@ -161,8 +161,8 @@ _SMALLER_ATTENTION = (
 
 
 # Requests with more characters than this are split into sentences and tokenised on a worker
-# thread, not on the event loop that serves every call: ≈5 ms of work at this size, 0.6 s for the
-# largest request the limits allow (docs/reliability.md).
+# thread, not on the event loop that serves every call: ≈5 ms of work at this size, ≈0.6 s for
+# 500,000 characters (docs/reliability.md).
 OFF_LOOP_CHARS = 4096
 
 
