@@ -13,7 +13,7 @@ CORPUS_DIR ?= data/corpus
 SEED ?= 1234
 
 .PHONY: setup lock proto corpus train eval translate export variants verify bench-kv bench-calls bench-gc \
-	bench-import bench-peers bench-step bench-overload bench run \
+	bench-import bench-peers bench-step bench-overload bench-stall bench run \
 	test test-full lint clean compose-up compose-down import-hf
 
 setup: $(SETUP_DONE)
@@ -135,6 +135,11 @@ bench-peers: $(SETUP_DONE) $(CORPUS_DIR)/test.tsv
 # docs/reliability.md.
 bench-overload: $(SETUP_DONE) $(CORPUS_DIR)/test.tsv
 	$(PY) -m bench.overload --model-dir $(MODEL_DIR) --corpus $(CORPUS_DIR)/test.tsv --out docs/reliability.md
+
+# Whether one huge request stalls the others (≈1 min): a 4 MB text and the largest requests refused
+# while small calls go on, printed as the table of docs/reliability.md; ROOT=checkout to measure another.
+bench-stall: $(SETUP_DONE)
+	$(PY) -m bench.request_stall $(if $(ROOT),--root $(ROOT))
 
 # The service benchmark (a measurement, not a test; ≈9 min on 2 cores): the in-process gRPC server under
 # closed- and open-loop load (continuous, collect-then-run, batch 1), the engine alone at batch 1/8/32/64

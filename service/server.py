@@ -90,6 +90,31 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+class EndedCallFilter(logging.Filter):
+    """gRPC's ERROR with a traceback when it cannot send the rest of a reply because the call has
+    ended meanwhile (its deadline passed or its client went away between gRPC's last look and the
+    send: a race inside gRPC) becomes one INFO line. A client's deadline is not a server error; the
+    call's own log line (service.rpc.servicer) has its outcome. Installed on gRPC's logger by
+    `start_server`."""
+
+    LOGGER = "grpc._cython.cygrpc"
+    _SAID = "ExecuteBatchError raised in core by servicer method"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and record.getMessage().startswith(self._SAID):
+            method = record.getMessage().removeprefix(self._SAID).strip()
+            record.msg, record.args = (
+                "%s: the call ended before its reply was sent (deadline or client)",
+                (method,),
+            )
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info = record.exc_text = None
+        return True
+
+
+_ENDED_CALLS = EndedCallFilter()
+
+
 def setup_logging(config: ServerConfig, *, worker: int | None = None) -> None:
     """Root logging to stderr at the configured level, as text or JSON lines; a worker process's
     lines carry its index (`worker-1`, or `"worker": 1`)."""
@@ -236,6 +261,7 @@ async def start_server(
     Returns:
         The running server with its bound ports.
     """
+    logging.getLogger(EndedCallFilter.LOGGER).addFilter(_ENDED_CALLS)  # once: the same filter
     # the TLS files and tokens checked before anything listens (ConfigError: one clear line)
     certificates = ServerCertificates.load(config.security)
     tokens = load_tokens(config.security)

@@ -11,6 +11,10 @@ Two kinds, one interface (`Tokenizer`), chosen by `load_tokenizer` from the file
 A multilingual tokenizer (`languages` not empty) puts the source language's token before the
 source, as Transformers' NLLB and M2M100 tokenizers do; the target language's token is the first
 output token, which the decoder is given (service.decoding's forced start).
+
+A text too long for the model is refused from its length alone where the tokenizer allows
+(`max_chars_per_token`): tokenising a few megabytes takes seconds, and no text over the limit
+needs to be tokenised to know it.
 """
 
 from __future__ import annotations
@@ -23,9 +27,15 @@ from pathlib import Path
 
 import sentencepiece
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import models, normalizers, pre_tokenizers
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)  # ids 0, 1, 2, 3 in this order
+
+# NFC joins a character and the marks after it into one character, whose canonical decomposition
+# they are: at most 4 characters become one (the longest decomposition in Unicode, e.g. U+1F82 ᾂ,
+# alpha and three marks; tests/service/modeldir/test_tokenizer.py checks it against Python's tables).
+NFC_MOST_JOINED = 4
 
 
 class InputTooLongError(ValueError):
@@ -87,6 +97,35 @@ class Tokenizer(ABC):
         source ids where source and target share one tokenization."""
         return self.encode(text)
 
+    def max_chars_per_token(self, *, ascii: bool) -> int | None:
+        """The most characters of a text (`ascii`: of an ASCII text) that one token stands for, in
+        `encode` and `encode_target` alike: a text of n characters gives at least ceil(n / this)
+        tokens, known without tokenising it. None: no such bound (the tokenizer may drop characters,
+        or join any number of them into one token)."""
+        return None
+
+    def least_tokens(self, text: str) -> int:
+        """At least how many tokens `encode(text)` (and `encode_target`) gives, from its length
+        alone (0 when the tokenizer gives no bound)."""
+        per = self.max_chars_per_token(ascii=text.isascii())
+        return 0 if per is None else -(-len(text) // per)
+
+    def check_length(self, text: str, max_tokens: int, *, extra: int = 1) -> None:
+        """Refuses `text` when, with `extra` tokens more (its end token), it needs more than
+        `max_tokens` tokens, known from its length alone: a long text takes long to tokenise.
+
+        Raises:
+            InputTooLongError: naming the length, the tokens it needs at least and the limit.
+        """
+        least = self.least_tokens(text) + extra
+        if least > max_tokens:
+            per = self.max_chars_per_token(ascii=text.isascii())
+            raise InputTooLongError(
+                f"input is {len(text):,} characters, at least {least:,} tokens (end token included; a "
+                f"token of this model stands for at most {per} characters), longer than the limit of "
+                f"{max_tokens}"
+            )
+
     def encode_source(self, text: str, max_tokens: int, language: str | None = None) -> list[int]:
         """Source ids as the encoder reads them (text + end token; a multilingual model's source
         language token first), checked against `max_tokens`.
@@ -96,6 +135,7 @@ class Tokenizer(ABC):
             KeyError: a language this tokenizer does not have.
         """
         prefix = [self.languages[language]] if language is not None and self.languages else []
+        self.check_length(text, max_tokens, extra=len(prefix) + 1)
         ids = [*prefix, *self.encode(text), self.special.eos]
         if len(ids) > max_tokens:
             raise InputTooLongError(
@@ -147,6 +187,8 @@ class BpeTokenizer(Tokenizer):
         # close enough) must not become control tokens — an end token would cut the source short,
         # a padding one be masked out. The special ids enter only where the code puts them.
         hf.encode_special_tokens = True
+        self._token_bytes = _byte_level_token_bytes(hf)
+        self._nfc = isinstance(hf.normalizer, normalizers.NFC)
 
     @classmethod
     def described(cls, path: Path, data: dict) -> BpeTokenizer:
@@ -166,6 +208,13 @@ class BpeTokenizer(Tokenizer):
     def vocab_size(self) -> int:
         return int(self._hf.get_vocab_size())
 
+    def max_chars_per_token(self, *, ascii: bool) -> int | None:
+        # A character is at least a byte. NFC leaves ASCII as it is, and joins at most
+        # NFC_MOST_JOINED characters into one.
+        if self._token_bytes is None:
+            return None
+        return self._token_bytes if ascii or not self._nfc else self._token_bytes * NFC_MOST_JOINED
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [list(e.ids) for e in self._hf.encode_batch(texts, add_special_tokens=False)]
 
@@ -174,6 +223,28 @@ class BpeTokenizer(Tokenizer):
 
     def id_to_token(self, token_id: int) -> str:
         return str(self._hf.id_to_token(token_id))
+
+
+def _byte_level_token_bytes(hf: HFTokenizer) -> int | None:
+    """The most UTF-8 bytes one token holds, where every byte of a text goes into exactly one token:
+    a byte-level BPE with all 256 bytes in its vocabulary (so none is ever dropped), no truncation, a
+    normalizer that drops no character (none, or NFC), and no added token that takes in the spaces
+    around it. Else None: SentencePiece-style normalizers drop control characters, for one."""
+    if (
+        not isinstance(hf.pre_tokenizer, pre_tokenizers.ByteLevel)
+        or not isinstance(hf.model, models.BPE)
+        or hf.truncation is not None
+        or not (hf.normalizer is None or isinstance(hf.normalizer, normalizers.NFC))
+    ):
+        return None
+    vocab = hf.get_vocab(with_added_tokens=False)
+    if not set(pre_tokenizers.ByteLevel.alphabet()) <= vocab.keys():
+        return None
+    added = hf.get_added_tokens_decoder().values()
+    if any((t.lstrip or t.rstrip) and not t.special for t in added):
+        return None
+    # a byte-level vocabulary spells each byte as one character; added tokens are plain text
+    return max([len(token) for token in vocab] + [len(t.content.encode("utf-8")) for t in added])
 
 
 _UNDERLINE = "\u2581"  # SentencePiece's word-start mark

@@ -21,11 +21,13 @@ from service.rpc.requests import (
     InvalidRequestError,
     RequestLimits,
     check_sentence_count,
+    check_source_sizes,
     encode_sentence,
     request_languages,
     sentence_name,
 )
 from service.rpc.sentences import Split, split_sentences, whole
+from service.rpc.sizes import texts_overrun
 
 Kind: TypeAlias = pb.AttentionKind.ValueType  # an AttentionKind value
 ATTENTION_KINDS: tuple[Kind, ...] = (
@@ -54,8 +56,7 @@ def attend_pairs(
         InvalidRequestError: an empty source, too many sentences, a sentence over the model's
             limits, or a target whose sentences do not pair with the source's.
     """
-    if not request.source.strip():
-        raise InvalidRequestError("source is empty")
+    check_attend_sizes(request, tokenizer, limits)
     source_language, start = request_languages(
         request.source_language, request.target_language, tokenizer, limits
     )
@@ -72,6 +73,7 @@ def attend_pairs(
     )
     if not request.HasField("target"):
         return AttendPairs(split, source_ids, None, ())
+    _check_target_size(request.target, count, count == 1, tokenizer, limits)
     target_language = request.target_language or languages.target
     target = whole(request.target) if count == 1 else split_sentences(request.target, target_language)
     if len(target.sentences) != count:
@@ -84,14 +86,57 @@ def attend_pairs(
     limit = limits.effective_max_output_tokens  # what GetModelInfo reports, though a given target
     for j, sentence in enumerate(target.sentences):  # takes no KV-cache slot
         # a multilingual model's target-language token is each target's first token
+        where = sentence_name("target", j, count)
+        _check_target_size(sentence, 1, True, tokenizer, limits, extra=len(start), name=where)
         ids = (*start, *tokenizer.encode_target(sentence))
         if len(ids) + 1 > limit:
             raise InvalidRequestError(
-                f"{sentence_name('target', j, count)} is {len(ids) + 1} tokens (end token included), "
-                f"longer than the limit of {limit}"
+                f"{where} is {len(ids) + 1} tokens (end token included), longer than the limit of {limit}"
             )
         target_ids.append(ids)
     return AttendPairs(split, source_ids, target, tuple(target_ids))
+
+
+def check_attend_sizes(request: pb.AttendRequest, tokenizer: Tokenizer, limits: RequestLimits) -> None:
+    """The checks of `attend_pairs` that take no splitting or tokenising: a source that is not
+    empty, and the source and the target against the limits from their lengths alone (see
+    `requests.check_sizes`)."""
+    if not request.source.strip():
+        raise InvalidRequestError("source is empty")
+    check_source_sizes([request.source], ["source"], request.no_sentence_split, tokenizer, limits)
+    if request.HasField("target"):
+        most = limits.max_sentences_per_request  # one target sentence per source sentence
+        _check_target_size(request.target, most, request.no_sentence_split, tokenizer, limits)
+
+
+def _check_target_size(
+    target: str,
+    sentences: int,
+    no_split: bool,
+    tokenizer: Tokenizer,
+    limits: RequestLimits,
+    *,
+    extra: int = 0,
+    name: str = "target",
+) -> None:
+    """A target (`name`) of `sentences` sentences (one, whole, when `no_split`; `extra`: forced
+    tokens before it) against the target limit, from its length alone."""
+    limit = limits.effective_max_output_tokens
+    if no_split:
+        least = extra + tokenizer.least_tokens(target) + 1
+        if least > limit:
+            raise InvalidRequestError(
+                f"{name} is {len(target):,} characters, at least {least:,} tokens (end token included), "
+                f"longer than the limit of {limit}"
+            )
+        return
+    room = sentences * (limit - 1)
+    why = texts_overrun([target], tokenizer, room)
+    if why is not None:
+        raise InvalidRequestError(
+            f"target: {why}, more than the {room:,} a target of at most {sentences} sentences may hold "
+            f"(one per source sentence, each at most {limit} tokens, end token included)"
+        )
 
 
 def attend_selection(request: pb.AttendRequest, shape: ModelShape) -> tuple[list[Kind], list[int], list[int]]:

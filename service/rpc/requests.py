@@ -22,6 +22,7 @@ from service.decoding import Sampling, SearchOptions, default_max_output_tokens
 from service.modeldir.manifest import Decoding, Languages
 from service.modeldir.tokenizer import InputTooLongError, Tokenizer
 from service.rpc.sentences import Split, split_sentences, whole
+from service.rpc.sizes import texts_overrun
 
 DEFAULT_BEAM_SIZE = 4
 LENGTH_PENALTY_RANGE = (0.0, 2.0)
@@ -196,10 +197,7 @@ def translate_jobs(
     Raises:
         InvalidRequestError: naming the field, the value and the limit.
     """
-    _check_text_count(len(texts), limits)
-    for i, text in enumerate(texts):
-        if not text.strip():
-            raise InvalidRequestError(f"text {i} is empty")
+    check_sizes(texts, options, tokenizer, limits)
     splits = [whole(t) if options.no_sentence_split else split_sentences(t, language) for t in texts]
     check_sentence_count(sum(len(s.sentences) for s in splits), limits)
     beam_size, length_penalty = _beam(options, limits, streaming)
@@ -257,6 +255,59 @@ def translate_jobs(
             sentences.append(SentenceJob(tuple(source), search))
         jobs.append(TextJob(text, split, tuple(sentences), seed))
     return jobs
+
+
+def check_sizes(
+    texts: Sequence[str], options: pb.TranslateOptions, tokenizer: Tokenizer, limits: RequestLimits
+) -> None:
+    """The checks of `translate_jobs` that take no splitting or tokenising: the number of texts,
+    none empty, and the texts and the target prefix against the model's limits from their lengths
+    alone (service.rpc.sizes) — milliseconds for any size, so that the servicer can refuse a request
+    at once and send only one that might fit to be split and tokenised.
+
+    Raises:
+        InvalidRequestError: naming the text, its length, the tokens it needs at least and the limit.
+    """
+    _check_text_count(len(texts), limits)
+    for i, text in enumerate(texts):
+        if not text.strip():
+            raise InvalidRequestError(f"text {i} is empty")
+    check_source_sizes(
+        texts, [f"text {i}" for i in range(len(texts))], options.no_sentence_split, tokenizer, limits
+    )
+    least = tokenizer.least_tokens(options.target_prefix)
+    if least >= limits.max_output_tokens:  # it would leave no room (_check_room)
+        raise InvalidRequestError(
+            f"target_prefix is {len(options.target_prefix):,} characters, at least {least:,} tokens, and "
+            f"an output is at most {limits.max_output_tokens} tokens (the model's limit, end token "
+            "included): the prefix must be shorter"
+        )
+
+
+def check_source_sizes(
+    texts: Sequence[str], names: Sequence[str], whole_texts: bool, tokenizer: Tokenizer, limits: RequestLimits
+) -> None:
+    """Texts (`names`: how messages call them) against the source limits, from their lengths alone:
+    each a sentence (`whole_texts`), or all of them split into at most --max-sentences-per-request
+    sentences of at most max_source_tokens tokens each."""
+    if whole_texts:
+        for name, text in zip(names, texts, strict=True):
+            try:
+                tokenizer.check_length(text, limits.max_source_tokens)
+            except InputTooLongError as err:
+                raise InvalidRequestError(f"{name}: {err}") from err
+        return
+    per_sentence = limits.max_source_tokens - 1  # a sentence's end token aside
+    room = limits.max_sentences_per_request * per_sentence
+    why = texts_overrun(texts, tokenizer, room)
+    if why is not None:
+        named = names[0] if len(names) == 1 else f"the {len(names)} texts"
+        raise InvalidRequestError(
+            f"{named}: {why}, more than the {room:,} one request may hold: at most "
+            f"{limits.max_sentences_per_request} sentences (--max-sentences-per-request) of "
+            f"{per_sentence} tokens each (the model's limit of {limits.max_source_tokens}, end token "
+            "included); send less text per call"
+        )
 
 
 _SHOWN_CODES = 12  # language codes a message lists at most (NLLB has 202; GetModelInfo lists all)

@@ -17,7 +17,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeVar
 
@@ -30,7 +30,7 @@ from service.config import Config
 from service.engine.engine import Engine, ModelInfo, ModelNotFoundError
 from service.metrics import Metrics
 from service.modeldir.tokenizer import Tokenizer
-from service.rpc.attend import attend_pairs, attend_selection
+from service.rpc.attend import attend_pairs, attend_selection, check_attend_sizes
 from service.rpc.requests import (
     InvalidRequestError,
     RequestLimits,
@@ -38,6 +38,7 @@ from service.rpc.requests import (
     SentenceJob,
     TextJob,
     UndecodableRequest,
+    check_sizes,
     decoded,
     translate_jobs,
 )
@@ -62,6 +63,7 @@ from service.scheduler.pool import SchedulerPool
 
 log = logging.getLogger(__name__)
 _Reply = TypeVar("_Reply", bound=Message)
+_T = TypeVar("_T")
 
 VARIANTS = {"fp32": pb.MODEL_VARIANT_FP32, "optimized": pb.MODEL_VARIANT_FP32}
 VARIANTS |= {"int8": pb.MODEL_VARIANT_INT8, "fp16": pb.MODEL_VARIANT_FP16}
@@ -158,6 +160,24 @@ _SMALLER_ATTENTION = (
 )
 
 
+# Requests with more characters than this are split into sentences and tokenised on a worker
+# thread, not on the event loop that serves every call: ≈5 ms of work at this size, ≈0.6 s for
+# 500,000 characters (docs/reliability.md).
+OFF_LOOP_CHARS = 4096
+
+
+async def _off_loop(work: Callable[[], _T], chars: int) -> _T:
+    """`work()` for a request of `chars` characters: on a worker thread when it is large."""
+    if chars <= OFF_LOOP_CHARS:
+        return work()
+    return await asyncio.to_thread(work)
+
+
+def _deadline_passed(context: grpc.aio.ServicerContext) -> bool:
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= 0
+
+
 # --- pure helpers: domain → proto -------------------------------------------------------------------
 
 
@@ -240,21 +260,28 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
                 self.metrics.request_rejected("draining")
                 raise NotReadyError(_STOPPING)
             yield call
-        except (asyncio.CancelledError, GeneratorExit):  # the client went away or its deadline passed
+        except (GeneratorExit, asyncio.CancelledError):  # the client went away or its deadline passed
             # (GeneratorExit: a stream closed as its call ended). The time remaining is the client's
             # (service.rpc.interceptor): none left, it was the deadline, as the call is counted.
-            remaining = context.time_remaining()
-            expired = remaining is not None and remaining <= 0
-            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            code = (
+                grpc.StatusCode.DEADLINE_EXCEEDED if _deadline_passed(context) else grpc.StatusCode.CANCELLED
+            )
             raise
         except Exception as error:
             code, message = status_of(error)
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("request %s (%s) failed", call.request_id, rpc)
+            elif _deadline_passed(context):  # gRPC ends the call itself: what the client gets
+                code = grpc.StatusCode.DEADLINE_EXCEEDED
         finally:
             fields = call.fields(code)
             log.info("%s %s", rpc, code.name, extra={"fields": fields})
         if code != grpc.StatusCode.OK:
+            if context.done() or _deadline_passed(context):
+                # gRPC has ended the call or is ending it (DEADLINE_EXCEEDED): a status sent now
+                # fails in its core and is logged as an ERROR with a traceback. End as gRPC's own
+                # cancellation does, quietly; the log line above has the outcome.
+                raise asyncio.CancelledError
             await context.abort(code, message, trailer)
 
     def _model(self, name: str) -> tuple[str, ModelInfo]:
@@ -300,20 +327,25 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
         self.metrics.request_rejected("not_ready")
         raise NotReadyError(_STARTING)
 
-    def _jobs(
+    async def _jobs(
         self, texts: Sequence[str], options: pb.TranslateOptions, call: CallRecord, *, streaming: bool
     ) -> tuple[ModelInfo, list[TextJob]]:
         self._refuse_until_warm()
         name, info = self._model(options.model)
         call.model = name
-        jobs = translate_jobs(
-            texts,
-            options,
-            self.tokenizers[name],
-            self._limits(info),
-            language=options.source_language or info.languages.source,
-            streaming=streaming,
-            new_seed=lambda: secrets.randbits(63),
+        tokenizer, limits = self.tokenizers[name], self._limits(info)
+        check_sizes(texts, options, tokenizer, limits)  # what cannot fit, refused at once
+        jobs = await _off_loop(
+            lambda: translate_jobs(
+                texts,
+                options,
+                tokenizer,
+                limits,
+                language=options.source_language or info.languages.source,
+                streaming=streaming,
+                new_seed=lambda: secrets.randbits(63),
+            ),
+            sum(map(len, texts)) + len(options.target_prefix),
         )
         call.input_tokens = sum(len(s.source_ids) for j in jobs for s in j.sentences)
         return info, jobs
@@ -351,7 +383,7 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
     ) -> pb.TranslateResponse:
         async with self._handled("Translate", context) as call:
             request = decoded(request)
-            info, jobs = self._jobs(request.texts, request.options, call, streaming=False)
+            info, jobs = await self._jobs(request.texts, request.options, call, streaming=False)
             generations = await self._generate(info.name, jobs, context)
             total = time.monotonic() - call.start
             tokenizer = self.tokenizers[info.name]
@@ -371,7 +403,7 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
     ) -> AsyncIterator[pb.TranslateStreamResponse]:
         async with self._handled("TranslateStream", context) as call:
             request = decoded(request)
-            info, (job,) = self._jobs([request.text], request.options, call, streaming=True)
+            info, (job,) = await self._jobs([request.text], request.options, call, streaming=True)
             tokenizer = self.tokenizers[info.name]
             gens: list[Generation] = []
             # Every sentence decodes from the start; their tokens wait in their handles until the
@@ -401,7 +433,9 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
             limits = self._limits(info)
             kinds, layers, heads = attend_selection(request, self.engine.graphs(name).manifest.shape)
             choice = MapChoice(kinds, layers, heads, mean=request.average_heads or not heads)
-            pairs = attend_pairs(request, tokenizer, limits, info.languages)
+            check_attend_sizes(request, tokenizer, limits)  # what cannot fit, refused at once
+            chars = len(request.source) + len(request.target)
+            pairs = await _off_loop(lambda: attend_pairs(request, tokenizer, limits, info.languages), chars)
             if pairs.target is not None:
                 spacing, targets = pairs.target, pairs.target_ids
                 texts = list(spacing.sentences)
@@ -413,8 +447,11 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
                     target_language=request.target_language,
                 )
                 language = request.source_language or info.languages.source
-                (job,) = translate_jobs(
-                    [request.source], options, tokenizer, limits, language=language, new_seed=int
+                (job,) = await _off_loop(
+                    lambda: translate_jobs(
+                        [request.source], options, tokenizer, limits, language=language, new_seed=int
+                    ),
+                    chars,
                 )
                 (gens,) = await self._generate(name, [job], context)
                 spacing = job.split  # the translations take the source's spacing, as in Translate
