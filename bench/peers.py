@@ -250,7 +250,10 @@ DEFAULT_SETTINGS = (
     "ct2-int8:1x1",
     "ct2-int8:1x2",
     "ct2-float32:1x2",
-    "transformers:2x1",
+    "transformers:1x1",
+)
+TRANSFORMERS_MIN_BATCH = (
+    8  # Transformers is 5–50× slower: its batch-1 cells alone would take longer than the rest
 )
 
 
@@ -327,6 +330,7 @@ def _transformers(setting: Setting, model: PeerModel) -> Decode:
         for row, source in enumerate(batch):
             ids[row, : len(source)] = torch.tensor(source)
             mask[row, : len(source)] = 1
+        beam_flags = {"early_stopping": True} if beam > 1 else {}
         with torch.inference_mode():
             out = marian.generate(
                 input_ids=ids,
@@ -335,7 +339,7 @@ def _transformers(setting: Setting, model: PeerModel) -> Decode:
                 do_sample=False,
                 max_new_tokens=model.max_output_tokens,
                 max_length=None,
-                early_stopping=True,
+                **beam_flags,
             )
         outputs = []
         for sequence in out[:, 1:].tolist():
@@ -394,15 +398,16 @@ def measure_cells(
     try:
         for beam in beams:
             for batch in batches:
-                outputs = {s: decode_pool(decoders[s], sources, batch, beam, pools[s]) for s in settings}
-                times: dict[Setting, list[float]] = {s: [] for s in settings}
+                cell = [s for s in settings if s.family != "transformers" or batch >= TRANSFORMERS_MIN_BATCH]
+                outputs = {s: decode_pool(decoders[s], sources, batch, beam, pools[s]) for s in cell}
+                times: dict[Setting, list[float]] = {s: [] for s in cell}
                 for r in range(rounds):
-                    shift = r % len(settings)
-                    for s in (*settings[shift:], *settings[:shift]):
+                    shift = r % len(cell)
+                    for s in (*cell[shift:], *cell[:shift]):
                         start = time.perf_counter()
                         decode_pool(decoders[s], sources, batch, beam, pools[s])
                         times[s].append(time.perf_counter() - start)
-                for s in settings:
+                for s in cell:
                     seconds = statistics.median(times[s])
                     # the end token counts where a sentence ended before the limit
                     tokens = sum(len(o) + (len(o) < model.max_output_tokens) for o in outputs[s])
@@ -587,7 +592,8 @@ def render(run: PeersRun, interpretation: str) -> str:
         "Settings: `threads t × c` = t intra-op threads per run, c batches decoded at once (CTranslate2's "
         "inter_threads, this engine's and Transformers' callers). Output tokens count one end token per "
         "sentence. *agree* = sentences whose tokens equal this engine's first setting's. The ratio is "
-        "this engine's best setting over CTranslate2's best in the same cell.",
+        "this engine's best setting over CTranslate2's best in the same cell. Transformers runs only "
+        f"at batch ≥ {TRANSFORMERS_MIN_BATCH}.",
     ]
     for model in run.models:
         for beam in sorted({c.beam for c in run.cells if c.model == model}):
@@ -691,7 +697,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--beams", default=",".join(map(str, BEAMS)))
     parser.add_argument("--settings", default=",".join(DEFAULT_SETTINGS), help="system:threadsxcallers, ...")
     parser.add_argument("--sentences", type=int, default=500, help="of the default model's pool")
-    parser.add_argument("--base-sentences", type=int, default=64, help="of the base model's pool")
+    parser.add_argument("--base-sentences", type=int, default=32, help="of the base model's pool")
     parser.add_argument(
         "--base-size",
         default=",".join(str(getattr(Size(), f.name)) for f in dataclasses.fields(Size)),
