@@ -34,7 +34,7 @@ from grpc_health.v1 import health, health_pb2_grpc
 from bench.cli import add_out, benchmark_parser
 from bench.inputs import load_texts
 from bench.load_client import OWN_CONNECTION
-from bench.processes import process_tree_cpu_seconds, serving_process
+from bench.processes import process_tree_cpu_seconds, service_argv, serving_process
 from bench.report import describe_machine, machine_table
 from service.api.translator.v1 import translator_pb2 as pb
 from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
@@ -234,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.clients,
             args.duration,
         )
-        service = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--metrics-port", "0"]
+        service = service_argv()
         service += ["--log-level", "WARNING", "--model-dirs", str(args.model_dir)]
         costs += await measure_server(
             service,

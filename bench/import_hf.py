@@ -47,7 +47,7 @@ import onnxruntime as ort
 
 from bench.cli import add_out, benchmark_parser
 from bench.inputs import load_texts
-from bench.processes import process_tree_memory, serving_process
+from bench.processes import process_tree_memory, service_argv, serving_process
 from export.corpus import CorpusConfig, generate_corpus
 from export.onnx.contract import GRAPH_FILES
 from service.api.translator.v1 import translator_pb2 as pb
@@ -267,7 +267,7 @@ async def serve_and_measure(
 ) -> Server:
     """`python -m service` serving `model_dirs` in `variant`: its memory once SERVING, then after
     each batch of texts was translated by `model` (one call each, in turn)."""
-    argv = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--metrics-port", "0"]
+    argv = service_argv()
     argv += ["--log-level", "WARNING", "--variant", variant, "--model-dirs", ",".join(map(str, model_dirs))]
     async with serving_process(argv) as (target, pid):
         loaded, _ = process_tree_memory(pid)

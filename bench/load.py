@@ -44,6 +44,7 @@ from bench.load_engine import (
 )
 from bench.load_report import write_report
 from bench.processes import (
+    LOOPBACK_FLAGS,
     output_tail,
     process_tree_cpu_seconds,
     reserved_port,
@@ -141,10 +142,7 @@ def worker_flags(engine: EngineConfig, workers: int) -> list[str]:
     return [
         "--workers",
         str(workers),
-        "--host",
-        "127.0.0.1",
-        "--metrics-port",
-        "0",
+        *LOOPBACK_FLAGS,
         "--log-level",
         "WARNING",
         "--grace-period-s",

@@ -50,7 +50,7 @@ from bench.cli import add_out, benchmark_parser
 from bench.import_hf import Size, build_checkpoint
 from bench.inputs import load_texts
 from bench.load_client import run_phase
-from bench.processes import serving_process
+from bench.processes import service_argv, serving_process
 from bench.report import (
     INTERPRETATION_BEGIN,
     INTERPRETATION_END,
@@ -442,7 +442,7 @@ def measure_cells(
 class MemoryResult:
     model: str
     setting: str
-    peak_mb: float  # the process's peak resident memory (ru_maxrss), imports included
+    peak_mb: float  # the process's peak resident memory (VmHWM), imports included
     loaded_mb: float  # resident after loading, before decoding
     baseline_mb: float  # resident after the imports, before loading
 
@@ -463,8 +463,17 @@ def memory_of(setting: Setting, model: PeerModel, sources: Sequence[Sequence[int
     loaded = _rss_mb()
     with ThreadPoolExecutor(setting.callers) as pool:
         decode_pool(decode, sources, MEMORY_BATCH, 1, pool)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return MemoryResult(model.name, setting.name, peak, loaded, baseline)
+    return MemoryResult(model.name, setting.name, _peak_mb(), loaded, baseline)
+
+
+def _peak_mb() -> float:
+    """This process's peak resident memory (VmHWM). Not ru_maxrss: a spawned process keeps the
+    maximum of the process it was forked from across its exec."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def measure_memory(
@@ -494,19 +503,7 @@ async def measure_service(
     model: PeerModel, texts: Sequence[str], clients: int, duration_s: float
 ) -> ServiceResult:
     """`python -m service` on the model, warmed, then a closed loop of calls of 8 texts each."""
-    argv = [
-        sys.executable,
-        "-m",
-        "service",
-        "--model-dirs",
-        str(model.model_dir),
-        "--host",
-        "127.0.0.1",
-        "--metrics-port",
-        "0",
-        "--log-level",
-        "WARNING",
-    ]
+    argv = service_argv("--model-dirs", str(model.model_dir), "--log-level", "WARNING")
     loop = asyncio.get_running_loop()
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         async with serving_process(argv) as (target, _):
@@ -550,6 +547,21 @@ class PeersRun:
     minutes: float
     load_before: float
     machine: Machine
+
+
+def load_run(path: Path) -> PeersRun:
+    """A run as `main` wrote it to `path` (JSON)."""
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    machine = raw["machine"]
+    return PeersRun(
+        **{
+            **raw,
+            "cells": [CellResult(**c) for c in raw["cells"]],
+            "memory": [MemoryResult(**m) for m in raw["memory"]],
+            "service": [ServiceResult(**x) for x in raw["service"]],
+            "machine": Machine(**{**machine, "vector_extensions": tuple(machine["vector_extensions"])}),
+        }
+    )
 
 
 def best(cells: Sequence[CellResult], family: str, model: str, beam: int, batch: int) -> CellResult | None:
@@ -706,6 +718,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-memory", action="store_true", help="skip the memory phase")
     parser.add_argument("--no-service", action="store_true", help="skip the gRPC phase")
+    parser.add_argument(
+        "--memory-only", action="store_true", help="measure memory again, the rest from the last --json"
+    )
     parser.add_argument("--service-seconds", type=float, default=15.0)
     parser.add_argument("--work-dir", type=Path, help="keep the checkpoints and conversions here")
     parser.add_argument("--json", type=Path, help="default: bench/results/peers-<machine>.json")
@@ -745,26 +760,32 @@ def main(argv: Sequence[str] | None = None) -> int:
             limit = manifest.limits.max_source_tokens
             sources = [tokenizer.encode_source(t, limit) for t in texts[:count]]
             models[name], counts[name] = model.description, len(sources)
-            cells += measure_cells(model, settings, sources, batches, beams, args.rounds, log)
+            if not args.memory_only:
+                cells += measure_cells(model, settings, sources, batches, beams, args.rounds, log)
             if not args.no_memory:
                 memory += measure_memory(model, settings, sources)
-            if not args.no_service:
+            if not args.no_service and not args.memory_only:
                 service.append(asyncio.run(measure_service(model, texts[:count], 16, args.service_seconds)))
-    run = PeersRun(
-        _command(argv),
-        origin,
-        models,
-        counts,
-        args.rounds,
-        cells,
-        memory,
-        service,
-        _versions(),
-        (time.perf_counter() - started) / 60,
-        load_before,
-        describe_machine(),
-    )
-    out_json = args.json or RESULTS_DIR / f"peers-{machine_slug(run.machine)}.json"
+    machine = describe_machine()
+    out_json = args.json or RESULTS_DIR / f"peers-{machine_slug(machine)}.json"
+    if args.memory_only:  # the rest of the page from the last run, its memory measured again
+        last = load_run(out_json)
+        run = dataclasses.replace(last, memory=memory, command=f"{last.command}; then {_command(argv)}")
+    else:
+        run = PeersRun(
+            _command(argv),
+            origin,
+            models,
+            counts,
+            args.rounds,
+            cells,
+            memory,
+            service,
+            _versions(),
+            (time.perf_counter() - started) / 60,
+            load_before,
+            machine,
+        )
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(dataclasses.asdict(run), indent=1, default=str) + "\n", encoding="utf-8")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -28,6 +29,15 @@ from bench.load_client import OWN_CONNECTION
 # A server is ready once this many health checks in a row, each on a connection of
 # its own, said SERVING (see `wait_serving`).
 READY_CHECKS = 24
+
+
+LOOPBACK_FLAGS = ("--host", "127.0.0.1", "--metrics-port", "0")  # gRPC on loopback, metrics on a free port
+
+
+def service_argv(*flags: str) -> list[str]:
+    """`python -m service` with LOOPBACK_FLAGS, then `flags` (not `--port`: `serving_process`
+    appends it)."""
+    return [sys.executable, "-m", "service", *LOOPBACK_FLAGS, *flags]
 
 
 @contextlib.contextmanager

@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import os
 import statistics
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import grpc
 
-from bench.processes import serving_process
+from bench.processes import service_argv, serving_process
 from bench.report import describe_machine, machine_table
 from service.api.translator.v1 import translator_pb2 as pb
 from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
@@ -88,7 +87,7 @@ def measure(stub: pb_grpc.TranslatorStub, big: Callable[[], object]) -> tuple[fl
 
 async def run(root: Path, repeats: int) -> str:
     load_before = os.getloadavg()[0]
-    argv = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--metrics-port", "0"]
+    argv = service_argv()
     cwd = Path.cwd()
     os.chdir(root)  # `python -m service` imports the checkout's code, serves its model
     try:
