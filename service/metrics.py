@@ -15,11 +15,12 @@ a test keeps that table and this module in agreement.
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeVar
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
 from prometheus_client import (
@@ -30,8 +31,9 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
-    start_http_server,
+    make_wsgi_app,
 )
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from service.modeldir.manifest import GRAPH_NAMES
 
@@ -338,15 +340,52 @@ def register_process_metrics(registry: CollectorRegistry) -> None:
     GCCollector(registry=registry)
 
 
-def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> MetricsServer:
-    """Serve `registry` over HTTP on its own port, from a daemon thread.
+# A connection to /metrics that sends or takes nothing for this long is closed. The endpoint serves
+# each connection on a thread of its own, and a client that opens connections and never finishes
+# its request (slowloris) held a thread and a file descriptor each for as long as it liked: file
+# descriptors the gRPC port needs too. A scraper sends its request at once.
+METRICS_IDLE_TIMEOUT_S = 10.0
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """One connection to the endpoint: no access log, and a client that stalls or goes away ends its
+    connection quietly (socketserver would print a traceback for it)."""
+
+    timeout = METRICS_IDLE_TIMEOUT_S  # socketserver sets it on each connection
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except (TimeoutError, ConnectionError):
+            self.close_connection = True
+
+    def log_message(self, format: str, *args: object) -> None:
+        """No access log: a scrape every few seconds would fill it."""
+
+
+def serve_metrics(
+    registry: CollectorRegistry, host: str, port: int, *, idle_timeout_s: float = METRICS_IDLE_TIMEOUT_S
+) -> MetricsServer:
+    """Serve `registry` over HTTP on its own port, from a daemon thread (prometheus-client's
+    `start_http_server`, with a bound on how long a connection may stall).
 
     Args:
         registry: the registry `Metrics` was built on.
         host: the address to bind ("0.0.0.0" in a container, "127.0.0.1" in tests).
         port: the port to bind; 0 picks a free one (read it back from `.port`).
+        idle_timeout_s: a connection that sends or takes nothing for this long is closed.
     Returns:
         The running server; call `close()` on shutdown.
     """
-    server, thread = start_http_server(port, addr=host, registry=registry)
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+
+    class Server(ThreadingWSGIServer):
+        address_family = family  # IPv6 for "::", as start_http_server chooses
+
+    class Handler(_QuietHandler):
+        timeout = idle_timeout_s
+
+    server: WSGIServer = make_server(host, port, make_wsgi_app(registry), Server, handler_class=Handler)
+    thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
+    thread.start()
     return MetricsServer(server, thread)

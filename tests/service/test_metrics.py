@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -333,3 +334,21 @@ def test_serve_metrics_exposes_the_text_format_on_a_loopback_port(
         assert f"# TYPE {name} {family.type}\n" in body
     assert 'translator_requests_total{code="OK",rpc="Translate"} 1.0' in body
     assert not endpoint.thread.is_alive()
+
+
+def test_a_connection_that_stalls_mid_request_is_closed_quietly_and_others_are_served(
+    registry: CollectorRegistry, metrics: Metrics, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Slowloris: a client that sends half a request and waits held a thread and a file descriptor
+    of the process for as long as it liked; now the idle timeout ends it, with no traceback."""
+    endpoint = serve_metrics(registry, "127.0.0.1", 0, idle_timeout_s=0.2)
+    url = f"http://127.0.0.1:{endpoint.port}/metrics"
+    try:
+        with socket.create_connection(("127.0.0.1", endpoint.port), timeout=30) as stalled:
+            stalled.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # no blank line: never ends
+            with urllib.request.urlopen(url, timeout=30) as response:  # meanwhile, a good client
+                assert response.status == 200
+            assert stalled.recv(1024) == b""  # closed by the server (a hang here raises TimeoutError)
+    finally:
+        endpoint.close()
+    assert "Traceback" not in capfd.readouterr().err
