@@ -185,7 +185,7 @@ class _Soak:
                 call.cancel()
             else:
                 self.outcome.cancels_skipped += 1
-                async for _ in call:
+                while await call.read() is not grpc.aio.EOF:  # (read() and iterating do not mix)
                     pass
             code = await call.code()  # CANCELLED, or whatever else the call ended with
             if code != grpc.StatusCode.OK:
