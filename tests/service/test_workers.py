@@ -237,7 +237,7 @@ def test_sigterm_under_a_closed_loop_of_clients_loses_no_call(supervisor: Superv
     for thread in threads:
         thread.start()
     try:
-        wait_for("every client's first call", lambda: all(ended) or None)
+        wait_for("three calls of every client", lambda: all(len(calls) >= 3 for calls in ended) or None)
         wait_for("calls in flight", in_flight)
     finally:
         supervisor.process.send_signal(signal.SIGTERM)
