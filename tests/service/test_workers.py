@@ -193,9 +193,10 @@ class Ended:
 )
 def test_sigterm_under_a_closed_loop_of_clients_loses_no_call(supervisor: Supervisor) -> None:
     """SIGTERM while 8 clients, each on a connection of its own, call back to back (unary calls of
-    1–8 texts, streams of 30+ tokens): every call ends OK or UNAVAILABLE (refused once the drain has
-    begun), every stream accepted before the signal ends OK, none is lost, the server exits 0, and
-    the client's calls by (rpc, code) equal the server's own log lines of them."""
+    1–8 texts, streams of 30+ tokens): every call made before the signal ends OK or UNAVAILABLE
+    (refused once the drain has begun), every stream accepted before the signal ends OK, none is
+    lost, the server exits 0, and the client's calls by (rpc, code) equal the server's own log lines
+    of them."""
     clients, signalled = 8, threading.Event()
     started, ended = [0] * clients, [[] for _ in range(clients)]  # type: list[int], list[list[Ended]]
     stopping = pb.StoppingCriteria(min_output_tokens=30)
@@ -247,7 +248,12 @@ def test_sigterm_under_a_closed_loop_of_clients_loses_no_call(supervisor: Superv
     assert not any(thread.is_alive() for thread in threads)
     calls = [call for calls in ended for call in calls]
     assert len(calls) == sum(started)  # none lost
-    assert {call.code for call in calls} <= {"OK", "UNAVAILABLE"}, [c for c in calls if c.code != "OK"][:5]
+    assert {call.code for call in calls} <= {"OK", "UNAVAILABLE", "CANCELLED"}, calls
+    # A call that reaches a worker after its drain, while gRPC closes its connections, is cancelled
+    # by gRPC core (no handler sees it, and it is not counted): CANCELLED, where UNAVAILABLE would
+    # tell its client to retry elsewhere (docs/reliability.md, SIGTERM under load). Never a call
+    # made before the signal.
+    assert all(not c.before_signal and c.details == "CANCELLED" for c in calls if c.code == "CANCELLED")
     accepted = [call for call in calls if call.accepted]
     assert accepted and all(call.code == "OK" for call in accepted)
     assert supervisor.process.wait(timeout=60) == 0
