@@ -13,7 +13,7 @@ CORPUS_DIR ?= data/corpus
 SEED ?= 1234
 
 .PHONY: setup lock proto corpus train eval translate export variants verify bench-kv bench-calls bench-gc \
-	bench-import bench-peers bench-step bench-overload bench-stall bench run \
+	bench-import bench-peers bench-step bench-overload bench-stall bench soak run \
 	test test-full fuzz lint clean compose-up compose-down import-hf
 
 setup: $(SETUP_DONE)
@@ -135,6 +135,13 @@ bench-peers: $(SETUP_DONE) $(CORPUS_DIR)/test.tsv
 # docs/reliability.md.
 bench-overload: $(SETUP_DONE) $(CORPUS_DIR)/test.tsv
 	$(PY) -m bench.overload --model-dir $(MODEL_DIR) --corpus $(CORPUS_DIR)/test.tsv --out docs/reliability.md
+
+# The soak (a check and a measurement; the standard run: 30 min per server, ≈65 min): `python -m service`,
+# then `--workers 2`, under a mixed load with bursts beyond capacity; every call reconciled with
+# translator_requests_total, 0 lost, gauges back at 0, RSS growth after warm-up → the ## Soak section
+# of docs/reliability.md. Shorter: make soak ARGS='--duration 600 --workers 1'.
+soak: $(SETUP_DONE) $(CORPUS_DIR)/test.tsv
+	$(PY) -m bench.soak --model-dir $(MODEL_DIR) --corpus $(CORPUS_DIR)/test.tsv --out docs/reliability.md $(ARGS)
 
 # Whether one huge request stalls the others (≈1 min): a 4 MB text and the largest requests refused
 # while small calls go on, printed as the table of docs/reliability.md; ROOT=checkout to measure another.

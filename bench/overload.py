@@ -216,15 +216,17 @@ def render(
     return "\n".join(lines)
 
 
-def write_section(path: Path, block: str) -> None:
-    """Put `block` in the page at `path`: in place of the generated block of its `## Overload`
-    section, else as a new such section at its end."""
+def write_section(
+    path: Path, block: str, *, heading: str = "Overload", begin: str = BEGIN, end: str = END
+) -> None:
+    """Put `block` (from `begin` to `end`) in the page at `path`: in place of the generated block of
+    its `## {heading}` section, else as a new such section at its end."""
     page = path.read_text(encoding="utf-8") if path.is_file() else "# Reliability\n"
-    pattern = re.escape(BEGIN) + r".*?" + re.escape(END)
+    pattern = re.escape(begin) + r".*?" + re.escape(end)
     if re.search(pattern, page, flags=re.DOTALL):
         page = re.sub(pattern, lambda _: block, page, flags=re.DOTALL)
     else:
-        page = page.rstrip("\n") + "\n\n## Overload\n\n" + block + "\n"
+        page = page.rstrip("\n") + f"\n\n## {heading}\n\n" + block + "\n"
     path.write_text(page, encoding="utf-8")
 
 
