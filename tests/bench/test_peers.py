@@ -50,11 +50,13 @@ def test_a_small_run_of_both_models_with_memory_and_the_service(tmp_path: Path) 
     run = _run(
         tmp_path,
         *("--models", "default,base", "--base-size", "64,2,4,128,2000", "--sentences", "8"),
-        *("--base-sentences", "8", "--batches", "1,4", "--beams", "1,4", "--service-seconds", "2"),
+        *("--base-sentences", "8", "--batches", "1,8", "--beams", "1,4", "--service-seconds", "2"),
         *("--settings", "engine-int8:1x1,ct2-int8:1x1,transformers:1x1"),
     )
     assert {c["model"] for c in run["cells"]} == {"default", "base"}
-    assert len(run["cells"]) == 2 * 2 * 2 * 3
+    # models × beams × (two systems at batch 1, three at 8: Transformers only from batch 8)
+    assert len(run["cells"]) == 2 * 2 * (2 + 3)
+    assert {c["batch"] for c in run["cells"] if c["system"] == "transformers"} == {8}
     assert len(run["memory"]) == 2 * 3 and all(m["peak_mb"] > m["baseline_mb"] > 0 for m in run["memory"])
     assert [s["model"] for s in run["service"]] == ["default", "base"]
     assert all(s["errors"] == 0 and s["output_tokens_per_s"] > 0 for s in run["service"])
