@@ -32,11 +32,13 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import importlib.metadata
 import json
 import math
 import multiprocessing
-import resource
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -144,8 +146,6 @@ def convert_for_ct2(checkpoint: Path, out: Path) -> Path:
 
 
 def _run(argv: list[str]) -> None:
-    import subprocess
-
     subprocess.run(argv, check=True, stdout=sys.stderr)
 
 
@@ -447,9 +447,14 @@ class MemoryResult:
     baseline_mb: float  # resident after the imports, before loading
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
+def _status_mb(field: str) -> float:
+    """A memory figure of this process from /proc/self/status (VmRSS: resident now; VmHWM: its
+    peak, which a spawned process does not inherit, unlike ru_maxrss across its exec)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def memory_of(setting: Setting, model: PeerModel, sources: Sequence[Sequence[int]]) -> MemoryResult:
@@ -458,22 +463,12 @@ def memory_of(setting: Setting, model: PeerModel, sources: Sequence[Sequence[int
         import torch  # noqa: F401  the baseline includes what the system imports
     else:
         import ctranslate2  # noqa: F401
-    baseline = _rss_mb()
+    baseline = _status_mb("VmRSS")
     decode = build(setting, model)
-    loaded = _rss_mb()
+    loaded = _status_mb("VmRSS")
     with ThreadPoolExecutor(setting.callers) as pool:
         decode_pool(decode, sources, MEMORY_BATCH, 1, pool)
-    return MemoryResult(model.name, setting.name, _peak_mb(), loaded, baseline)
-
-
-def _peak_mb() -> float:
-    """This process's peak resident memory (VmHWM). Not ru_maxrss: a spawned process keeps the
-    maximum of the process it was forked from across its exec."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    return MemoryResult(model.name, setting.name, _status_mb("VmHWM"), loaded, baseline)
 
 
 def measure_memory(
@@ -693,8 +688,6 @@ def plot(run: PeersRun, path: Path) -> None:
 
 
 def _versions() -> dict[str, str]:
-    import importlib.metadata
-
     names = ("onnxruntime", "ctranslate2", "torch", "transformers")
     return {n: importlib.metadata.version(n) for n in names}
 
@@ -731,7 +724,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    started, load_before = time.perf_counter(), _load()
+    started, load_before = time.perf_counter(), os.getloadavg()[0]
     settings = [parse_setting(s) for s in args.settings.split(",") if s]
     batches = [int(b) for b in args.batches.split(",")]
     beams = [int(b) for b in args.beams.split(",")]
@@ -794,12 +787,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot(run, args.plot or args.out.with_suffix(".png"))
     log(f"wrote {args.out}, {out_json}")
     return 0
-
-
-def _load() -> float:
-    import os
-
-    return os.getloadavg()[0]
 
 
 def _command(argv: Sequence[str] | None) -> str:
