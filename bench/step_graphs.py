@@ -10,6 +10,10 @@ intra-op thread, run on the same random inputs (the contract's example inputs: a
 - fused fp32: `export.variants.fused_step` (what the optimized variant's step is made from);
 - fused int8: that, with 8-bit weight blocks (`quantize_weight_blocks`; the int8 variant's step).
 
+The fused steps write their cache in place: they run as the engine runs them, bound once per batch
+size (`service.engine.graphs.InPlaceBinding`) over the same cache with one more slot, each row's
+real slots first (the traced graphs get the same slots, masked alike).
+
 Per batch size the graphs take turns for --repeats rounds; each run is timed by the CPU time of the
 calling thread (onnxruntime runs a one-thread session on it), which a shared machine disturbs less
 than wall time; the median counts. Prints a markdown table. A measurement, not a test.
@@ -20,7 +24,7 @@ from __future__ import annotations
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +36,8 @@ from export.model_config import TransformerConfig
 from export.onnx.contract import example_inputs
 from export.variants import graphs as vg
 from export.variants.fused_step import build_fused_step
+from service.engine.graphs import InPlaceBinding
+from service.engine.kv_cache import StepInputs
 from service.modeldir.manifest import load_manifest
 
 
@@ -67,14 +73,39 @@ def measure(
     for batch in batches:
         sizes = {"batch": batch, "src_len": src_len, "tgt_len": 1, "cache_len": cache_len}
         feeds = example_inputs(cfg, manifest.graphs["decoder_step"], sizes)
+        feeds["self_mask"] = np.arange(cache_len) < feeds["positions"][:, None]  # a prefix per row
+        runs = {
+            name: (lambda s=s, f=feeds: s.run(None, f)) if name.startswith("traced") else _in_place(s, feeds)
+            for name, s in sessions.items()
+        }
         times: dict[str, list[float]] = {name: [] for name in sessions}
         for _ in range(repeats):
-            for name, s in sessions.items():
+            for name, run in runs.items():
                 start = time.thread_time()
-                s.run(None, feeds)
+                run()
                 times[name].append(time.thread_time() - start)
         results[batch] = {name: 1000 * float(statistics.median(t)) for name, t in times.items()}
     return results
+
+
+def _in_place(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> Callable[[], object]:
+    """A run of the in-place step on the feeds' cache, grown by the slot it writes."""
+    layers = sum(1 for name in feeds if name.startswith("past_k_"))
+
+    def stacked(prefix: str, extra: int) -> np.ndarray:
+        array = np.stack([feeds[f"{prefix}_{layer}"] for layer in range(layers)])
+        return np.pad(array, [(0, 0)] * 3 + [(0, extra), (0, 0)])
+
+    inputs = StepInputs(
+        positions=feeds["positions"],
+        past_k=stacked("past_k", 1),
+        past_v=stacked("past_v", 1),
+        cross_k=stacked("cross_k", 0),
+        cross_v=stacked("cross_v", 0),
+        src_mask=np.ascontiguousarray(feeds["src_mask"]),
+    )
+    binding, tokens = InPlaceBinding(session, inputs), feeds["tokens"][:, 0]
+    return lambda: binding.run(tokens, inputs.positions)
 
 
 def table(results: dict[int, dict[str, float]]) -> str:

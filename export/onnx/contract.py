@@ -73,6 +73,38 @@ def graph_specs(cfg: TransformerConfig, float_dtype: str = "float32") -> dict[st
     }
 
 
+def in_place_step_spec(cfg: TransformerConfig, float_dtype: str = "float32") -> GraphSpec:
+    """The decoder step that writes the new token's keys/values into the cache itself
+    (docs/model-directory.md, "In-place decoder step"): the int8 and optimized variants' step.
+
+    The caller binds each layer's whole cache buffer `[batch, H, slots, Dh]` as `past_{k,v}_{l}`
+    and the same memory as `present_{k,v}_{l}`; row b's real slots are 0 … positions[b] − 1 and
+    the graph writes slot positions[b]. `total_length` is max(positions) + 1.
+    """
+    L, H, Dh, V = cfg.n_decoder_layers, cfg.n_heads, cfg.d_k, cfg.vocab_size
+    f = float_dtype
+
+    def t(name: str, dtype: str, *shape: int | str) -> TensorSpec:
+        return TensorSpec(name, dtype, shape)
+
+    cache = [f"{kv}_{i}" for i in range(L) for kv in "kv"]
+    return GraphSpec(
+        GRAPH_FILES["decoder_step"],
+        (
+            t("tokens", "int64", "batch", 1),
+            t("positions", "int32", "batch"),
+            t("total_length", "int32"),
+            t("src_mask", "bool", "batch", "src_len"),
+            *(t(f"past_{name}", f, "batch", H, "slots", Dh) for name in cache),
+            *(t(f"cross_{kv}_{i}", f, "batch", H, "src_len", Dh) for i in range(L) for kv in "kv"),
+        ),
+        (
+            t("log_probs", "float32", "batch", V),
+            *(t(f"present_{name}", f, "batch", H, "slots", Dh) for name in cache),
+        ),
+    )
+
+
 # Sizes of the inputs the graphs are traced with, and of the run that verifies each exported graph:
 # all different from each other and from the fixed dims, so that a size the tracer baked in by
 # mistake shows up as a wrong result; verification also covers the empty cache of a first step.

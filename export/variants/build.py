@@ -38,7 +38,7 @@ import onnx
 import onnxruntime as ort
 
 from export.model_config import TransformerConfig
-from export.onnx.contract import graph_specs
+from export.onnx.contract import graph_specs, in_place_step_spec
 from export.variants import graphs as vg
 from export.variants.checks import (
     OPTIMIZED_ATOL,
@@ -130,7 +130,7 @@ def build_int8(source: Source, split: Split, options: BuildOptions) -> Manifest:
         variant="int8",
         transform=vg.quantize_int8,
         step=lambda: vg.quantize_weight_blocks(build_fused_step(source.model_dir, source.manifest)),
-        specs=source.manifest.graphs,
+        specs=_with_in_place_step(source),
         tool=(
             "encoder, attention: onnxruntime.quantization.quantize_dynamic, then "
             "export.variants.graphs.quantize_rows_apart; decoder_step: export.variants.fused_step, "
@@ -194,7 +194,7 @@ def build_optimized(source: Source, split: Split, options: BuildOptions) -> Mani
         variant="fp32",  # numerically: the same float types, the same results within 1e-4
         transform=vg.optimize,
         step=lambda: vg.optimize(build_fused_step(source.model_dir, source.manifest)),
-        specs=source.manifest.graphs,
+        specs=_with_in_place_step(source),
         tool=(
             "onnxruntime SessionOptions.optimized_model_filepath; decoder_step: "
             "export.variants.fused_step first"
@@ -210,6 +210,12 @@ def build_optimized(source: Source, split: Split, options: BuildOptions) -> Mani
         require_fp32_parity("optimized", parity)
         checks = {"atol": OPTIMIZED_ATOL, "cpu_parity": parity}
     return _rewrite(out, manifest, derivation={**(manifest.derivation or {}), "checks": checks})
+
+
+def _with_in_place_step(source: Source) -> dict[str, GraphSpec]:
+    """The fp32 graphs' signatures, with the fused step's in-place contract for the decoder step."""
+    cfg = TransformerConfig.from_dict(dict(source.manifest.architecture))
+    return {**source.manifest.graphs, "decoder_step": in_place_step_spec(cfg)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,20 +1,23 @@
-"""The decoder-step graph rebuilt from fused onnxruntime kernels: the same contract, a third of the nodes.
+"""The decoder step rebuilt from fused onnxruntime kernels, writing its cache in place.
 
 The traced decoder step (export.onnx.export) spells attention out in a few dozen small ops per layer
 (transposes, reshapes, masks, two matrix products, a softmax, the cache/new-token split); at the
 default model's size a step is dominated by the cost of running ~160 nodes (~460 in int8), not by
 arithmetic. This module writes the same function directly with onnxruntime's contrib kernels:
 
-- `MultiHeadAttention` for self-attention (past K/V plus the new token, key padding mask) and for
-  cross-attention (the encoder's K/V fed as (B, H, S, Dh), no transpose);
+- `GroupQueryAttention` for self-attention, over the caller's cache buffer, into which it writes
+  the new token's keys/values at each row's position (the in-place contract,
+  `export.onnx.contract.in_place_step_spec`): no new_k/new_v outputs to copy back, no mask to
+  build, and no copy of the past into a "present" output as MultiHeadAttention makes;
+- `MultiHeadAttention` for cross-attention (the encoder's K/V fed as (B, H, S, Dh), no transpose);
 - `SkipLayerNormalization` for each residual Add + LayerNorm (post-norm) or residual Add + the next
   sublayer's LayerNorm (pre-norm), the projection's bias folded in;
 - one packed Q/K/V projection per self-attention; `BiasGelu` / `QuickGelu` for the activations.
 
 Built from the model directory alone (manifest architecture, model.safetensors, and the traced
-graph's position table), with numpy and onnx: no torch. Inputs and outputs are the contract's
-(docs/model-directory.md), so every decoder runs it unchanged; `export.variants` checks it against
-the traced graph before a variant ships it.
+graph's position table), with numpy and onnx: no torch. `export.variants` checks it against the
+traced graph before a variant ships it; the engine runs it through IOBinding
+(service/engine/graphs.py).
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from export.model_config import TransformerConfig
+from export.onnx.contract import in_place_step_spec
 from export.onnx.weights import SafetensorsIndex
-from service.modeldir.manifest import Manifest
+from service.modeldir.manifest import Manifest, TensorSpec
 
 MS = "com.microsoft"
 OPSET = 18
@@ -63,7 +67,7 @@ class _Graph:
         return self.op(op_type, inputs, 1, **attrs)[0]
 
 
-_CONTRIB = {"MultiHeadAttention", "SkipLayerNormalization", "BiasGelu", "QuickGelu"}
+_CONTRIB = {"GroupQueryAttention", "MultiHeadAttention", "SkipLayerNormalization", "BiasGelu", "QuickGelu"}
 
 
 def position_table(traced: onnx.ModelProto, max_positions: int, d_model: int) -> np.ndarray:
@@ -79,14 +83,13 @@ def position_table(traced: onnx.ModelProto, max_positions: int, d_model: int) ->
 
 
 def build_fused_step(model_dir: Path, manifest: Manifest) -> onnx.ModelProto:
-    """The decoder step of the fp32 model in `model_dir`, written with fused kernels."""
+    """The in-place decoder step of the fp32 model in `model_dir`, written with fused kernels."""
     cfg = TransformerConfig.from_dict(dict(manifest.architecture))
     weights = SafetensorsIndex(model_dir / "model.safetensors").arrays()
     traced = onnx.load(str(model_dir / manifest.graphs["decoder_step"].file), load_external_data=False)
     positions = position_table(traced, cfg.max_positions, cfg.d_model)
     g = _Graph()
     d, heads, layers = cfg.d_model, cfg.n_heads, cfg.n_decoder_layers
-    dh = d // heads
     eps = cfg.layer_norm_eps
     pre = cfg.norm_placement == "pre"
 
@@ -108,18 +111,7 @@ def build_fused_step(model_dir: Path, manifest: Manifest) -> onnx.ModelProto:
     pos = g.one("Gather", [g.const("positions_table", positions), pos_ids])
     y = g.one("Add", [y, pos])
 
-    # Key padding masks, int32: self-attention's real past slots plus the new token (always 1).
-    self_kpm = g.one("Cast", ["self_mask"], to=TensorProto.INT32)
-    self_kpm = g.one(
-        "Pad",
-        [
-            self_kpm,
-            g.const("pad_new_slot", np.array([0, 0, 0, 1], np.int64)),
-            g.const("one_i32", np.array(1, np.int32)),
-        ],
-    )
-    src_kpm = g.one("Cast", ["src_mask"], to=TensorProto.INT32)
-    new_shape = g.const("new_kv_shape", np.array([1, -1, heads, dh], np.int64))
+    src_kpm = g.one("Cast", ["src_mask"], to=TensorProto.INT32)  # MultiHeadAttention's key padding mask
 
     def norm_names(i: int, sub: str) -> tuple[str, str]:
         prefix = f"decoder_layers.{i}.{sub}.norm"
@@ -154,24 +146,21 @@ def build_fused_step(model_dir: Path, manifest: Manifest) -> onnx.ModelProto:
     if pre:
         gamma, beta = norm_names(0, "self_sublayer")
         h = g.one("LayerNormalization", [y, gamma, beta], axis=-1, epsilon=eps)
-    new_k, new_v = [], []
     for i in range(layers):
         p = f"decoder_layers.{i}"
-        # self-attention: one packed projection, then past + new token in one kernel
+        # self-attention: one packed projection; the kernel writes the new K/V into slot
+        # positions[b] of the bound cache and attends over slots 0 … positions[b]
         packed_w = np.concatenate([w(f"{p}.self_attn.w_{x}.weight") for x in "qkv"], axis=0).T
         packed_b = np.concatenate([w(f"{p}.self_attn.w_{x}.bias") for x in "qkv"])
         qkv = g.one("MatMul", [h, g.const(f"{p}.self_attn.qkv.weight.T", packed_w)])
         qkv = g.one("Add", [qkv, g.const(f"{p}.self_attn.qkv.bias", packed_b)])
-        q, k, v = g.op("Split", [qkv], 3, axis=-1, num_outputs=3)
-        # (present_k/v are not used, but without them the kernel ignores the past)
-        attn, _, _ = g.op(
-            "MultiHeadAttention",
-            [q, k, v, "", self_kpm, "", f"past_k_{i}", f"past_v_{i}"],
-            3,
+        attn = g.op(
+            "GroupQueryAttention",
+            [qkv, "", "", f"past_k_{i}", f"past_v_{i}", "positions", "total_length"],
+            [f"self_attention_{i}", f"present_k_{i}", f"present_v_{i}"],
             num_heads=heads,
-        )
-        new_k.append(g.one("Reshape", [k, new_shape]))
-        new_v.append(g.one("Reshape", [v, new_shape]))
+            kv_num_heads=heads,
+        )[0]
         out = linear(attn, f"{p}.self_attn.w_o", bias=False)
         bo = g.const(f"{p}.self_attn.w_o.bias", w(f"{p}.self_attn.w_o.bias"))
         h, y = residual(i, "self_sublayer", out, y, bo)
@@ -204,11 +193,9 @@ def build_fused_step(model_dir: Path, manifest: Manifest) -> onnx.ModelProto:
         logits = g.one("Add", [logits, g.const("logits_bias", w("logits_bias"))])
     log_probs = g.one("LogSoftmax", [logits], axis=-1)
     g.op("Squeeze", [log_probs, axis1], ["log_probs"])
-    g.op("Concat", new_k, ["new_k"], axis=0)
-    g.op("Concat", new_v, ["new_v"], axis=0)
-
+    spec = in_place_step_spec(cfg)
     graph = helper.make_graph(
-        g.nodes, "decoder_step_fused", list(traced.graph.input), list(traced.graph.output), g.initializers
+        g.nodes, "decoder_step_fused", _values(spec.inputs), _values(spec.outputs), g.initializers
     )
     model = helper.make_model(
         graph,
@@ -217,3 +204,16 @@ def build_fused_step(model_dir: Path, manifest: Manifest) -> onnx.ModelProto:
     )
     onnx.checker.check_model(model)
     return model
+
+
+def _values(tensors: tuple[TensorSpec, ...]) -> list[onnx.ValueInfoProto]:
+    """Graph inputs/outputs for a contract's tensors (float32: the fused step is built in fp32)."""
+    return [helper.make_tensor_value_info(t.name, _ONNX_TYPES[t.dtype], list(t.shape)) for t in tensors]
+
+
+_ONNX_TYPES = {
+    "bool": TensorProto.BOOL,
+    "int32": TensorProto.INT32,
+    "int64": TensorProto.INT64,
+    "float32": TensorProto.FLOAT,
+}

@@ -34,7 +34,7 @@ import numpy as np
 import onnxruntime as ort
 
 from service.config import EngineConfig, NamedModelDir
-from service.engine.graphs import Attention, ModelDims, OnnxGraphs, encode_sources, pad_ids
+from service.engine.graphs import Attention, ModelDims, OnnxGraphs, pad_ids, step_difference
 from service.engine.kv_cache import KV, BatchCache
 from service.modeldir.manifest import (
     MANIFEST_FILE,
@@ -179,6 +179,11 @@ class Engine:
         providers = [CUDA, CPU] if self.device == "cuda" else [CPU]
         threads = self.config.intra_op_threads or None
         graphs = OnnxGraphs(directory, providers=providers, intra_op_threads=threads)
+        if graphs.in_place and self.device == "cuda":
+            raise ModelDirectoryError(
+                f"{directory}: the {variant} variant's decoder step writes a host-memory cache in place "
+                "(a CPU graph); on CUDA serve the fp16 or fp32 variant (--variant)"
+            )
         manifest = graphs.manifest
         kv_cache = self._kv_cache_location(graphs)
         info = ModelInfo(
@@ -210,6 +215,11 @@ class Engine:
         wanted = self.config.kv_cache
         if wanted == "host" or (wanted == "auto" and self.device != "cuda"):
             return "host"
+        if graphs.in_place:  # on CPU only (see _load): its step writes the host cache itself
+            raise RuntimeError(
+                f"{graphs.model_dir}: the in-place decoder step needs the host KV cache "
+                "(--kv-cache host or auto)"
+            )
         try:
             difference = device_cache_difference(graphs)
             problem = (
@@ -304,28 +314,9 @@ _DEVICE_CACHE_TOLERANCE: dict[type, float] = {np.float32: 1e-3, np.float16: 5e-2
 
 
 def device_cache_difference(graphs: OnnxGraphs, steps: int = 8) -> float:
-    """Decode a few steps with rows joining, branching and leaving through both caches, feeding both
-    the same tokens; the largest |Δ log p| between them."""
-    d = graphs.dims
-    words = [t for t in range(d.vocab_size) if t not in (d.pad_id, d.bos_id, d.eos_id)]
-    sources = [[*words[i : i + n], d.eos_id] for i, n in ((0, 3), (7, 6), (20, 9))]
-    host, device = graphs.new_cache(), graphs.new_device_cache()
-    for cache in (host, device):
-        cache.append(encode_sources(graphs, sources[:2]))
-    tokens, worst = np.full(2, d.bos_id, dtype=np.int64), 0.0
-    for step in range(steps):
-        if step == 2:  # a longer source joins
-            for cache in (host, device):
-                cache.append(encode_sources(graphs, sources[2:]))
-            tokens = np.append(tokens, d.bos_id)
-        if step == 5:  # the first row leaves, the last one branches
-            for cache in (host, device):
-                cache.keep([1, 2, 2])
-            tokens = tokens[[1, 2, 2]]
-        expected, got = graphs.step_cache(tokens, host), graphs.step_cache(tokens, device)
-        worst = max(worst, float(np.abs(expected - got).max()))
-        tokens = np.argmax(expected, axis=-1).astype(np.int64)
-    return worst
+    """The largest |Δ log p| between the host and the device cache over a few steps with rows
+    joining, branching and leaving (`service.engine.graphs.step_difference`)."""
+    return step_difference((graphs, graphs.new_cache()), (graphs, graphs.new_device_cache()), steps)
 
 
 # --- running the graphs -----------------------------------------------------------------------------

@@ -5,6 +5,11 @@ A thin onnxruntime wrapper: one `InferenceSession` per graph, inputs and outputs
 and each session against the manifest's signature of its graph. Each call feeds only the inputs
 its session lists. `step_cache` runs a decoder step on the rows of a `service.engine.kv_cache.KVCache`,
 which is how every decoder here (engine, reference decoder, benchmarks) steps.
+
+A decoder step comes in one of two contracts (docs/model-directory.md): the traced one returns the
+new token's keys/values for the caller to write into the cache; the in-place one (the int8 and
+optimized variants' fused step) writes them into the cache buffers itself, bound with IOBinding at
+their addresses (`InPlaceBinding`).
 """
 
 from __future__ import annotations
@@ -119,6 +124,9 @@ class OnnxGraphs:
         self.attention_graph = self._session("attention", options, chosen)
         past_type = _input_types(self.decoder_step)["past_k_0"]
         self.float_dtype: type = _FLOAT_TYPES[past_type]  # of the caches: float32, or float16 (fp16)
+        # The in-place contract (export.onnx.contract.in_place_step_spec): the graph writes the cache.
+        self.in_place = "total_length" in _input_types(self.decoder_step)
+        self._bindings: weakref.WeakKeyDictionary[KVCache, InPlaceBinding] = weakref.WeakKeyDictionary()
 
     def _session(self, graph: str, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
         """A session for one graph of the manifest, refused unless its signature is the manifest's."""
@@ -195,13 +203,29 @@ class OnnxGraphs:
         if isinstance(cache, DeviceKVCache):
             return cache.step(tokens)
         assert isinstance(cache, KVCache), type(cache)
+        if self.in_place:
+            inputs = cache.step_inputs()
+            binding = self._bindings.get(cache)
+            if binding is None or not binding.fits(inputs):
+                binding = self._bindings[cache] = InPlaceBinding(self.decoder_step, inputs)
+            log_probs = binding.run(cache.to_physical(tokens), inputs.positions)
+            cache.wrote_slots()
+            return cache.to_logical(log_probs)  # a copy: the binding's buffer is reused
         out = self.run_step(cache.to_physical(tokens), cache.step_inputs())
         cache.record(out.new_k, out.new_v)
         return cache.to_logical(out.log_probs)
 
     def run_step(self, tokens: np.ndarray, inputs: StepInputs) -> StepOutput:
         """`step` on a cache's `StepInputs`; tokens (R,) in the same (physical) row order. The cache
-        is not written: `step_cache` records the new slot, a benchmark may run the same step again."""
+        is not written: `step_cache` records the new slot, a benchmark may run the same step again.
+        (An in-place step writes each row's next slot, which no real slot is, and returns no new
+        K/V: `new_k`/`new_v` are read back from those slots.)"""
+        if self.in_place:
+            log_probs = InPlaceBinding(self.decoder_step, inputs).run(tokens, inputs.positions).copy()
+            rows = np.arange(len(inputs.positions))
+            new_k = inputs.past_k[:, rows, :, inputs.positions].transpose(1, 0, 2, 3)
+            new_v = inputs.past_v[:, rows, :, inputs.positions].transpose(1, 0, 2, 3)
+            return StepOutput(log_probs, new_k, new_v)
         return self.step(
             tokens[:, None],
             inputs.positions,
@@ -224,6 +248,55 @@ class OnnxGraphs:
             "tgt_mask": _mask(tgt_mask),
         }
         return Attention(*_run(self.attention_graph, feeds, Attention._fields))
+
+
+class InPlaceBinding:
+    """The in-place decoder step bound to one cache's buffers at their addresses: each layer's
+    `past_{k,v}_{l}` and `present_{k,v}_{l}` are the same memory (GroupQueryAttention then writes
+    the new slot in place), the cross K/V and source mask are views, and tokens, positions and the
+    log-probs live in arrays of this binding, so that a step only copies its tokens and positions
+    in. Valid while the cache keeps its rows and buffers (`fits`)."""
+
+    def __init__(self, session: ort.InferenceSession, inputs: StepInputs) -> None:
+        rows = len(inputs.positions)
+        self.key = (inputs.generation, rows)
+        self.tokens = np.zeros((rows, 1), np.int64)
+        self.positions = np.zeros(rows, np.int32)
+        self.total = np.zeros((), np.int32)
+        vocab = session.get_outputs()[0].shape[1]
+        self.log_probs = np.zeros((rows, vocab), np.float32)
+        self.session = session
+        binding = self.binding = session.io_binding()
+        _bind(binding.bind_input, "tokens", self.tokens)
+        _bind(binding.bind_input, "positions", self.positions)
+        _bind(binding.bind_input, "total_length", self.total)
+        _bind(binding.bind_input, "src_mask", inputs.src_mask)
+        _bind(binding.bind_output, "log_probs", self.log_probs)
+        for layer in range(inputs.past_k.shape[0]):
+            pairs = (("k", inputs.past_k, inputs.cross_k), ("v", inputs.past_v, inputs.cross_v))
+            for kv, past, cross in pairs:
+                _bind(binding.bind_input, f"past_{kv}_{layer}", past[layer])
+                _bind(binding.bind_output, f"present_{kv}_{layer}", past[layer])
+                _bind(binding.bind_input, f"cross_{kv}_{layer}", cross[layer])
+        self._keep = inputs  # the views must outlive the binding
+
+    def fits(self, inputs: StepInputs) -> bool:
+        return self.key == (inputs.generation, len(inputs.positions))
+
+    def run(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """log_probs (R, V) in this binding's buffer (overwritten by the next run); the cache's
+        next slots written."""
+        self.tokens[:, 0] = tokens
+        self.positions[:] = positions
+        self.total[()] = int(positions.max(initial=0)) + 1
+        self.session.run_with_iobinding(self.binding)
+        return self.log_probs
+
+
+def _bind(bind: Any, name: str, array: np.ndarray) -> None:
+    """Bind a host array (C-contiguous) by address: onnxruntime reads or writes it in place."""
+    assert array.flags.c_contiguous, name
+    bind(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
 
 
 def _ids(x: np.ndarray) -> np.ndarray:
@@ -276,3 +349,32 @@ def encode_sources(graphs: OnnxGraphs, sources: Sequence[Sequence[int]]) -> KV:
     src_ids, src_mask = pad_ids(sources, graphs.dims.pad_id)
     encoded = graphs.encode(src_ids, src_mask)
     return KV(encoded.cross_k, encoded.cross_v, src_mask)
+
+
+def step_difference(
+    reference: tuple[OnnxGraphs, BatchCache], other: tuple[OnnxGraphs, BatchCache], steps: int = 8
+) -> float:
+    """Decode a few steps through two (graphs, empty cache) pairs, with rows joining, branching
+    and leaving, feeding both the reference's greedy tokens; the largest |Δ log p| between them.
+    Checks a cache against another (host against device) or a step graph against another (the
+    in-place fused step against the traced one), each pair encoding with its own encoder."""
+    d = reference[0].dims
+    words = [t for t in range(d.vocab_size) if t not in (d.pad_id, d.bos_id, d.eos_id)]
+    sources = [[*words[i : i + n], d.eos_id] for i, n in ((0, 3), (7, 6), (20, 9))]
+    pairs = (reference, other)
+    for graphs, cache in pairs:
+        cache.append(encode_sources(graphs, sources[:2]))
+    tokens, worst = np.full(2, d.bos_id, dtype=np.int64), 0.0
+    for step in range(steps):
+        if step == 2:  # a longer source joins
+            for graphs, cache in pairs:
+                cache.append(encode_sources(graphs, sources[2:]))
+            tokens = np.append(tokens, d.bos_id)
+        if step == 5:  # the first row leaves, the last one branches
+            for _, cache in pairs:
+                cache.keep([1, 2, 2])
+            tokens = tokens[[1, 2, 2]]
+        expected, got = (graphs.step_cache(tokens, cache) for graphs, cache in pairs)
+        worst = max(worst, float(np.abs(expected - got).max()))
+        tokens = np.argmax(expected, axis=-1).astype(np.int64)
+    return worst

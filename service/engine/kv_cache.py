@@ -18,6 +18,10 @@ have gone, because every step attends over all of it (masked) and costs in propo
 scheduler's KV budget counts rows × their longest length limit; what is held can exceed that by
 the rounding to a chunk, at most chunk − 1 slots per row.)
 
+A step either returns the new K/V for `record` to write (the traced graphs), or, with the int8 and
+optimized variants' in-place step, writes them into the buffers itself (bound by address,
+service/engine/graphs.py), after which `wrote_slots` counts them.
+
 Host memory (numpy), for CPU; on CUDA the engine uses service/engine/device_kv_cache.py instead.
 """
 
@@ -79,13 +83,18 @@ class BatchCache(Protocol):
 class StepInputs:
     """A decoder step's cache inputs, rows in physical order (views of the buffers, not copies)."""
 
-    positions: np.ndarray  # (R,) int64: each row's slot count = the new token's position
-    self_mask: np.ndarray  # (R, T) bool: the real past slots
+    positions: np.ndarray  # (R,) int64: each row's slot count = the new token's position = its slot
     past_k: np.ndarray  # (L, R, H, T, Dh); past_k[l] is contiguous
     past_v: np.ndarray
     cross_k: np.ndarray  # (L, R, H, S, Dh); cross_k[l] is contiguous
     cross_v: np.ndarray
-    src_mask: np.ndarray  # (R, S) bool
+    src_mask: np.ndarray  # (R, S) bool, contiguous
+    generation: int = 0  # changes whenever the buffers are reallocated (see `KVCache.generation`)
+
+    @property
+    def self_mask(self) -> np.ndarray:
+        """(R, T) bool: the real past slots (each row's first `positions[r]`)."""
+        return np.arange(self.past_k.shape[3]) < self.positions[:, None]
 
 
 class KVCache:
@@ -103,11 +112,15 @@ class KVCache:
         self.layers, self.heads, self.head_dim, self.dtype, self.chunk = layers, heads, head_dim, dtype, chunk
         self._rows = 0
         self._order = np.zeros(0, dtype=np.int64)  # logical row → physical row
+        # Counts reallocations of the buffers: a step graph bound to them (the in-place step's
+        # IOBinding, service/engine/graphs.py) binds again when it changes or the rows do.
+        self.generation = 0
         self._release()
 
     def _release(self) -> None:
         """Empty buffers. Zeros, never garbage, in the slots a row has not written: a masked slot
         gets probability 0, and 0 × NaN would still be NaN."""
+        self.generation += 1
         empty = (self.layers, 0, self.heads, 0, self.head_dim)
         self._k, self._v = np.zeros(empty, self.dtype), np.zeros(empty, self.dtype)
         self._length = np.zeros(0, dtype=np.int64)  # real self-attention slots per physical row
@@ -208,12 +221,12 @@ class KVCache:
         length = self._length[:n]
         return StepInputs(
             positions=length.copy(),
-            self_mask=np.arange(self.slots) < length[:, None],
             past_k=self._k[:, :n],
             past_v=self._v[:, :n],
             cross_k=self._cross_k[:, :n],
             cross_v=self._cross_v[:, :n],
             src_mask=self._src_mask[:n],
+            generation=self.generation,
         )
 
     def record(self, new_k: np.ndarray, new_v: np.ndarray) -> None:
@@ -225,6 +238,10 @@ class KVCache:
         self._k[:, rows, :, slots] = new_k.transpose(1, 0, 2, 3)
         self._v[:, rows, :, slots] = new_v.transpose(1, 0, 2, 3)
         self._length[:n] += 1
+
+    def wrote_slots(self) -> None:
+        """An in-place step wrote each row's new keys/values into its next slot itself."""
+        self._length[: self._rows] += 1
 
     def to_physical(self, values: np.ndarray) -> np.ndarray:
         """Per-row values (R, …) from logical to physical order."""
@@ -271,6 +288,7 @@ class KVCache:
         """New buffers where a capacity changes (the self- and cross-attention sides apart: the
         slots grow as rows decode, the sources only when a longer one joins), live rows copied."""
         n, cap_rows = self._rows, self._k.shape[1]
+        self.generation += 1
         if rows != cap_rows or slots != self.slots:
             keep = min(slots, self.slots)
             k, v, length = self._k, self._v, self._length

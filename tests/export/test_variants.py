@@ -20,7 +20,7 @@ import pytest
 import export.variants.checks as checks
 from export.corpus import CorpusConfig, generate_corpus
 from export.model_config import TransformerConfig
-from export.onnx.contract import graph_specs
+from export.onnx.contract import graph_specs, in_place_step_spec
 from export.translate import DEFAULT_MODEL_DIR
 from export.variants import VARIANTS, BuildOptions, build_variants, main
 from service.engine.graphs import OnnxGraphs
@@ -87,7 +87,8 @@ def test_int8_quantizes_the_matmuls(model_dir: Path) -> None:
         ops = _op_types(model_dir / "int8" / spec.file)
         if name == "decoder_step":  # rebuilt fused, 8-bit weight blocks (quantize_weight_blocks)
             assert "MatMulNBits" in ops and "MatMul" not in ops and "MatMulInteger" not in ops
-            assert "MultiHeadAttention" in ops and "SkipLayerNormalization" in ops
+            assert {"GroupQueryAttention", "MultiHeadAttention", "SkipLayerNormalization"} <= ops
+            assert graphs.in_place
             continue
         # every activation row quantized on its own (export.variants.graphs.quantize_rows_apart)
         assert "MatMulInteger" in ops and "DynamicQuantizeLinear" not in ops, spec.file
@@ -192,7 +193,9 @@ def test_fp16_records_what_was_checked(model_dir: Path) -> None:
 
 def test_optimized_matches_fp32(model_dir: Path, fp32: OnnxGraphs) -> None:
     graphs = _load(model_dir, "optimized")
-    assert graphs.manifest.variant == "fp32" and graphs.manifest.graphs == fp32.manifest.graphs
+    cfg = TransformerConfig.from_dict(dict(fp32.manifest.architecture))
+    assert graphs.manifest.variant == "fp32" and graphs.in_place
+    assert graphs.manifest.graphs == {**fp32.manifest.graphs, "decoder_step": in_place_step_spec(cfg)}
     for graph, diffs in checks.graph_parity(fp32, graphs).items():
         assert max(diffs.values()) <= checks.OPTIMIZED_ATOL, (graph, diffs)
     fused = set().union(

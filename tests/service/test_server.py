@@ -393,12 +393,15 @@ def test_max_connection_age_closes_connections_and_calls_go_on(engine: Engine) -
         states: list[grpc.ChannelConnectivity] = []
         channel.subscribe(states.append, try_to_connect=True)
         stub = pb_grpc.TranslatorStub(channel)
+        ready = grpc.ChannelConnectivity.READY
         for _ in range(3):
             assert stub.Translate(pb.TranslateRequest(texts=TEXTS[:1]), timeout=30).translations[0].text
+            # state callbacks arrive on gRPC's own thread: wait for READY to be seen first
+            assert wait_until(lambda: ready in states), states
             # the GOAWAY at the connection's age takes the channel out of READY (until the next call)
-            assert wait_until(lambda: states[-1:] != [grpc.ChannelConnectivity.READY]), states
+            assert wait_until(lambda: states[-1:] != [ready]), states
         # each GOAWAY takes the channel out of READY; it reconnects for the next call
-        assert states.count(grpc.ChannelConnectivity.READY) >= 2, states
+        assert wait_until(lambda: states.count(ready) >= 2), states
 
 
 def test_health_reports_serving_and_reflection_lists_the_services(
