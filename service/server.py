@@ -1,11 +1,12 @@
 """The server: wires config → metrics → engine → scheduler → grpc.aio server, and shuts down gracefully.
 
     running = await start_server(config)     # listening; SERVING once the engine is warm
-    await running.stop()                     # NOT_SERVING, drain the scheduler, server.stop(grace)
+    await running.stop()                     # NOT_SERVING, drain, last calls refused, server.stop
 
 `serve(config)` runs until SIGTERM or SIGINT, then stops gracefully: the health service reports
 NOT_SERVING at once, new work is refused (the draining scheduler raises SchedulerClosedError →
-UNAVAILABLE), in-flight calls get the grace period to finish, and it returns.
+UNAVAILABLE), in-flight calls get the grace period to finish, new calls go on being refused until
+they cease, then the connections close, and it returns.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import gc
 import json
 import logging
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
@@ -47,6 +49,13 @@ from service.rpc.tls import ServerCertificates
 from service.scheduler.pool import SchedulerPool
 
 log = logging.getLogger(__name__)
+
+# After the drain, a stopping server goes on refusing new calls (UNAVAILABLE, "shutting down",
+# counted) until none has been in progress, started or ended for this long, and only then closes its
+# connections: gRPC core cancels every call that reaches it once it has begun closing them (CANCELLED,
+# no handler, not counted), until the client has read its GOAWAY. A client whose call has just ended
+# sends its next one within this time (docs/reliability.md, SIGTERM under load).
+LAST_CALL_QUIET_S = 0.5
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Translator"].full_name  # "translator.v1.Translator"
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
@@ -224,6 +233,7 @@ class RunningServer:
     scheduler: SchedulerPool
     engine: Engine
     metrics: Metrics
+    calls: CallCounter  # every Translator call's start and end: when stopping, when they have ceased
     certificates: ServerCertificates | None = None  # None: plaintext
 
     @property
@@ -231,14 +241,21 @@ class RunningServer:
         return None if self.metrics_server is None else self.metrics_server.port
 
     async def stop(self, grace: float | None = None) -> None:
-        """NOT_SERVING, refuse new work, let in-flight calls finish within `grace` (default: config)."""
+        """NOT_SERVING, refuse new work, let in-flight calls finish within `grace` (default: config),
+        go on refusing new calls until they cease (LAST_CALL_QUIET_S, within the same `grace`), then
+        close the connections (gRPC's GOAWAY: clients reconnect elsewhere)."""
         grace = self.config.server.grace_period_s if grace is None else grace
+        deadline = time.monotonic() + grace
         log.info("shutting down: draining for up to %.1f s", grace)
         await self.health.enter_graceful_shutdown()  # every service NOT_SERVING, and it stays so
         self.servicer.draining = True  # new calls of every RPC: UNAVAILABLE
         drained = await self.scheduler.drain(grace)
         if not drained:
             log.warning("the grace period ended with requests still decoding; they are cancelled")
+        # The connections stay open until the clients have heard "shutting down" and gone quiet:
+        # once server.stop begins, gRPC core cancels a new call before any handler sees it.
+        elif not await self.calls.quiet(LAST_CALL_QUIET_S, until=deadline):
+            log.warning("calls still coming as the grace period ends: gRPC cancels those that arrive now")
         await self.server.stop(grace)
         self.scheduler.stop()
         if self.metrics_server is not None:
@@ -359,6 +376,7 @@ async def start_server(
         scheduler,
         engine,
         metrics,
+        counter,
         certificates,
     )
 

@@ -24,6 +24,7 @@ call's work when the call is counted expired, and the servicer's log line agrees
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -112,11 +113,38 @@ class CallCounter(grpc.aio.ServerInterceptor):
     """Counts every call of `service`'s RPCS in `metrics`; other services' calls pass untouched.
 
     Install it first (outermost) in `grpc.aio.server(interceptors=...)`, so that a call refused by an
-    interceptor inside it (authentication) is counted too.
+    interceptor inside it (authentication) is counted too. Seeing every call start and end, it also
+    tells a stopping server when its clients have gone quiet (`quiet`, RunningServer.stop).
     """
 
     def __init__(self, metrics: Metrics, service: str) -> None:
         self._metrics, self._prefix = metrics, f"/{service}/"
+        self._in_progress = 0  # calls of the service whose task has not ended
+        self._last_change = time.monotonic()  # when one last started or ended
+        self._changed = asyncio.Event()  # set at each start and end; `quiet` clears it
+
+    async def quiet(self, seconds: float, *, until: float) -> bool:
+        """Wait until no call of the service is in progress and none has started or ended for
+        `seconds`, or until `until` (on the `time.monotonic()` clock), whichever comes first.
+
+        Returns:
+            True once quiet; False at `until` with calls still in progress or arriving.
+        """
+        while True:
+            now = time.monotonic()
+            if self._in_progress == 0 and now - self._last_change >= seconds:
+                return True
+            if now >= until:
+                return False
+            wake = until if self._in_progress else min(until, self._last_change + seconds)
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), wake - now)
+
+    def _changes(self, in_progress: int) -> None:
+        self._in_progress += in_progress
+        self._last_change = time.monotonic()
+        self._changed.set()
 
     async def intercept_service(
         self,
@@ -133,7 +161,8 @@ class CallCounter(grpc.aio.ServerInterceptor):
         # any handler; then the wrapper below never runs.
         task = asyncio.current_task()
         assert task is not None, "grpc.aio runs each call in a task"
-        task.add_done_callback(lambda _: self._refused(call))
+        self._changes(+1)
+        task.add_done_callback(lambda _: self._ended(call))
         if handler.unary_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
                 self._unary(call, handler.unary_unary),
@@ -196,9 +225,10 @@ class CallCounter(grpc.aio.ServerInterceptor):
     def _seen_by_handler(self, call: Call, context: grpc.aio.ServicerContext) -> Any:
         return _CallContext(context, call, lambda code: self._count(call, code))
 
-    def _refused(self, call: Call) -> None:
+    def _ended(self, call: Call) -> None:
         if not call.started:  # gRPC answered RESOURCE_EXHAUSTED itself (maximum_concurrent_rpcs)
             self._count(call, grpc.StatusCode.RESOURCE_EXHAUSTED)
+        self._changes(-1)
 
     def _count(self, call: Call, code: grpc.StatusCode) -> None:
         if call.code is None:  # the first word is the one the client got

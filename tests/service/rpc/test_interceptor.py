@@ -9,6 +9,7 @@ servicer under the real server is reconciled with its clients in tests/service/t
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -44,11 +45,12 @@ def test_the_clients_deadline_is_the_servers_less_the_slack() -> None:
 class StandIn(pb_grpc.TranslatorServicer):
     """Every call does what its `do` metadata says: `ok`, `not-found` (abort), `raise` (a bare
     error), `wait` (until the client gives up: `waiting` gets one item as it starts). `remaining`:
-    each call's time remaining, as its handler saw it."""
+    each call's time remaining, as its handler saw it; `counter`: the server's, once serving."""
 
     def __init__(self) -> None:
         self.waiting: asyncio.Queue[None] = asyncio.Queue()
         self.remaining: list[float | None] = []
+        self.counter: CallCounter
 
     async def _act(self, context: grpc.aio.ServicerContext) -> None:
         self.remaining.append(context.time_remaining())
@@ -88,8 +90,9 @@ def serve(scenario: Scenario, **server: Any) -> None:
         registry = CollectorRegistry()
         metrics = Metrics(registry)
         options = [("grpc.max_receive_message_length", MESSAGE_LIMIT)]
-        aio = grpc.aio.server(interceptors=[CallCounter(metrics, SERVICE)], options=options, **server)
         servicer = StandIn()
+        servicer.counter = CallCounter(metrics, SERVICE)
+        aio = grpc.aio.server(interceptors=[servicer.counter], options=options, **server)
         add_translator(servicer, aio)  # type: ignore[arg-type]
         health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), aio)
         port = aio.add_insecure_port("127.0.0.1:0")
@@ -251,5 +254,34 @@ def test_the_handler_sees_the_time_its_client_has_left() -> None:
         assert remaining is not None and 1.0 < remaining < 2.0
         assert await code_of(translator.GetModelInfo(pb.GetModelInfoRequest())) == "OK"
         assert servicer.remaining[1] is None  # no deadline
+
+    serve(scenario)
+
+
+def test_quiet_waits_for_the_calls_in_progress_and_then_for_a_silence() -> None:
+    """`CallCounter.quiet`, which a stopping server waits for before closing its connections
+    (service/server.py): never while a call is in progress, then only once none has started or
+    ended for the time asked; False at `until` if calls go on."""
+
+    async def scenario(
+        channel: grpc.aio.Channel, servicer: StandIn, counted: Callable[[], Counter[tuple[str, str]]]
+    ) -> None:
+        translator, counter, silence = stub(channel), servicer.counter, 0.3
+        request = pb.TranslateRequest(texts=["a"])
+        first, second = (translator.Translate(request, metadata=(("do", "wait"),)) for _ in range(2))
+        for _ in range(2):
+            await servicer.waiting.get()
+        assert not await counter.quiet(0.0, until=time.monotonic() + 0.2)  # in progress till `until`
+        quiet = asyncio.create_task(counter.quiet(silence, until=time.monotonic() + 60))
+        first.cancel()
+        assert await code_of(first) == "CANCELLED"
+        await asyncio.sleep(silence)
+        assert not quiet.done()  # the second call is still in progress
+        cancelled = time.monotonic()  # the last call ends after this, in the server
+        second.cancel()
+        assert await code_of(second) == "CANCELLED"
+        assert await quiet
+        assert time.monotonic() - cancelled >= silence
+        await settled(counted, {("Translate", "CANCELLED"): 2})
 
     serve(scenario)
