@@ -13,7 +13,7 @@ CORPUS_DIR ?= data/corpus
 SEED ?= 1234
 
 .PHONY: setup lock proto corpus train eval translate export variants verify bench-kv bench-calls bench-gc \
-	bench-import bench-peers bench-step bench-overload bench-stall bench soak run \
+	bench-import bench-peers bench-step bench-search bench-overload bench-stall bench soak run \
 	test test-full fuzz lint clean compose-up compose-down import-hf
 
 setup: $(SETUP_DONE)
@@ -122,6 +122,12 @@ bench-import: $(SETUP_DONE) $(CORPUS_DIR)/test.tsv
 # batch 1/8/32/64: a markdown table on stdout (≈1 min). The figures are in docs/variants.md.
 bench-step: $(SETUP_DONE)
 	$(PY) -m bench.step_graphs --model-dir $(MODEL_DIR) $(ARGS)
+
+# The Python cost of the search bookkeeping per decoder step (service.decoding.advance_rows replaying
+# recorded log-probs, greedy and beam 4, batch 1/8/32/64), against a git revision's with
+# BASELINE=rev (outputs checked identical): a markdown table on stdout (≈1 min).
+bench-search: $(SETUP_DONE) $(CORPUS_DIR)/test.tsv
+	$(PY) -m bench.search_cost --model-dir $(MODEL_DIR) --corpus $(CORPUS_DIR)/test.tsv $(if $(BASELINE),--baseline $(BASELINE)) $(ARGS)
 
 # This engine against CTranslate2 and Transformers on the same weights (the default model and a random
 # transformer-base-sized Marian), greedy and beam 4 at batch 1/8/32/64, memory and the service over gRPC

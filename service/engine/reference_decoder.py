@@ -256,10 +256,7 @@ def _advance(
 
 def _unique_in_order(sentences: np.ndarray) -> list[int]:
     """Sentence ids in row order, once each (rows of a sentence are contiguous)."""
-    if not len(sentences):
-        return []
-    starts = np.flatnonzero(np.r_[True, sentences[1:] != sentences[:-1]])
-    return [int(s) for s in sentences[starts]]
+    return list(dict.fromkeys(sentences.tolist()))  # a few rows: cheaper than numpy's calls
 
 
 # --- log-probabilities with and without a cache --------------------------------------------------

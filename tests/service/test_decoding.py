@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from export.generate import beam_search, greedy_decode
 from export.model import Transformer
 from service.decoding import (
+    Advance,
     Hypothesis,
     Sampling,
     SearchOptions,
@@ -54,12 +55,19 @@ def table_log_probs(prefixes: list[tuple[int, ...]]) -> np.ndarray:
 LogProbs = Callable[[list[tuple[int, ...]]], np.ndarray]
 
 
-def run(options: SearchOptions, log_probs: LogProbs = table_log_probs) -> list[SearchState]:
-    """Every state of one sentence's search, from the start to done."""
+def run(
+    options: SearchOptions, log_probs: LogProbs = table_log_probs, rows: bool = False
+) -> list[SearchState]:
+    """Every state of one sentence's search, from the start to done (stepped by `advance`, or by
+    `advance_rows` when `rows`)."""
     states = [start_search(options)]
     while not states[-1].done:
         state = states[-1]
-        step = advance(state, log_probs([b.tokens for b in state.live]))
+        if rows:
+            moved = advance_rows([state], log_probs([b.tokens for b in state.live]))
+            step = Advance(moved.states[0], moved.parents, moved.tokens)
+        else:
+            step = advance(state, log_probs([b.tokens for b in state.live]))
         assert list(step.tokens) == [b.tokens[-1] for b in step.state.live]
         for parent, beam in zip(step.parents, step.state.live, strict=True):
             assert beam.tokens[:-1] == state.live[parent].tokens
@@ -247,14 +255,22 @@ def test_search_matches_export_generate(
         options = SearchOptions(limit, EOS, beam_size, length_penalty, n_best=beam_size)
         got = run(options, model_log_probs(model, source))[-1].hypotheses()
         assert_close(got, [Hypothesis(tuple(h.tokens), h.score, h.finished) for h in expected])
+        assert run(options, model_log_probs(model, source), rows=True)[-1].hypotheses() == got
 
 
 # --- several sentences in one step ----------------------------------------------------------------
 
 
-def test_advance_rows_equals_advance_sentence_by_sentence() -> None:
-    """Greedy rows chosen together (with differing banned sets), beams, sampling, forced prefixes and
-    min lengths side by side in one step, step after step, until every sentence is done."""
+@pytest.mark.parametrize(
+    ("vocab", "ties"),
+    # 8: every candidate sorted; 300: one strided group per token and a tail; 1000: groups of 3,
+    # halved; ties: logits on a coarse grid, so that candidates tie at the 2K-th place
+    [(VOCAB, False), (300, True), (1000, False), (1000, True)],
+)
+def test_advance_rows_equals_advance_sentence_by_sentence(vocab: int, ties: bool) -> None:
+    """Greedy rows chosen together (with differing banned sets), beams of several sizes, sampling,
+    forced prefixes and min lengths side by side in one step, step after step, until every sentence
+    is done."""
     rng = np.random.default_rng(7)
     kinds = [
         SearchOptions(9, EOS, never_ids=(PAD, BOS)),
@@ -264,13 +280,20 @@ def test_advance_rows_equals_advance_sentence_by_sentence() -> None:
         SearchOptions(9, EOS, never_ids=(PAD, BOS), forced_prefix=(C, A)),
         SearchOptions(9, EOS, never_ids=(PAD, BOS), min_output_tokens=3),
         SearchOptions(1, EOS, never_ids=(PAD, BOS)),
+        SearchOptions(9, EOS, 4, 0.6, 4, never_ids=(PAD, BOS)),
+        SearchOptions(9, EOS, 2, 0.0, 1, never_ids=(PAD, BOS), min_output_tokens=2),
+        SearchOptions(8, EOS, 5, 1.0, 3, never_ids=(PAD, BOS), forced_prefix=(A,)),
     ]
     together = [start_search(o) for o in kinds * 2]
     alone = list(together)
     while not all(s.done for s in together):
         live = [i for i, s in enumerate(together) if not s.done]
         rows = sum(len(together[i].live) for i in live)
-        logits = rng.normal(size=(rows, VOCAB)) * 2
+        logits = rng.normal(size=(rows, vocab)) * 2
+        logits[:, EOS] += rng.uniform(0, 6, size=rows)  # hypotheses end at varied steps
+        if ties:
+            logits = np.round(logits)
+        logits[rng.random(size=logits.shape) < 0.02] = -np.inf  # tokens a model rules out
         log_probs = (logits - np.log(np.exp(logits).sum(-1, keepdims=True))).astype(np.float32)
         moved = advance_rows([together[i] for i in live], log_probs)
         first, parents, tokens = 0, [], []
