@@ -568,44 +568,18 @@ def _extended(beam: Beam, token: int, log_prob: np.float32) -> Beam:
     )
 
 
-def _finished(beam: Beam, eos_log_prob: np.float32) -> Hypothesis:
-    """The hypothesis of `beam` followed by the end token."""
-    score = float(np.float32(beam.score) + eos_log_prob)
-    return Hypothesis(beam.tokens, score, True, (*beam.log_probs, float(eos_log_prob)))
-
-
 def _beam_advance(state: SearchState, log_probs: np.ndarray) -> Advance:
-    opts, k, step = state.options, state.options.beam_size, state.step + 1
-    vocab = log_probs.shape[1]
+    """One sentence's beam step: its 2K best continuations by a partition (`top_candidates`),
+    then the bookkeeping every beam step shares (`_beam_moved`)."""
+    lp = log_probs.astype(np.float32, copy=False)
     scores = np.array([b.score for b in state.live], dtype=np.float32)  # (n,)
-    candidates = (scores[:, None] + log_probs.astype(np.float32, copy=False)).ravel()  # (n·V,)
-    live: list[Beam] = []
-    parents: list[int] = []
-    finished = list(state.finished)
-    for rank, index in enumerate(top_candidates(candidates, 2 * k)):
-        score = float(candidates[index])
-        if score == float("-inf"):
-            break
-        beam, token = divmod(int(index), vocab)
-        parent = state.live[beam]
-        token_log_prob = np.float32(log_probs[beam, token])
-        if token == opts.eos_id:
-            if rank < k:  # an end token ranked below the first K is skipped, not finished
-                hyp = _finished(parent, token_log_prob)
-                finished.append(Ranked(normalized_score(hyp.score, step, opts.length_penalty), hyp))
-            continue
-        live.append(_extended(parent, token, token_log_prob))
-        parents.append(beam)
-        if len(live) == k:
-            break
-    if len(finished) >= k:
-        # Stop once the best live beam, judged at the current length, cannot beat the K-th best
-        # finished hypothesis (exact for α = 0, where scores only fall).
-        kth_best = sorted((r.normalized for r in finished), reverse=True)[k - 1]
-        if not live or normalized_score(live[0].score, step, opts.length_penalty) <= kth_best:
-            live, parents = [], []
-    moved = SearchState(opts, step, tuple(live), tuple(finished))
-    return _moved(_at_limit(moved), parents)
+    candidates = (scores[:, None] + lp).ravel()  # (n·V,)
+    best = top_candidates(candidates, 2 * state.options.beam_size)
+    where = (0, 0, lp.shape[1])
+    moved, parents, _ = _beam_moved(
+        state, where, best.tolist(), candidates[best].tolist(), lp.ravel()[best].tolist()
+    )
+    return _moved(moved, parents)
 
 
 def _at_limit(state: SearchState) -> SearchState:
