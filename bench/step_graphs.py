@@ -104,7 +104,8 @@ def _in_place(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> Ca
         cross_v=stacked("cross_v", 0),
         src_mask=np.ascontiguousarray(feeds["src_mask"]),
     )
-    binding, tokens = InPlaceBinding(session, inputs), feeds["tokens"][:, 0]
+    binding = InPlaceBinding(session, inputs, session.get_outputs()[0].shape[1])
+    tokens = feeds["tokens"][:, 0]
     return lambda: binding.run(tokens, inputs.positions)
 
 

@@ -96,7 +96,8 @@ def _in_place(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> tu
         cross_v=stacked("cross_v"),
         src_mask=np.ascontiguousarray(feeds["src_mask"]),
     )
-    return InPlaceBinding(session, inputs).run(feeds["tokens"][:, 0], inputs.positions).copy(), inputs
+    binding = InPlaceBinding(session, inputs, session.get_outputs()[0].shape[1])
+    return binding.run(feeds["tokens"][:, 0], inputs.positions).copy(), inputs
 
 
 POSITIONS = [0, 3, 5, 1]
