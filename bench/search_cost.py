@@ -33,28 +33,22 @@ import numpy as np
 from bench.cli import benchmark_parser
 from bench.inputs import load_texts
 from service import decoding
-from service.engine.graphs import OnnxGraphs, encode_sources
-from service.engine.reference_decoder import run_search, start_states
+from service.engine.graphs import OnnxGraphs
+from service.engine.reference_decoder import CachedSteps, StepSource, run_search, start_states
 from service.modeldir.tokenizer import Tokenizer
 
 SEARCHES = {"greedy": 1, "beam 4": 4}  # name → beam size
 
 
 class _Recorder:
-    """A `StepSource` over the KV-cached decoder step that keeps a copy of every step's log-probs."""
+    """A `StepSource` that keeps a copy of every step's log-probs of the one it wraps."""
 
-    def __init__(self, graphs: OnnxGraphs, sources: Sequence[Sequence[int]]) -> None:
-        self.graphs = graphs
-        self.source = encode_sources(graphs, sources)
-        self.cache = graphs.new_cache()
+    def __init__(self, steps: StepSource) -> None:
+        self.inner = steps
         self.steps: list[np.ndarray] = []
 
     def run(self, sentences: np.ndarray, parents: np.ndarray | None, tokens: np.ndarray) -> np.ndarray:
-        if parents is None:
-            self.cache.append(self.source.take(sentences))
-        else:
-            self.cache.keep(parents)
-        log_probs = self.graphs.step_cache(tokens, self.cache)
+        log_probs = self.inner.run(sentences, parents, tokens)
         self.steps.append(np.array(log_probs, dtype=np.float32, copy=True))
         return log_probs
 
@@ -70,7 +64,7 @@ class Recording:
 def record(graphs: OnnxGraphs, sources: Sequence[Sequence[int]], beam_size: int) -> Recording:
     states = start_states(graphs.dims, sources, beam_size, 1.0, None, 1)
     options = [s.options for s in states]
-    recorder = _Recorder(graphs, sources)
+    recorder = _Recorder(CachedSteps(graphs, sources))
     run_search(states, recorder, graphs.dims.bos_id)
     return Recording(options, recorder.steps)
 

@@ -15,6 +15,10 @@ from service.modeldir.manifest import GraphSpec, TensorSpec
 GRAPH_FILES = {"encoder": "encoder.onnx", "decoder_step": "decoder_step.onnx", "attention": "attention.onnx"}
 
 
+def _tensor(name: str, dtype: str, *shape: int | str) -> TensorSpec:
+    return TensorSpec(name, dtype, shape)
+
+
 def graph_specs(cfg: TransformerConfig, float_dtype: str = "float32") -> dict[str, GraphSpec]:
     """The graphs' signatures for a model config (docs/model-directory.md, "Graphs"); `V` is the
     target vocabulary (the source one only sizes the encoder's table, inside the graph).
@@ -32,10 +36,7 @@ def graph_specs(cfg: TransformerConfig, float_dtype: str = "float32") -> dict[st
         cfg.vocab_size,
     )
     f, f32, i64, bool_ = float_dtype, "float32", "int64", "bool"
-
-    def t(name: str, dtype: str, *shape: int | str) -> TensorSpec:
-        return TensorSpec(name, dtype, shape)
-
+    t = _tensor
     src = [t("src_ids", i64, "batch", "src_len"), t("src_mask", bool_, "batch", "src_len")]
     cross = [t(n, f, L, "batch", H, "src_len", Dh) for n in ("cross_k", "cross_v")]
     return {
@@ -82,11 +83,7 @@ def in_place_step_spec(cfg: TransformerConfig, float_dtype: str = "float32") -> 
     the graph writes slot positions[b]. `total_length` is max(positions) + 1.
     """
     L, H, Dh, V = cfg.n_decoder_layers, cfg.n_heads, cfg.d_k, cfg.vocab_size
-    f = float_dtype
-
-    def t(name: str, dtype: str, *shape: int | str) -> TensorSpec:
-        return TensorSpec(name, dtype, shape)
-
+    f, t = float_dtype, _tensor
     cache = [f"{kv}_{i}" for i in range(L) for kv in "kv"]
     return GraphSpec(
         GRAPH_FILES["decoder_step"],

@@ -208,12 +208,5 @@ def build_fused_step(model_dir: Path, manifest: Manifest) -> onnx.ModelProto:
 
 def _values(tensors: tuple[TensorSpec, ...]) -> list[onnx.ValueInfoProto]:
     """Graph inputs/outputs for a contract's tensors (float32: the fused step is built in fp32)."""
-    return [helper.make_tensor_value_info(t.name, _ONNX_TYPES[t.dtype], list(t.shape)) for t in tensors]
-
-
-_ONNX_TYPES = {
-    "bool": TensorProto.BOOL,
-    "int32": TensorProto.INT32,
-    "int64": TensorProto.INT64,
-    "float32": TensorProto.FLOAT,
-}
+    elem = helper.np_dtype_to_tensor_dtype
+    return [helper.make_tensor_value_info(t.name, elem(np.dtype(t.dtype)), list(t.shape)) for t in tensors]

@@ -237,10 +237,11 @@ class KVCache:
         # Two advanced indices around a slice: numpy puts their axis first, (R, L, H, Dh).
         self._k[:, rows, :, slots] = new_k.transpose(1, 0, 2, 3)
         self._v[:, rows, :, slots] = new_v.transpose(1, 0, 2, 3)
-        self._length[:n] += 1
+        self.wrote_slots()
 
     def wrote_slots(self) -> None:
-        """An in-place step wrote each row's new keys/values into its next slot itself."""
+        """Each row's next slot now holds its new keys/values (written by `record`, or by an
+        in-place step itself)."""
         self._length[: self._rows] += 1
 
     def to_physical(self, values: np.ndarray) -> np.ndarray:

@@ -31,6 +31,7 @@ from service.engine.graphs import ModelDims, OnnxGraphs, encode_sources, pad_ids
 from service.modeldir.tokenizer import Tokenizer, translate_in_batches
 
 __all__ = [  # the decoding entry points, and the pieces of the loop for decoders built on it
+    "CachedSteps",
     "Hypothesis",
     "Prefixes",
     "StepSource",
@@ -77,7 +78,7 @@ def translate_ids(
     )
     if not states:
         return []
-    return run_search(states, _CachedSteps(graphs, sources), graphs.dims.bos_id)
+    return run_search(states, CachedSteps(graphs, sources), graphs.dims.bos_id)
 
 
 def translate_ids_without_cache(
@@ -262,7 +263,7 @@ def _unique_in_order(sentences: np.ndarray) -> list[int]:
 # --- log-probabilities with and without a cache --------------------------------------------------
 
 
-class _CachedSteps:
+class CachedSteps:
     """Encoder once; each step feeds the newest tokens and keeps the self-attention cache."""
 
     def __init__(self, graphs: OnnxGraphs, sources: Sequence[Sequence[int]]) -> None:
