@@ -13,7 +13,7 @@ CORPUS_DIR ?= data/corpus
 SEED ?= 1234
 
 .PHONY: setup lock proto corpus train eval translate export variants verify bench-kv bench-calls bench-gc \
-	bench-import bench-peers bench-step bench-search bench-overload bench-stall bench soak run \
+	bench-import bench-peers bench-step bench-search bench-kernels bench-overload bench-stall bench soak run \
 	test test-full fuzz lint clean compose-up compose-down import-hf
 
 setup: $(SETUP_DONE)
@@ -122,6 +122,12 @@ bench-import: $(SETUP_DONE) $(CORPUS_DIR)/test.tsv
 # batch 1/8/32/64: a markdown table on stdout (≈1 min). The figures are in docs/variants.md.
 bench-step: $(SETUP_DONE)
 	$(PY) -m bench.step_graphs --model-dir $(MODEL_DIR) $(ARGS)
+
+# Single onnxruntime kernels at the decoder step's sizes (matrix products: fp32, MatMulNBits,
+# DynamicQuantizeMatMul; self-attention: MultiHeadAttention against the in-place GroupQueryAttention):
+# markdown tables on stdout (≈1 min). The figures are in docs/variants.md.
+bench-kernels: $(SETUP_DONE)
+	$(PY) -m bench.kernels $(ARGS)
 
 # The Python cost of the search bookkeeping per decoder step (service.decoding.advance_rows replaying
 # recorded log-probs, greedy and beam 4, batch 1/8/32/64), against a git revision's with
