@@ -144,7 +144,8 @@ class Engine:
         config: model directories, provider, variant, threads.
         metrics: when given, every graph run is observed (`observe_graph_run`).
     Raises:
-        ModelDirectoryError: a directory (or forced variant) missing, stale or not what its manifest says.
+        ModelDirectoryError: a directory (or forced variant) missing, stale or not what its manifest
+            says, or a variant with the in-place decoder step on CUDA or with --kv-cache device.
         ProviderUnavailableError: cuda forced without it.
         ModelSetError: no directories, two served under one name, or an unknown default model.
     """
@@ -216,7 +217,7 @@ class Engine:
         if wanted == "host" or (wanted == "auto" and self.device != "cuda"):
             return "host"
         if graphs.in_place:  # on CPU only (see _load): its step writes the host cache itself
-            raise RuntimeError(
+            raise ModelDirectoryError(
                 f"{graphs.model_dir}: the in-place decoder step needs the host KV cache "
                 "(--kv-cache host or auto)"
             )

@@ -13,6 +13,7 @@ from service.engine.device_kv_cache import DeviceKVCache
 from service.engine.engine import Engine, device_cache_difference
 from service.engine.graphs import OnnxGraphs, encode_sources
 from service.engine.kv_cache import KVCache
+from service.modeldir.manifest import ModelDirectoryError
 
 MODEL_DIR = Path(__file__).resolve().parents[3] / "models" / "en-fr-small"
 
@@ -86,3 +87,9 @@ def test_the_engine_checks_the_device_cache_and_keeps_host_memory_on_cpu(graphs:
         EngineConfig(model_dirs=(MODEL_DIR,), variant="fp32", intra_op_threads=1, kv_cache="device")
     )
     assert forced.model().kv_cache == "device" and isinstance(forced.new_cache(None), DeviceKVCache)
+
+
+def test_the_in_place_step_refuses_a_forced_device_cache_in_one_line() -> None:
+    config = EngineConfig(model_dirs=(MODEL_DIR,), variant="int8", intra_op_threads=1, kv_cache="device")
+    with pytest.raises(ModelDirectoryError, match=r"in-place decoder step needs the host KV cache"):
+        Engine(config)
